@@ -1,0 +1,71 @@
+"""The KV cache: fixed capacity, in the model dtype, sharded by kv heads, updated in place.
+
+Slots 0..capacity-1 hold keys/values in the order tokens were fed. Row b of a batch starts at slot
+`start[b]` (left padding: earlier slots of that row are never attended to); token positions (for RoPE)
+are `slot - start[b]`. `end` is the next slot to write. Nothing else is stored: the attention mask is
+computed from these numbers on the fly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .config import MixtralConfig
+from .sharding import cache_spec
+
+ATTENTION_BLOCK = 512  # attention walks the cache in blocks of this many slots
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "end", "start"], meta_fields=["block"])
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: tuple[jax.Array, ...]  # per layer [B, KV, S, Dh]
+    v: tuple[jax.Array, ...]  # per layer [B, KV, S, Dh]
+    end: jax.Array  # int32 []: slots [0, end) are written
+    start: jax.Array  # int32 [B]: first slot of each row
+    block: int  # attention block size, divides S
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    def replace(self, **kw) -> KVCache:
+        return dataclasses.replace(self, **kw)
+
+    @staticmethod
+    def block_for(capacity: int) -> int:
+        return ATTENTION_BLOCK if capacity % ATTENTION_BLOCK == 0 else capacity
+
+    @staticmethod
+    def capacity_for(tokens: int) -> int:
+        """The smallest valid capacity with room for `tokens` slots."""
+        return tokens if tokens <= ATTENTION_BLOCK else -(-tokens // ATTENTION_BLOCK) * ATTENTION_BLOCK
+
+    @staticmethod
+    def create(config: MixtralConfig, mesh: Mesh, batch: int, capacity: int, start=None) -> KVCache:
+        """An empty cache; `capacity` must be a multiple of ATTENTION_BLOCK or at most one block."""
+        if capacity > ATTENTION_BLOCK and capacity % ATTENTION_BLOCK:
+            raise ValueError(f"cache capacity {capacity} must be a multiple of {ATTENTION_BLOCK}")
+        shape = (batch, config.num_kv_heads, capacity, config.head_dim)
+        sharding = NamedSharding(mesh, P(*cache_spec(config, mesh)))
+        zeros = lambda: jnp.zeros(shape, config.dtype, device=sharding)  # noqa: E731
+        return KVCache(
+            k=tuple(zeros() for _ in range(config.num_layers)),
+            v=tuple(zeros() for _ in range(config.num_layers)),
+            end=jnp.zeros((), jnp.int32),
+            start=jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32),
+            block=KVCache.block_for(capacity),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k + self.v)

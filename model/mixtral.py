@@ -1,0 +1,277 @@
+"""Mixtral in Flax NNX: RMSNorm, RoPE, GQA attention over a KV cache, top-k sparse MoE.
+
+Shapes: B batch, T new tokens, S cache slots, D hidden, H query heads, KV kv heads, G = H / KV,
+Dh head dim, E experts, A devices on the mesh's expert axis, I intermediate (per expert), V vocab.
+
+The model is built from a `Weights` source (see checkpoint.py), which hands out arrays already placed in
+their shards, so the full model never exists on one device or in host memory.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from . import quantize
+from .config import MixtralConfig
+from .kv_cache import KVCache
+from .sharding import EXPERT, MODEL, check_mesh_fits, weight_specs
+
+MASKED = -1e30  # score of a key a query must not see (finite: no inf - inf in the online softmax)
+MOE_TILE = 64  # tokens per expert matmul in prefill
+
+
+class Weights(Protocol):
+    def dense(self, name: str, spec: tuple, rows: slice | None = None) -> jax.Array: ...
+
+    def linear(self, name: str, spec: tuple, rows: slice | None = None) -> tuple[jax.Array, jax.Array | None]: ...
+
+
+class Linear(nnx.Module):
+    """y = x @ W, W [in, out] dense or weight-only quantized (quantize.py)."""
+
+    def __init__(self, weights: tuple[jax.Array, jax.Array | None], config: MixtralConfig):
+        kernel, scale = weights
+        self.kernel = nnx.Param(kernel)
+        self.scale = nnx.Param(scale) if scale is not None else None
+        self.quantization = config.quantization
+        self.group = config.quant_group_size
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = None if self.scale is None else self.scale[...]
+        return quantize.matmul(x, self.kernel[...], scale, self.quantization, self.group)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, weight: jax.Array, eps: float):
+        self.weight = nnx.Param(weight)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+def rotary(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, Dh] for integer positions [B, T] (the rotate-half layout of HF checkpoints)."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, heads, Dh]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    x32 = x.astype(jnp.float32)
+    out = x32 * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Array, start: jax.Array,
+           block: int, sliding_window: int | None) -> jax.Array:
+    """Causal attention of new queries over the cache, block by block with an online softmax.
+
+    q [B, KV, G, T, Dh] (already scaled); k_cache, v_cache [B, KV, S, Dh]; q_slots [T] the slot of each
+    query; start [B] each row's first slot. Only the blocks up to the last query's slot are visited.
+    Returns [B, KV, G, T, Dh] float32.
+    """
+    B, KV, G, T, Dh = q.shape
+    n_blocks = (q_slots[-1] + block) // block
+
+    def step(j, carry):
+        m, l, acc = carry
+        k = jax.lax.dynamic_slice_in_dim(k_cache, j * block, block, axis=2)  # [B, KV, blk, Dh]
+        v = jax.lax.dynamic_slice_in_dim(v_cache, j * block, block, axis=2)
+        k_slots = j * block + jnp.arange(block)
+        visible = (k_slots[None, :] <= q_slots[:, None])[None] & (k_slots[None, None, :] >= start[:, None, None])
+        if sliding_window is not None:
+            visible &= (q_slots[:, None] - k_slots[None, :] < sliding_window)[None]
+        s = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+        s = jnp.where(visible[:, None, None], s, MASKED)  # visible [B, T, blk]
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        correction = jnp.exp(m - m_new)
+        l = l * correction + p.sum(axis=-1)
+        acc = acc * correction[..., None] + jnp.einsum("bkgts,bksd->bkgtd", p, v.astype(jnp.float32))
+        return m_new, l, acc
+
+    init = (jnp.full((B, KV, G, T), MASKED, jnp.float32), jnp.zeros((B, KV, G, T), jnp.float32),
+            jnp.zeros((B, KV, G, T, Dh), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, step, init)
+    return acc / l[..., None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict):
+        self.config = config
+        self.wq = Linear(weights.linear(f"{prefix}.wq", specs["wq"]), config)
+        self.wk = Linear(weights.linear(f"{prefix}.wk", specs["wk"]), config)
+        self.wv = Linear(weights.linear(f"{prefix}.wv", specs["wv"]), config)
+        self.wo = Linear(weights.linear(f"{prefix}.wo", specs["wo"]), config)
+
+    def __call__(self, x, cos, sin, k_cache, v_cache, q_slots, start, block):
+        """x [B, T, D] -> ([B, T, D], updated k_cache, v_cache); the new keys/values go to slots q_slots."""
+        c = self.config
+        B, T, _ = x.shape
+        G = c.num_heads // c.num_kv_heads
+        q = apply_rotary(self.wq(x).reshape(B, T, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rotary(self.wk(x).reshape(B, T, c.num_kv_heads, c.head_dim), cos, sin)
+        v = self.wv(x).reshape(B, T, c.num_kv_heads, c.head_dim)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
+                                                      q_slots[0], axis=2)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+                                                      q_slots[0], axis=2)
+        q = q.reshape(B, T, c.num_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4) * (c.head_dim ** -0.5)
+        out = attend(q, k_cache, v_cache, q_slots, start, block, c.sliding_window)  # [B, KV, G, T, Dh]
+        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, c.num_heads * c.head_dim).astype(x.dtype)
+        return self.wo(out), k_cache, v_cache
+
+
+class MoE(nnx.Module):
+    """Top-k of E SwiGLU experts per token: softmax over the router logits, top-k, renormalise, and the
+    chosen experts' outputs weighted and summed in float32.
+
+    Only routed tokens are computed: tokens are sorted by expert and each device loops over the tiles of
+    tokens routed to its local experts (data-dependent trip count), so batch-1 decode reads just the
+    selected experts' weights. Experts are stored in groups [A, D, I]: group g holds experts
+    g*A .. g*A+A-1, one per device of the expert axis.
+    """
+
+    def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict, mesh: Mesh):
+        self.config, self.mesh = config, mesh
+        A = mesh.shape[EXPERT]
+        self.router = nnx.Param(weights.dense(f"{prefix}.router", specs["router"]))
+        groups = [slice(g * A, (g + 1) * A) for g in range(config.num_experts // A)]
+        self.w1 = nnx.List([Linear(weights.linear(f"{prefix}.w1", specs["w1"], rows=r), config) for r in groups])
+        self.w3 = nnx.List([Linear(weights.linear(f"{prefix}.w3", specs["w3"], rows=r), config) for r in groups])
+        self.w2 = nnx.List([Linear(weights.linear(f"{prefix}.w2", specs["w2"], rows=r), config) for r in groups])
+        self.specs = specs
+
+    def __call__(self, x: jax.Array, live: jax.Array) -> jax.Array:
+        """x [B, T, D]; live [T] marks real tokens (bucket padding is not routed). -> [B, T, D]."""
+        c = self.config
+        B, T, D = x.shape
+        N, k, E = B * T, c.experts_per_token, c.num_experts
+        xs = x.reshape(N, D)
+        probs = jax.nn.softmax((xs @ self.router[...]).astype(jnp.float32), axis=-1)
+        top_w, top_e = jax.lax.top_k(probs, k)  # [N, k]
+        top_w = top_w / top_w.sum(axis=-1, keepdims=True)
+        top_e = jnp.where(jnp.tile(live, B)[:, None], top_e, E)  # padding goes to a non-existent expert
+        order = jnp.argsort(top_e.reshape(-1), stable=True)  # assignments sorted by expert
+        token_of = (order // k).astype(jnp.int32)  # [N*k]
+        weight_of = top_w.reshape(-1)[order]
+        counts = jnp.zeros(E + 1, jnp.int32).at[top_e.reshape(-1)].add(1)[:E]
+        starts = jnp.cumsum(counts) - counts
+
+        ffn_split = self.specs["w1"][-1] is not None  # is the intermediate dim split over the model axis?
+        sum_axes = (EXPERT, MODEL) if ffn_split else (EXPERT,)
+        tile = min(MOE_TILE, N)
+        quantization, group = c.quantization, c.quant_group_size
+
+        def local(xs, token_of, weight_of, counts, starts, w1, w3, w2):
+            # On each device: xs [N, D]; w1/w3/w2 lists of (kernel [1, D, I/m] or [1, I/m, D], scale) blocks.
+            a = jax.lax.axis_index(EXPERT)
+            out = jnp.zeros((N, D), jnp.float32)
+            for g in range(len(w1)):
+                expert = g * self.mesh.shape[EXPERT] + a
+                n, first = counts[expert], starts[expert]
+                mats = [(kern[0], None if scale is None else scale[0]) for kern, scale in (w1[g], w3[g], w2[g])]
+
+                def tile_step(t, out, mats=mats, n=n, first=first):
+                    lane = t * tile + jnp.arange(tile)
+                    pos = jnp.minimum(first + lane, N * k - 1)
+                    rows = token_of[pos]
+                    weight = jnp.where(lane < n, weight_of[pos], 0.0)
+                    (k1, s1), (k3, s3), (k2, s2) = mats
+                    xt = xs[rows]  # [tile, D]
+                    h = jax.nn.silu(quantize.matmul(xt, k1, s1, quantization, group)) * \
+                        quantize.matmul(xt, k3, s3, quantization, group)
+                    y = quantize.matmul(h, k2, s2, quantization, group)
+                    return out.at[rows].add(y.astype(jnp.float32) * weight[:, None])
+
+                out = jax.lax.fori_loop(0, (n + tile - 1) // tile, tile_step, out)
+            return jax.lax.psum(out, sum_axes)
+
+        def blocks(linears):
+            return [(lin.kernel[...], None if lin.scale is None else lin.scale[...]) for lin in linears]
+
+        def block_specs(name):
+            spec = P(*self.specs[name])
+            scale = None if quantization is None else P(*quantize.scale_spec(self.specs[name], quantization))
+            return [(spec, scale)] * len(self.w1)
+
+        replicated = P()
+        out = jax.shard_map(
+            local, mesh=self.mesh,
+            in_specs=(replicated,) * 5 + (block_specs("w1"), block_specs("w3"), block_specs("w2")),
+            out_specs=replicated, check_vma=False,
+        )(xs, token_of, weight_of, counts, starts, blocks(self.w1), blocks(self.w3), blocks(self.w2))
+        return out.astype(x.dtype).reshape(B, T, D)
+
+
+class Block(nnx.Module):
+    def __init__(self, config: MixtralConfig, weights: Weights, layer: int, specs: dict, mesh: Mesh):
+        prefix = f"layers.{layer}"
+        self.attn_norm = RMSNorm(weights.dense(f"{prefix}.attn_norm", specs["attn_norm"]), config.rms_norm_eps)
+        self.attn = Attention(config, weights, prefix, specs)
+        self.ffn_norm = RMSNorm(weights.dense(f"{prefix}.ffn_norm", specs["ffn_norm"]), config.rms_norm_eps)
+        self.moe = MoE(config, weights, prefix, specs, mesh)
+
+    def __call__(self, x, cos, sin, k_cache, v_cache, q_slots, start, block, live):
+        attn_out, k_cache, v_cache = self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, q_slots, start, block)
+        h = x + attn_out
+        return h + self.moe(self.ffn_norm(h), live), k_cache, v_cache
+
+
+class Mixtral(nnx.Module):
+    def __init__(self, config: MixtralConfig, weights: Weights, mesh: Mesh):
+        check_mesh_fits(mesh, config)
+        self.config, self.mesh = config, mesh
+        specs = weight_specs(config, mesh)
+        self.embed = nnx.Param(weights.dense("embed", specs["embed"]))
+        self.layers = nnx.List([Block(config, weights, i, specs, mesh) for i in range(config.num_layers)])
+        self.final_norm = RMSNorm(weights.dense("final_norm", specs["final_norm"]), config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nnx.Param(weights.dense("lm_head", specs["lm_head"]))
+
+    def forward(self, tokens: jax.Array, cache: KVCache, num_new: jax.Array | int,
+                last_only: bool = False) -> tuple[jax.Array, KVCache]:
+        """Feed tokens [B, T] into the cache at slots end .. end+T-1.
+
+        Only the first `num_new` of the T tokens are real (the rest pad a length bucket; their slots are
+        overwritten later and never seen by a real query). Returns float32 logits [B, T, V], or
+        [B, V] for token num_new-1 when `last_only`, and the cache with end advanced by num_new.
+        """
+        c = self.config
+        B, T = tokens.shape
+        q_slots = cache.end + jnp.arange(T, dtype=jnp.int32)
+        positions = q_slots[None, :] - cache.start[:, None]  # [B, T]
+        live = jnp.arange(T) < num_new
+        cos, sin = rotary(positions, c.head_dim, c.rope_theta)
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        ks, vs = [], []
+        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
+            x, k_cache, v_cache = layer(x, cos, sin, k_cache, v_cache, q_slots, cache.start, cache.block, live)
+            ks.append(k_cache)
+            vs.append(v_cache)
+        if last_only:
+            x = jax.lax.dynamic_index_in_dim(x, num_new - 1, axis=1, keepdims=False)  # [B, D]
+        x = self.final_norm(x)
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
+        return logits, cache.replace(k=tuple(ks), v=tuple(vs), end=cache.end + num_new)
+
+    def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Logits float32 [B, T, V] for tokens int32 [B, T], no cache kept. Rows may be left-padded
+        (attention_mask [B, T]: 0 for padding, then 1s)."""
+        B, T = tokens.shape
+        start = None if attention_mask is None else T - jnp.asarray(attention_mask).sum(axis=1)
+        cache = KVCache.create(self.config, self.mesh, B, KVCache.capacity_for(T), start)
+        logits, _ = self.forward(jnp.asarray(tokens, jnp.int32), cache, T)
+        return logits

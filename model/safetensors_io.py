@@ -1,0 +1,194 @@
+"""safetensors files, written tensor by tensor and read slice by slice.
+
+Writing: every shape and dtype is known before any data is read (from the source headers), so the header
+goes first and each tensor's bytes are appended as they are produced; memory stays bounded by the
+largest chunk, and the sha256 of each file is computed on the way out (no second read).
+
+Reading: `TensorFiles` opens a folder of safetensors (one file, or shards + `*.safetensors.index.json`)
+and hands out lazy slices, so each device's shard is read straight from disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+_CODES = {
+    np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16",
+    np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int32): "I32", np.dtype(np.int64): "I64",
+}
+NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+                "float16": np.dtype(np.float16)}
+
+
+class SafetensorsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+class StreamingWriter:
+    """One safetensors file: the header for `specs` first, then each tensor's bytes in order."""
+
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for s in specs:
+            header[s.name] = {"dtype": _CODES[s.dtype], "shape": list(s.shape),
+                              "data_offsets": [offset, offset + s.nbytes]}
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+        self._file = open(path, "wb")
+        self._sha = hashlib.sha256()
+        self._specs = iter(specs)
+        self._current: TensorSpec | None = None
+        self._left = 0  # bytes still owed to the current tensor
+        self._put(struct.pack("<Q", len(raw)) + raw)
+        self._next_tensor()
+
+    def _put(self, data) -> None:
+        self._sha.update(data)
+        self._file.write(data)
+
+    def _next_tensor(self) -> None:
+        while self._left == 0:
+            self._current = next(self._specs, None)
+            if self._current is None:
+                return
+            self._left = self._current.nbytes
+
+    def append(self, chunk: np.ndarray) -> None:
+        """The next bytes of the current tensor (C order, its dtype)."""
+        if self._current is None:
+            raise SafetensorsError("more data than the header announced")
+        if chunk.dtype != self._current.dtype:
+            raise SafetensorsError(f"{self._current.name}: got {chunk.dtype}, expected {self._current.dtype}")
+        data = np.ascontiguousarray(chunk).data.cast("B")
+        if len(data) > self._left:
+            raise SafetensorsError(f"{self._current.name}: more bytes than its shape {self._current.shape}")
+        self._put(data)
+        self._left -= len(data)
+        self._next_tensor()
+
+    def close(self) -> str:
+        """Finish the file; returns its sha256."""
+        self._file.close()
+        if self._current is not None:
+            raise SafetensorsError(f"{self._current.name}: {self._left} bytes missing")
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+# A tensor to write: its spec and a function producing its data in C-order chunks.
+Producer = Callable[[], Iterable[np.ndarray]]
+
+
+def write_sharded(out_dir: Path, tensors: list[tuple[TensorSpec, Producer]], *, prefix: str = "model",
+                  max_file_bytes: int = 4 << 30, metadata: dict[str, str] | None = None,
+                  on_tensor: Callable[[int, int, str], None] | None = None) -> dict[str, str]:
+    """Write `tensors` into one file or several of at most `max_file_bytes` (plus an index json).
+
+    Returns {file name: sha256}. `on_tensor(done, total, name)` is called after each tensor.
+    """
+    groups: list[list[tuple[TensorSpec, Producer]]] = [[]]
+    size = 0
+    for spec, producer in tensors:
+        if groups[-1] and size + spec.nbytes > max_file_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((spec, producer))
+        size += spec.nbytes
+    names = ([f"{prefix}.safetensors"] if len(groups) == 1 else
+             [f"{prefix}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    hashes, weight_map, done = {}, {}, 0
+    for name, group in zip(names, groups):
+        writer = StreamingWriter(out_dir / name, [s for s, _ in group], metadata)
+        try:
+            for spec, producer in group:
+                for chunk in producer():
+                    writer.append(chunk)
+                weight_map[spec.name] = name
+                done += 1
+                if on_tensor:
+                    on_tensor(done, len(tensors), spec.name)
+        except BaseException:
+            writer.abort()
+            raise
+        hashes[name] = writer.close()
+    if len(names) > 1:
+        total = sum(s.nbytes for s, _ in tensors)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return hashes
+
+
+class TensorFiles:
+    """The tensors of a folder of safetensors, opened lazily: `files.slice(name)[rows, cols]` reads only that."""
+
+    def __init__(self, folder: Path):
+        folder = Path(folder)
+        self._handles: dict[Path, object] = {}
+        indexes = sorted(folder.glob("*.safetensors.index.json"))
+        if indexes:
+            try:
+                weight_map = json.loads(indexes[0].read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise SafetensorsError(f"cannot read {indexes[0]}: {e}") from None
+            self._file_of = {name: folder / f for name, f in weight_map.items()}
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise SafetensorsError(f"no .safetensors files in {folder}")
+            self._file_of = {}
+            for f in files:
+                for name in self._open(f).keys():
+                    self._file_of[name] = f
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="numpy")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise SafetensorsError(f"cannot read {path}: {e}") from None
+        return self._handles[path]
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def slice(self, name: str):
+        """A lazy view: index it with slices to read part of the tensor."""
+        if name not in self._file_of:
+            raise SafetensorsError(f"tensor {name!r} not found")
+        return self._open(self._file_of[name]).get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.slice(name).get_shape())
+
+    def read(self, name: str) -> np.ndarray:
+        return self.slice(name)[...]
+
+    def files(self) -> Iterator[Path]:
+        return iter(sorted(set(self._file_of.values())))
