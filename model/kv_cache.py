@@ -69,3 +69,8 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k + self.v)
+
+    @staticmethod
+    def bytes_for(config: MixtralConfig, capacity: int, batch: int = 1) -> int:
+        itemsize = jnp.dtype(config.dtype).itemsize
+        return 2 * config.num_layers * batch * config.num_kv_heads * capacity * config.head_dim * itemsize

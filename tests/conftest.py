@@ -10,3 +10,5 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from tiny_model import tiny_ckpt, tiny_hf  # noqa: E402,F401  (session fixtures for every test module)

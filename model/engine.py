@@ -1,0 +1,206 @@
+"""The conversation engine: chat turns in, streamed text out, each conversation's KV cache kept alive.
+
+Every turn gets the WHOLE conversation. The engine encodes it and compares the ids with the ids already
+in that conversation's cache: the common prefix is reused and only the rest is prefilled. A new turn
+therefore costs its own tokens (previous reply + EOS + the new user block); regenerate, edit or delete
+roll the cache back to where the conversations part (the cache just forgets slots past that point), and
+a reply whose sampled ids are not the canonical encoding of its text is re-fed from where they differ.
+
+Caches have a fixed capacity (context limit + one prefill chunk). Conversations beyond the memory budget
+lose their cache (least recently used first) and rebuild it from their tokens on their next turn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+
+from . import checkpoint, sharding
+from .chat_format import encode_chat
+from .detokenize import StreamDecoder
+from .engine_api import ContextTrimmed, Event, SamplingParams, TextDelta, TurnDone
+from .generate import PREFILL_CHUNK, Generator
+from .kv_cache import KVCache
+from .sampling import SamplingArrays, validate
+from .tokenizer import load_tokenizer
+
+DEFAULT_CONTEXT = 4096
+DEFAULT_CACHE_BUDGET = 2 << 30  # bytes of KV caches kept across conversations
+
+
+class EngineError(Exception):
+    """A turn that cannot run (its message alone overflows the context, bad settings); user-facing."""
+
+
+@dataclasses.dataclass
+class _Conversation:
+    tokens: list[int]  # the ids whose keys/values fill cache slots [0, len(tokens))
+    cache: KVCache | None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+class Engine:
+    """Loads a checkpoint and runs chat turns on it. Use from one thread at a time."""
+
+    def __init__(self, ckpt_dir: str | Path, *, mesh_shape: tuple[int, int] | None = None,
+                 context_length: int | None = None, cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
+                 dtype: str | None = None, warm_up: bool = False,
+                 on_progress: Callable[[float, str], None] | None = None):
+        report = on_progress or (lambda fraction, what: None)
+        ckpt_dir = Path(ckpt_dir)
+        mesh = sharding.make_mesh(mesh_shape)
+        model = checkpoint.load(ckpt_dir, mesh, dtype=dtype,
+                                on_progress=lambda f, name: report(0.8 * f, f"loading weights ({name})"))
+        self.config = model.config
+        self.tokenizer = load_tokenizer(ckpt_dir)
+        self.generator = Generator(model)
+        self.model_name = ckpt_dir.name
+        self.device_summary = sharding.describe(mesh)
+        self.context_limit = min(context_length or DEFAULT_CONTEXT, self.config.max_position_embeddings)
+        self.capacity = KVCache.capacity_for(self.context_limit + PREFILL_CHUNK)
+        self.max_cached_conversations = max(1, cache_budget_bytes // KVCache.bytes_for(self.config, self.capacity))
+        self._conversations: OrderedDict[str, _Conversation] = OrderedDict()  # least recently used first
+        self._busy = threading.Lock()
+        if warm_up:
+            report(0.8, "compiling")
+            self.generator.warm_up(self.capacity)
+        report(1.0, "ready")
+
+    # --- public API ---------------------------------------------------------------------------
+    def count_tokens(self, messages: list[dict]) -> int:
+        return len(self._encode(messages))
+
+    def forget(self, conversation_id: str) -> None:
+        self._conversations.pop(conversation_id, None)
+
+    def cached_tokens(self, conversation_id: str) -> int:
+        """How many tokens of this conversation are in its KV cache (0 if it has none)."""
+        conv = self._conversations.get(conversation_id)
+        return len(conv.tokens) if conv and conv.cache is not None else 0
+
+    def generate(self, conversation_id: str, messages: list[dict], sampling: SamplingParams,
+                 should_stop: Callable[[], bool] = lambda: False) -> Iterator[Event]:
+        """Answer the last user message of `messages` (the whole conversation), streaming events:
+        maybe one ContextTrimmed, TextDeltas, then exactly one TurnDone."""
+        try:
+            validate(sampling)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        if not self._busy.acquire(blocking=False):
+            raise EngineError("the engine is already generating a reply")
+        try:
+            yield from self._turn(conversation_id, messages, sampling, should_stop)
+        finally:
+            self._busy.release()
+
+    # --- internals ------------------------------------------------------------------------------
+    def _encode(self, messages: list[dict]) -> list[int]:
+        try:
+            return encode_chat(self.tokenizer, messages, self.tokenizer.chat_format)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+
+    def _fit(self, messages: list[dict], reserve: int) -> tuple[list[int], int]:
+        """The prompt ids, dropping the oldest turns (never system messages or the last message) until
+        `reserve` tokens are left for the reply. Returns (ids, number of messages dropped)."""
+        budget = self.context_limit - reserve
+        system = [m for m in messages if m["role"] == "system"]
+        turns = [m for m in messages if m["role"] != "system"]
+        dropped = 0
+        while True:
+            prompt = self._encode(system + turns[dropped:])
+            if len(prompt) <= budget:
+                return prompt, dropped
+            # drop up to and including the next assistant reply, so the rest still starts with a user turn
+            nxt = next((i for i in range(dropped, len(turns) - 1) if turns[i]["role"] == "assistant"), None)
+            if nxt is None:
+                raise EngineError(f"the message is too long: the conversation needs {len(prompt)} tokens but "
+                                  f"the context holds {self.context_limit} (with {reserve} kept for the reply); "
+                                  "shorten it or raise --context-length")
+            dropped = nxt + 1
+
+    def _conversation(self, conversation_id: str) -> _Conversation:
+        """This conversation's state with a cache, evicting the least recently used cache if needed."""
+        conv = self._conversations.pop(conversation_id, None) or _Conversation([], None)
+        self._conversations[conversation_id] = conv  # most recently used
+        if conv.cache is None:
+            holders = [c for c in self._conversations.values() if c.cache is not None]
+            if len(holders) >= self.max_cached_conversations:
+                victim = holders[0]
+                conv.cache, victim.cache, victim.tokens = victim.cache, None, []  # reuse its memory
+            else:
+                conv.cache = self.generator.new_cache(self.capacity)
+            conv.tokens = []
+        return conv
+
+    def _turn(self, conversation_id, messages, sampling: SamplingParams, should_stop) -> Iterator[Event]:
+        started = time.perf_counter()
+        reserve = min(sampling.max_new_tokens, self.context_limit // 4)
+        prompt, dropped = self._fit(messages, reserve)
+        if dropped:
+            yield ContextTrimmed(dropped)
+        conv = self._conversation(conversation_id)
+        reuse = min(common_prefix(conv.tokens, prompt), len(prompt) - 1)  # feed at least one token
+        cache, conv.cache, conv.tokens = conv.cache, None, []  # donated below: invalid if a step fails
+        cache = cache.replace(end=jax.numpy.int32(reuse))
+
+        key = jax.random.key(sampling.seed if sampling.seed is not None else secrets.randbits(63))
+        arrays = SamplingArrays.of(sampling)
+        seen = self.generator.seen_mask(prompt)
+        pending, cache = self.generator.prefill(cache, prompt[reuse:], seen, jax.random.fold_in(key, 0), arrays)
+        fed = list(prompt)
+
+        decoder = StreamDecoder(self.tokenizer)
+        generated: list[int] = []
+        first_at = last_at = None
+        finish = "stop"
+        try:
+            while True:
+                # Feed the pending token and sample the next one (async), then read the pending one:
+                # the device works on step n+1 while the host handles token n.
+                following, cache, seen = self.generator.decode(
+                    cache, pending, seen, jax.random.fold_in(key, len(generated) + 1), arrays)
+                token = int(pending[0])
+                fed.append(token)
+                if token in self.tokenizer.eos_ids:
+                    break
+                generated.append(token)
+                last_at = time.perf_counter()
+                first_at = first_at or last_at
+                if text := decoder.push(token):
+                    yield TextDelta(text)
+                if len(generated) >= sampling.max_new_tokens:
+                    finish = "length"
+                    break
+                if len(fed) >= self.context_limit:
+                    finish = "context"
+                    break
+                if should_stop():
+                    finish = "cancelled"
+                    break
+                pending = following
+        except GeneratorExit:  # the caller stopped listening: keep what was fed
+            conv.cache, conv.tokens = cache, fed
+            raise
+        conv.cache, conv.tokens = cache, fed  # the last step fed `token`: the cache holds all of `fed`
+        if text := decoder.flush():
+            yield TextDelta(text)
+        first_at = first_at or time.perf_counter()
+        decode_s = (last_at or first_at) - first_at
+        yield TurnDone(
+            text=decoder.text, finish_reason=finish, prompt_tokens=len(prompt), prefilled_tokens=len(prompt) - reuse,
+            generated_tokens=len(generated), time_to_first_token_s=first_at - started,
+            tokens_per_s=(len(generated) - 1) / decode_s if decode_s > 0 else 0.0,
+            context_used=len(fed), context_limit=self.context_limit,
+        )

@@ -1,0 +1,92 @@
+"""The compiled programs of a loaded model: prefill in length buckets and one decode step.
+
+The model is split once (`nnx.split`) and plain `jax.jit` functions take its parameters, the KV cache
+(donated: updated in place) and the sampling settings as device values. Programs: one prefill per bucket
+in `PREFILL_BUCKETS`, one decode step; a conversation that grows never compiles anything new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .kv_cache import KVCache
+from .mixtral import Mixtral
+from .engine_api import SamplingParams
+from .sampling import SamplingArrays, sample
+
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
+PREFILL_CHUNK = PREFILL_BUCKETS[-1]  # longer inputs are fed in chunks of this many tokens
+
+
+def bucket_for(n: int) -> int:
+    return next(b for b in PREFILL_BUCKETS if b >= n)
+
+
+class Generator:
+    """Runs one model: `prefill` feeds tokens and samples the next one, `decode` feeds one token per row."""
+
+    def __init__(self, model: Mixtral):
+        self.config, self.mesh = model.config, model.mesh
+        self.graphdef, self.params = nnx.split(model)
+        self._prefill = jax.jit(self._prefill_step, donate_argnames=("cache",))
+        self._decode = jax.jit(self._decode_step, donate_argnames=("cache", "seen"))
+        self._replicated = NamedSharding(self.mesh, P())
+
+    # --- the jitted programs --------------------------------------------------------------------
+    def _prefill_step(self, params, cache: KVCache, tokens, num_new, seen, key, sampling: SamplingArrays):
+        model = nnx.merge(self.graphdef, params)
+        logits, cache = model.forward(tokens, cache, num_new, last_only=True)
+        return sample(logits, seen, key, sampling), cache
+
+    def _decode_step(self, params, cache: KVCache, token, seen, key, sampling: SamplingArrays):
+        model = nnx.merge(self.graphdef, params)
+        logits, cache = model.forward(token[:, None], cache, 1, last_only=True)
+        next_token = sample(logits, seen, key, sampling)
+        seen = seen.at[jnp.arange(seen.shape[0]), next_token].set(True)
+        return next_token, cache, seen
+
+    # --- host side --------------------------------------------------------------------------------
+    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
+        with jax.set_mesh(self.mesh):
+            return KVCache.create(self.config, self.mesh, batch, capacity)
+
+    def seen_mask(self, token_ids: Sequence[int]) -> jax.Array:
+        """bool [1, V]: the tokens the repetition penalty applies to."""
+        seen = np.zeros((1, self.config.vocab_size), bool)
+        seen[0, np.asarray(token_ids, np.int64)] = True
+        return jax.device_put(seen, self._replicated)
+
+    def prefill(self, cache: KVCache, token_ids: Sequence[int], seen: jax.Array, key: jax.Array,
+                sampling: SamplingArrays) -> tuple[jax.Array, KVCache]:
+        """Feed token_ids (one row) at the cache's end, in chunks padded to a bucket; returns the sampled
+        next token (device int32 [1]) and the cache. The caller keeps end + bucket <= capacity."""
+        assert len(token_ids) > 0
+        next_token = None
+        for first in range(0, len(token_ids), PREFILL_CHUNK):
+            chunk = token_ids[first:first + PREFILL_CHUNK]
+            padded = np.zeros((1, bucket_for(len(chunk))), np.int32)
+            padded[0, :len(chunk)] = chunk
+            tokens = jax.device_put(padded, self._replicated)
+            next_token, cache = self._prefill(self.params, cache, tokens, jnp.int32(len(chunk)), seen, key, sampling)
+        return next_token, cache
+
+    def decode(self, cache: KVCache, token: jax.Array, seen: jax.Array, key: jax.Array,
+               sampling: SamplingArrays) -> tuple[jax.Array, KVCache, jax.Array]:
+        return self._decode(self.params, cache, token, seen, key, sampling)
+
+    def warm_up(self, capacity: int) -> None:
+        """Compile every program now (prefill buckets, decode) so no turn waits for the compiler."""
+        sampling = SamplingArrays.of(SamplingParams())
+        key = jax.random.key(0)
+        for bucket in PREFILL_BUCKETS:
+            cache = self.new_cache(capacity)
+            seen = self.seen_mask([])
+            token, cache = self.prefill(cache, [0] * bucket, seen, key, sampling)
+        token, cache, seen = self.decode(cache, token, seen, key, sampling)
+        token.block_until_ready()

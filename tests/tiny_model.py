@@ -1,0 +1,57 @@
+"""Tiny real models for tests: a random Mixtral made by `transformers`, converted by our converter.
+
+It uses Mixtral's real tokenizer (shipped by mistral_common), so chat encoding, streaming and the app
+run exactly as with the full model, only with random weights (the replies are gibberish).
+
+Its fixtures `tiny_hf` and `tiny_ckpt` (session-scoped) are registered in conftest.py for every test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import mistral_common
+
+MIXTRAL_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+TINY_MIXTRAL = dict(
+    vocab_size=32000, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+    num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=4096,
+    rope_theta=1e6, bos_token_id=1, eos_token_id=2,
+)
+
+
+def build_hf_mixtral(out_dir: Path, seed: int = 0, max_shard_size: str = "50MB", **overrides) -> Path:
+    """A random Mixtral saved as the hub has it (safetensors, classic expert names) + the real tokenizer.
+    `overrides` change the MixtralConfig (sizes, sliding_window, ...)."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(MixtralConfig(**{**TINY_MIXTRAL, **overrides})).eval()
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    shutil.copyfile(MIXTRAL_TOKENIZER, out_dir / "tokenizer.model")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return out_dir
+
+
+def build_tiny_checkpoint(out_dir: Path, hf_dir: Path) -> Path:
+    import model
+
+    return model.convert_hf(hf_dir, out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    """The HF folder of the tiny random Mixtral."""
+    return build_hf_mixtral(tmp_path_factory.mktemp("tiny_hf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tiny_hf) -> Path:
+    """Our converted checkpoint of the tiny Mixtral (read-only: copy it before changing it)."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-mixtral", tiny_hf)
