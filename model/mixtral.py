@@ -263,8 +263,10 @@ class Mixtral(nnx.Module):
         if last_only:
             x = jax.lax.dynamic_index_in_dim(x, num_new - 1, axis=1, keepdims=False)  # [B, D]
         x = self.final_norm(x)
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
+        if self.lm_head is None:  # tied: contract with the embedding's D without transposing it (a copy)
+            logits = jnp.einsum("...d,vd->...v", x, self.embed[...], preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.matmul(x, self.lm_head[...], preferred_element_type=jnp.float32)
         return logits, cache.replace(k=tuple(ks), v=tuple(vs), end=cache.end + num_new)
 
     def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:

@@ -25,14 +25,21 @@ TINY_MIXTRAL = dict(
 )
 
 
-def build_hf_mixtral(out_dir: Path, seed: int = 0, max_shard_size: str = "50MB", **overrides) -> Path:
+def build_hf_mixtral(out_dir: Path, seed: int = 0, max_shard_size: str = "50MB", qk_scale: float = 1.0,
+                     **overrides) -> Path:
     """A random Mixtral saved as the hub has it (safetensors, classic expert names) + the real tokenizer.
-    `overrides` change the MixtralConfig (sizes, sliding_window, ...)."""
+    `overrides` change the MixtralConfig (sizes, sliding_window, ...); `qk_scale` multiplies the query and
+    key weights, which makes attention sharp (random init alone gives near-uniform attention, which
+    hides masking and position bugs)."""
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
     model = MixtralForCausalLM(MixtralConfig(**{**TINY_MIXTRAL, **overrides})).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(qk_scale)
+            layer.self_attn.k_proj.weight.mul_(qk_scale)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     shutil.copyfile(MIXTRAL_TOKENIZER, out_dir / "tokenizer.model")
     (out_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
