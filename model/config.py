@@ -62,6 +62,22 @@ class MixtralConfig:
         per_layer = attn + D * E + 3 * E * D * I + 2 * D
         return self.num_layers * per_layer + V * D * (1 if self.tie_word_embeddings else 2) + D
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weights in device memory (quantized linear weights at 1 or 1/2 byte + scales)."""
+        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
+        D, I, E, V = self.hidden_size, self.intermediate_size, self.num_experts, self.vocab_size
+        linear = self.num_layers * (D * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * E * D * I)
+        other = self.num_params - linear
+        if self.quantization is None:
+            return self.num_params * itemsize
+        bits = 8 if self.quantization == "int8" else 4
+        scales = linear // (D if self.quantization == "int8" else self.quant_group_size) * 4  # roughly, float32
+        return other * itemsize + linear * bits // 8 + scales
+
+    def kv_cache_bytes(self, tokens: int) -> int:
+        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * tokens * itemsize
+
     # --- our own config.json -------------------------------------------------------------------
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

@@ -81,7 +81,7 @@ class StreamingWriter:
             raise SafetensorsError("more data than the header announced")
         if chunk.dtype != self._current.dtype:
             raise SafetensorsError(f"{self._current.name}: got {chunk.dtype}, expected {self._current.dtype}")
-        data = np.ascontiguousarray(chunk).data.cast("B")
+        data = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)  # bytes (bfloat16 has no buffer format)
         if len(data) > self._left:
             raise SafetensorsError(f"{self._current.name}: more bytes than its shape {self._current.shape}")
         self._put(data)

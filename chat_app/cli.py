@@ -1,0 +1,418 @@
+"""The `mixtral-chat` command: parses the command line and hands each command to its module.
+
+Errors the user can fix (a bad option, an unknown persona, a missing model, an unreadable history or
+checkpoint) end the program with one line on stderr and a non-zero status, never a traceback.
+jax and textual are imported only by the commands that run a model or the UI, so `--help`,
+`models` and `personas ...` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from chat_app import model_registry, paths
+from chat_app.model_registry import ModelError
+from chat_app.personas import SETTING_RULES, Persona, PersonaError, PersonaLibrary, builtin_personas, check_setting
+from chat_app.store import StoreError
+
+PROG = "mixtral-chat"
+EXIT_USAGE = 2  # what argparse uses for a bad command line
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+
+class CliError(Exception):
+    """A problem with what the user asked for, reported as one line."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except (CliError, ModelError, PersonaError, StoreError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+
+
+# --- the parser ---------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line instead of argparse's usage block, and the exit status it would use."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Chat in the terminal with Mixtral-8x7B-Instruct (or any converted Mixtral) running "
+                    "locally on JAX. With no command: the chat UI (the set-up wizard when no model is installed).",
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--demo", action="store_true", help="chat with the small demo model (built first if missing)")
+    which.add_argument("--model", metavar="NAME|PATH", help="an installed model's name or a converted checkpoint dir")
+    parser.add_argument("--headless", action="store_true",
+                        help="no UI: each stdin line is a user turn, each reply goes to stdout")
+    parser.add_argument("--jsonl", action="store_true",
+                        help='headless: stdin lines are {"role": "user", "content": ...}; replies are JSON lines '
+                             "with token counts and timings")
+    parser.add_argument("--no-save", action="store_true", help="headless: do not save the conversation")
+    parser.add_argument("--conversation", metavar="ID", help="headless: continue this saved conversation")
+    parser.add_argument("--persona", metavar="NAME", help="the persona to chat with (default: Assistant)")
+    _add_sampling_options(parser)
+    parser.add_argument("--seed", type=int, metavar="S", help="random seed, for replies that can be repeated")
+    parser.add_argument("--mesh", type=_mesh_shape, metavar="AxB",
+                        help="devices per mesh axis, expert x model, e.g. 1x8 (default: all devices)")
+    parser.add_argument("--context-length", type=_positive_int, metavar="N",
+                        help="the most tokens of conversation the model sees (default: the model's own limit)")
+    _add_data_dir(parser, top_level=True)
+    parser.set_defaults(handler=_chat)
+
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    setup = commands.add_parser("setup", help="download or convert a model, or build the demo model",
+                                description="Install a model into the data dir.")
+    source = setup.add_mutually_exclusive_group(required=True)
+    source.add_argument("--repo", metavar="ID", help="a Hugging Face hub repo to download and convert")
+    source.add_argument("--local", metavar="HF_DIR", type=Path, help="an HF model folder already on disk")
+    source.add_argument("--demo", action="store_true", help="build the small demo model")
+    setup.add_argument("--revision", metavar="REV", help="hub branch, tag or commit (default: main)")
+    setup.add_argument("--quantize", choices=("none", "int8", "int4"), default="none")
+    setup.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    setup.add_argument("--name", help="the installed model's name (default: from the repo or folder)")
+    setup.add_argument("--yes", action="store_true", help="do not ask before downloading")
+    _add_data_dir(setup)
+    setup.set_defaults(handler=_setup)
+
+    convert = commands.add_parser("convert", help="convert an HF safetensors model to our checkpoint",
+                                  description="Convert a Hugging Face Mixtral (or dense Llama/Mistral with "
+                                              "--upcycle-experts) folder into a mixtral-chat checkpoint.")
+    convert.add_argument("hf_dir", type=Path, metavar="HF_DIR")
+    convert.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    convert.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    convert.add_argument("--quantize", choices=("none", "int8", "int4"), default="none")
+    convert.add_argument("--upcycle-experts", type=_positive_int, metavar="N",
+                         help="turn a dense model's MLP into N identical experts")
+    convert.set_defaults(handler=_convert)
+
+    models = commands.add_parser("models", help="list installed models", description="List installed models.")
+    _add_data_dir(models)
+    models.set_defaults(handler=_list_models)
+
+    personas = commands.add_parser("personas", help="list, show, add, edit, remove, import or export personas",
+                                   description="Manage personas (system prompt + sampling settings).")
+    _add_data_dir(personas)
+    actions = personas.add_subparsers(title="actions", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="list personas")
+    listing.set_defaults(handler=_personas_list)
+    show = actions.add_parser("show", help="print a persona as TOML")
+    show.add_argument("name")
+    show.set_defaults(handler=_personas_show)
+    add = actions.add_parser("add", help="add a persona")
+    add.add_argument("name")
+    _add_system_prompt_options(add, required=True)
+    _add_sampling_options(add)
+    add.set_defaults(handler=_personas_add)
+    edit = actions.add_parser("edit", help="change a persona (editing a built-in saves your own copy)")
+    edit.add_argument("name")
+    edit.add_argument("--rename", metavar="NEW_NAME", help="give the persona a new name")
+    _add_system_prompt_options(edit, required=False)
+    _add_sampling_options(edit)
+    edit.set_defaults(handler=_personas_edit)
+    remove = actions.add_parser("rm", help="delete a persona (for a built-in: your copy of it)")
+    remove.add_argument("name")
+    remove.set_defaults(handler=_personas_rm)
+    import_ = actions.add_parser("import", help="add the persona in a TOML file")
+    import_.add_argument("file", type=Path)
+    import_.add_argument("--replace", action="store_true", help="replace your persona of the same name")
+    import_.set_defaults(handler=_personas_import)
+    export = actions.add_parser("export", help="write a persona to a TOML file")
+    export.add_argument("name")
+    export.add_argument("file", type=Path)
+    export.add_argument("--force", action="store_true", help="overwrite the file if it exists")
+    export.set_defaults(handler=_personas_export)
+    for action in (listing, show, add, edit, remove, import_, export):
+        _add_data_dir(action)
+    return parser
+
+
+def _add_data_dir(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
+    """--data-dir is accepted before or after a command. Below the top level its default is
+    SUPPRESS, or a subcommand's default would overwrite a value given before the command."""
+    parser.add_argument("--data-dir", type=Path, metavar="DIR", default=None if top_level else argparse.SUPPRESS,
+                        help="where models, history and personas live (default: the per-user data dir)")
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    for option, setting, metavar in (("--temperature", "temperature", "T"), ("--top-p", "top_p", "P"),
+                                     ("--top-k", "top_k", "K"), ("--max-new-tokens", "max_new_tokens", "N")):
+        parser.add_argument(option, type=_setting_type(setting), metavar=metavar, help=SETTING_RULES[setting][2])
+
+
+def _add_system_prompt_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    prompt = parser.add_mutually_exclusive_group(required=required)
+    prompt.add_argument("--system-prompt", metavar="TEXT")
+    prompt.add_argument("--system-prompt-file", metavar="FILE", type=Path, help="read the prompt from FILE (- for stdin)")
+
+
+def _setting_type(setting: str) -> Callable[[str], float | int]:
+    kind = SETTING_RULES[setting][0]
+
+    def parse(text: str) -> float | int:
+        try:
+            return check_setting(setting, kind(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        except PersonaError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = setting  # argparse names the type in some messages
+    return parse
+
+
+def _mesh_shape(text: str) -> tuple[int, int]:
+    from model.sharding import MeshError, parse_mesh_shape  # imports jax: only when --mesh is given
+
+    try:
+        return parse_mesh_shape(text)
+    except MeshError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
+
+
+# --- chatting: the UI or headless ---------------------------------------------------------------
+def _chat(args: argparse.Namespace) -> int:
+    if not args.headless:
+        for option in ("jsonl", "no_save", "conversation"):
+            if getattr(args, option):
+                raise CliError(f"--{option.replace('_', '-')} is for --headless mode")
+    if args.conversation and args.no_save:
+        raise CliError("--conversation continues a saved conversation; it cannot be combined with --no-save")
+    data_dir = paths.resolve_data_dir(args.data_dir)
+    if args.persona:
+        PersonaLibrary(paths.personas_dir(data_dir)).get(args.persona)  # an unknown name fails now, not later
+    overrides = _sampling_changes(args)
+    model_dir = _chosen_model(args, data_dir)
+    if args.headless:
+        from chat_app.headless import EXIT_STDOUT_CLOSED, HeadlessError, run_headless
+
+        try:
+            with _StatusLine() as status:
+                exit_status = run_headless(
+                    data_dir=data_dir, model_dir=model_dir, persona_name=args.persona, overrides=overrides,
+                    seed=args.seed, mesh_shape=args.mesh, context_length=args.context_length, jsonl=args.jsonl,
+                    save=not args.no_save, conversation_id=args.conversation,
+                    on_progress=lambda fraction, what: status.show(f"{what} {fraction:.0%}"))
+        except HeadlessError as e:
+            raise CliError(str(e)) from None
+        if exit_status == EXIT_STDOUT_CLOSED:  # the Python docs' recipe: the flush at exit must not fail
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return exit_status
+    from chat_app.app import run_app
+
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    return run_app(data_dir, model_dir, args.persona, overrides, args.mesh, args.context_length) or 0
+
+
+def _chosen_model(args: argparse.Namespace, data_dir: Path) -> Path | None:
+    """--model, or the demo model, or the default one; None when there is none to choose (the UI
+    then opens the set-up wizard; headless uses a continued conversation's model or fails)."""
+    if args.model:
+        return model_registry.resolve(data_dir, args.model)
+    if args.demo:
+        return _ensure_demo(data_dir)
+    if args.conversation:
+        return None
+    return model_registry.default_model(data_dir)
+
+
+def _ensure_demo(data_dir: Path) -> Path:
+    """The demo model's checkpoint, built first if needed, telling the user what happens on stderr."""
+    from chat_app.demo import DemoError, ensure_demo
+
+    try:
+        return ensure_demo(data_dir, on_status=lambda message: print(message, file=sys.stderr, flush=True))
+    except DemoError as e:
+        raise CliError(str(e)) from None
+
+
+class _StatusLine:
+    """One stderr line rewritten with the latest progress, when stderr is a terminal; cleared at the end."""
+
+    def __enter__(self) -> _StatusLine:
+        self.active = sys.stderr.isatty()
+        return self
+
+    def show(self, text: str) -> None:
+        if self.active:
+            sys.stderr.write(f"\r\x1b[K{text}")
+            sys.stderr.flush()
+
+    def __exit__(self, *exc) -> None:
+        self.show("")
+
+
+# --- setup, convert, models ---------------------------------------------------------------------
+def _setup(args: argparse.Namespace) -> int:
+    args.data_dir = paths.resolve_data_dir(getattr(args, "data_dir", None))
+    if args.demo:
+        path = _ensure_demo(args.data_dir)
+        print(f"The demo model is ready in {path}. Start chatting with: {PROG} --demo")
+        return 0
+    from chat_app.setup_flow import run_setup
+
+    return run_setup(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import model
+
+    try:
+        with _StatusLine() as status:
+            model.convert_hf(args.hf_dir, args.out_dir, dtype=args.dtype, quantize=args.quantize,
+                             upcycle_experts=args.upcycle_experts,
+                             on_progress=lambda done, total, name: status.show(f"tensor {done}/{total} ({name})"))
+    except model.ConversionError as e:
+        raise CliError(f"cannot convert {args.hf_dir}: {e}") from None
+    print(f"Converted {args.hf_dir} -> {args.out_dir}")
+    return 0
+
+
+def _list_models(args: argparse.Namespace) -> int:
+    data_dir = paths.resolve_data_dir(getattr(args, "data_dir", None))
+    installed = model_registry.list_installed(data_dir)
+    if not installed:
+        print(f"No models installed in {paths.models_dir(data_dir)}. "
+              f"Try `{PROG} setup --demo` (small, quick) or `{PROG} setup --repo ID`.")
+        return 0
+    rows = [("NAME", "PARAMS", "DTYPE", "SIZE", "SOURCE")]
+    for m in installed:
+        if m.problem:
+            rows.append((m.name, "-", "-", _bytes(m.size_bytes), f"unusable: {m.problem}"))
+        else:
+            dtype = m.dtype + (f"+{m.quantization}" if m.quantization else "")
+            rows.append((m.name, _count(m.n_params), dtype, _bytes(m.size_bytes), m.source or "-"))
+    _print_table(rows)
+    return 0
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+
+
+# --- personas -----------------------------------------------------------------------------------
+def _library(args: argparse.Namespace) -> PersonaLibrary:
+    return PersonaLibrary(paths.personas_dir(paths.resolve_data_dir(getattr(args, "data_dir", None))))
+
+
+def _personas_list(args: argparse.Namespace) -> int:
+    library = _library(args)
+    builtin_names = {p.name.casefold() for p in builtin_personas()}
+    rows = [("NAME", "KIND", "TEMP", "TOP-P", "SYSTEM PROMPT")]
+    for p in library.list():
+        kind = "built-in" if p.builtin else "yours" if p.name.casefold() not in builtin_names else "yours (edited built-in)"
+        prompt = " ".join(p.system_prompt.split())
+        rows.append((p.name, kind, f"{p.temperature:g}", f"{p.top_p:g}", prompt[:60] + ("…" if len(prompt) > 60 else "")))
+    _print_table(rows)
+    for problem in library.problems:
+        print(f"{PROG}: warning: {problem}", file=sys.stderr)
+    return 0
+
+
+def _personas_show(args: argparse.Namespace) -> int:
+    print(_library(args).get(args.name).to_toml(), end="")
+    return 0
+
+
+def _personas_add(args: argparse.Namespace) -> int:
+    library = _library(args)
+    if any(p.name.casefold() == args.name.casefold() for p in library.list()):
+        raise CliError(f"a persona named {args.name!r} already exists (change it with `{PROG} personas edit`)")
+    persona = Persona(name=args.name, system_prompt=_system_prompt(args), **_sampling_changes(args))
+    print(f"Saved persona {persona.name!r} in {library.save(persona)}")
+    return 0
+
+
+def _personas_edit(args: argparse.Namespace) -> int:
+    library = _library(args)
+    old = library.get(args.name)
+    changes = _sampling_changes(args)
+    if args.system_prompt is not None or args.system_prompt_file is not None:
+        changes["system_prompt"] = _system_prompt(args)
+    if args.rename:
+        changes["name"] = args.rename
+    if not changes:
+        raise CliError("nothing to change: give --system-prompt, --system-prompt-file, --rename or a sampling option")
+    new = dataclasses.replace(old, **changes)
+    renamed = new.name.casefold() != old.name.casefold()
+    if renamed and any(p.name.casefold() == new.name.casefold() for p in library.list()):
+        raise CliError(f"a persona named {new.name!r} already exists")
+    path = library.save(new)
+    if renamed and not old.builtin:
+        library.delete(old.name)
+    print(f"Saved persona {new.name!r} in {path}")
+    return 0
+
+
+def _personas_rm(args: argparse.Namespace) -> int:
+    library = _library(args)
+    persona = library.get(args.name)
+    library.delete(args.name)
+    restored = any(p.name.casefold() == persona.name.casefold() for p in library.list())
+    print(f"Deleted your copy of {persona.name!r}; the built-in one is back." if restored
+          else f"Deleted persona {persona.name!r}.")
+    return 0
+
+
+def _personas_import(args: argparse.Namespace) -> int:
+    persona = _library(args).import_toml(args.file, replace=args.replace)
+    print(f"Imported persona {persona.name!r}")
+    return 0
+
+
+def _personas_export(args: argparse.Namespace) -> int:
+    path = _library(args).export_toml(args.name, args.file, overwrite=args.force)
+    print(f"Wrote {path}")
+    return 0
+
+
+def _sampling_changes(args: argparse.Namespace) -> dict:
+    return {s: getattr(args, s) for s in SETTING_RULES if getattr(args, s) is not None}
+
+
+def _system_prompt(args: argparse.Namespace) -> str:
+    if args.system_prompt is not None:
+        return args.system_prompt
+    if str(args.system_prompt_file) == "-":
+        return sys.stdin.read()
+    try:
+        return args.system_prompt_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read the system prompt file {args.system_prompt_file}: {e}") from None

@@ -1,0 +1,63 @@
+"""Where mixtral-chat keeps its files.
+
+Everything the user owns lives under one data dir (platformdirs' per-user data location, or
+`--data-dir DIR`, which tests use so they never touch the real one):
+
+    DATA/models/<name>/        converted checkpoints (config.json, manifest.json, *.safetensors, tokenizer)
+    DATA/history.sqlite3       conversations and messages (chat_app.store)
+    DATA/personas/<name>.toml  the user's personas (chat_app.personas)
+    DATA/downloads/            partial and finished hub downloads
+    DATA/settings.toml         default model, key remaps
+
+The JAX compilation cache is not the user's data (it can be rebuilt), so it lives in the cache dir.
+These functions only compute paths; the module that writes a place creates it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "mixtral-chat"
+
+
+def resolve_data_dir(override: str | os.PathLike | None = None) -> Path:
+    """The data dir: `override` (from `--data-dir`) if given, else the platform's per-user location."""
+    if override is not None:
+        return Path(override).expanduser().absolute()
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+def models_dir(data_dir: Path) -> Path:
+    return data_dir / "models"
+
+
+def history_path(data_dir: Path) -> Path:
+    return data_dir / "history.sqlite3"
+
+
+def personas_dir(data_dir: Path) -> Path:
+    return data_dir / "personas"
+
+
+def downloads_dir(data_dir: Path) -> Path:
+    return data_dir / "downloads"
+
+
+def settings_path(data_dir: Path) -> Path:
+    return data_dir / "settings.toml"
+
+
+def jax_cache_dir() -> Path:
+    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False)) / "jax"
+
+
+def enable_jax_compilation_cache() -> None:
+    """Point JAX's persistent compilation cache at `jax_cache_dir()`, so that the next start of the
+    same model on the same devices skips most of the compiling. Imports jax: call it only on the way
+    to building an Engine (the TUI worker and headless mode both do)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(jax_cache_dir()))
