@@ -105,6 +105,8 @@ def _source(manifest: object) -> str | None:
     source = manifest.get("source") if isinstance(manifest, dict) else None
     if not isinstance(source, dict):
         return source if isinstance(source, str) else None
+    if source.get("description"):
+        return source["description"]
     if source.get("repo_id"):
         return source["repo_id"] + (f"@{source['commit'][:8]}" if source.get("commit") else "")
     return source.get("path")

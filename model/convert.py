@@ -192,9 +192,11 @@ def _write_checkpoint(out_dir: Path, config: MixtralConfig, plan: list[tuple[Ten
 
 
 def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32", quantize: str | None = None,
-               upcycle_experts: int | None = None, *, overwrite: bool = False,
+               upcycle_experts: int | None = None, *, overwrite: bool = False, source: str | None = None,
                on_progress: Progress | None = None, max_file_bytes: int = 4 << 30) -> Path:
-    """An HF folder (config.json + safetensors) -> our checkpoint at out_dir. Returns out_dir."""
+    """An HF folder (config.json + safetensors) -> our checkpoint at out_dir. Returns out_dir.
+    `source` describes where the weights came from, for `mixtral-chat models` (default: the hub repo
+    or the folder)."""
     hf_dir = Path(hf_dir)
     quantization = None if quantize in (None, "none") else quantize
     try:
@@ -212,14 +214,15 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32", 
     tokenizer_files = [hf_dir / n for n in TOKENIZER_FILES if (hf_dir / n).is_file()]
     if not any(f.name in ("tokenizer.model", "tokenizer.json") for f in tokenizer_files):
         raise ConversionError(f"{hf_dir} has neither tokenizer.model nor tokenizer.json")
-    source = _Source(files, config, upcycled=upcycle_experts is not None)
+    reader = _Source(files, config, upcycled=upcycle_experts is not None)
     manifest = {
         "source": {"path": str(hf_dir.resolve()), "model_type": hf_config.get("model_type"), **_hub_origin(hf_dir),
+                   **({"description": source} if source else {}),
                    "files": {f.name: f.stat().st_size for f in files.files()}},
         "dtype": dtype, "quantization": quantization, "upcycled_experts": upcycle_experts,
         "num_params": config.num_params,
     }
-    return _write_checkpoint(Path(out_dir), config, _plan(source, config), tokenizer_files, manifest,
+    return _write_checkpoint(Path(out_dir), config, _plan(reader, config), tokenizer_files, manifest,
                              overwrite, on_progress, max_file_bytes)
 
 

@@ -271,9 +271,15 @@ class Mixtral(nnx.Module):
 
     def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Logits float32 [B, T, V] for tokens int32 [B, T], no cache kept. Rows may be left-padded
-        (attention_mask [B, T]: 0 for padding, then 1s)."""
-        B, T = tokens.shape
-        start = None if attention_mask is None else T - jnp.asarray(attention_mask).sum(axis=1)
-        cache = KVCache.create(self.config, self.mesh, B, KVCache.capacity_for(T), start)
-        logits, _ = self.forward(jnp.asarray(tokens, jnp.int32), cache, T)
-        return logits
+        (attention_mask [B, T]: 0 for padding, then 1s). Compiled once per shape."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        mask = jnp.ones_like(tokens) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        return _logits_without_cache(self, tokens, mask)
+
+
+@nnx.jit
+def _logits_without_cache(m: Mixtral, tokens: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    B, T = tokens.shape
+    cache = KVCache.create(m.config, m.mesh, B, KVCache.capacity_for(T), start=T - attention_mask.sum(axis=1))
+    logits, _ = m.forward(tokens, cache, T)
+    return logits

@@ -38,7 +38,8 @@ def one_device():
     return model.make_mesh((1, 1))
 
 
-forward = nnx.jit(lambda m, ids, mask: m(ids, mask))
+def forward(m, ids, mask):
+    return m(ids, mask)
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
