@@ -77,9 +77,9 @@ class _Source:
         if self.fused:
             I = self.config.intermediate_size
             if kind == "w2":
-                return self.files.slice(f"{prefix}.mlp.experts.down_proj")[e].T
-            half = slice(0, I) if kind == "w1" else slice(I, 2 * I)
-            return self.files.slice(f"{prefix}.mlp.experts.gate_up_proj")[e, half].T
+                return self.files.read_rows(f"{prefix}.mlp.experts.down_proj", e, e + 1)[0].T
+            gate_up = self.files.read_rows(f"{prefix}.mlp.experts.gate_up_proj", e, e + 1)[0]  # [2I, D]
+            return (gate_up[:I] if kind == "w1" else gate_up[I:]).T
         return self._get(f"{prefix}.block_sparse_moe.experts.{e}.{kind}.weight").T
 
 
@@ -222,8 +222,11 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32", 
         "dtype": dtype, "quantization": quantization, "upcycled_experts": upcycle_experts,
         "num_params": config.num_params,
     }
-    return _write_checkpoint(Path(out_dir), config, _plan(reader, config), tokenizer_files, manifest,
-                             overwrite, on_progress, max_file_bytes)
+    try:
+        return _write_checkpoint(Path(out_dir), config, _plan(reader, config), tokenizer_files, manifest,
+                                 overwrite, on_progress, max_file_bytes)
+    except SafetensorsError as e:
+        raise ConversionError(f"{e}; download or copy the model again") from None
 
 
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_file_bytes: int = 4 << 30) -> Path:
@@ -242,9 +245,10 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_file_bytes: int 
         return files.read(name)
 
     def expert(name: str, e: int) -> np.ndarray:
+        kernel = files.read_rows(name, e, e + 1)[0]
         if not c.quantization:
-            return files.slice(name)[e]
-        return quantize.dequantize_numpy(files.slice(name)[e], files.slice(f"{name}.scale")[e], c.quantization,
+            return kernel
+        return quantize.dequantize_numpy(kernel, files.read_rows(f"{name}.scale", e, e + 1)[0], c.quantization,
                                          c.quant_group_size)
 
     plan: list[tuple[TensorSpec, Producer]] = []

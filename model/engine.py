@@ -74,12 +74,21 @@ class Engine:
         self._busy = threading.Lock()
         if warm_up:
             report(0.8, "compiling")
-            self.generator.warm_up(self.capacity)
+            self.warm_up()
         report(1.0, "ready")
+
+    def warm_up(self) -> None:
+        """Compile every program now (each prefill bucket, the decode step, the host-side helpers of a
+        turn), so that no turn waits for the compiler."""
+        self.generator.warm_up(self.capacity)
+        for _ in self.generate("__warm_up__", [{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=2)):
+            pass
+        self.forget("__warm_up__")
 
     # --- public API ---------------------------------------------------------------------------
     def count_tokens(self, messages: list[dict]) -> int:
-        return len(self._encode(messages))
+        """Tokens of a conversation as the model sees it (one ending with a reply counts its EOS)."""
+        return len(self._encode(messages, add_generation_prompt=messages[-1]["role"] != "assistant"))
 
     def forget(self, conversation_id: str) -> None:
         self._conversations.pop(conversation_id, None)
@@ -105,9 +114,9 @@ class Engine:
             self._busy.release()
 
     # --- internals ------------------------------------------------------------------------------
-    def _encode(self, messages: list[dict]) -> list[int]:
+    def _encode(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         try:
-            return encode_chat(self.tokenizer, messages, self.tokenizer.chat_format)
+            return encode_chat(self.tokenizer, messages, self.tokenizer.chat_format, add_generation_prompt)
         except ValueError as e:
             raise EngineError(str(e)) from None
 
@@ -153,7 +162,7 @@ class Engine:
         conv = self._conversation(conversation_id)
         reuse = min(common_prefix(conv.tokens, prompt), len(prompt) - 1)  # feed at least one token
         cache, conv.cache, conv.tokens = conv.cache, None, []  # donated below: invalid if a step fails
-        cache = cache.replace(end=jax.numpy.int32(reuse))
+        cache = cache.rewind(reuse)
 
         key = jax.random.key(sampling.seed if sampling.seed is not None else secrets.randbits(63))
         arrays = SamplingArrays.of(sampling)

@@ -7,6 +7,8 @@ in `PREFILL_BUCKETS`, one decode step; a conversation that grows never compiles 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -28,35 +30,44 @@ def bucket_for(n: int) -> int:
     return next(b for b in PREFILL_BUCKETS if b >= n)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ModelDef:
+    """The static half of a split model (hashable): programs are compiled once per model shape and
+    shared by every Generator of that shape (a reloaded model, a second engine in tests)."""
+
+    graphdef: nnx.GraphDef
+    params_tree: jax.tree_util.PyTreeDef
+
+    def merge(self, params: list[jax.Array]) -> Mixtral:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.params_tree, params))
+
+
+@functools.partial(jax.jit, static_argnames=("model_def",), donate_argnames=("cache",))
+def _prefill_step(model_def: _ModelDef, params, cache: KVCache, tokens, num_new, seen, key,
+                  sampling: SamplingArrays):
+    logits, cache = model_def.merge(params).forward(tokens, cache, num_new, last_only=True)
+    return sample(logits, seen, key, sampling), cache
+
+
+@functools.partial(jax.jit, static_argnames=("model_def",), donate_argnames=("cache", "seen"))
+def _decode_step(model_def: _ModelDef, params, cache: KVCache, token, seen, key, sampling: SamplingArrays):
+    logits, cache = model_def.merge(params).forward(token[:, None], cache, 1, last_only=True)
+    next_token = sample(logits, seen, key, sampling)
+    seen = seen.at[jnp.arange(seen.shape[0]), next_token].set(True)
+    return next_token, cache, seen
+
+
 class Generator:
     """Runs one model: `prefill` feeds tokens and samples the next one, `decode` feeds one token per row."""
 
     def __init__(self, model: Mixtral):
         self.config, self.mesh = model.config, model.mesh
-        self.graphdef, params = nnx.split(model)
+        graphdef, params = nnx.split(model)
         # Flattening an NNX State on every call costs ~10 ms of Python per step: do it once and pass
         # the leaves (a plain list flattens in C++).
         self.params = jax.tree.leaves(params)
-        self._params_tree = jax.tree.structure(params)
-        self._prefill = jax.jit(self._prefill_step, donate_argnames=("cache",))
-        self._decode = jax.jit(self._decode_step, donate_argnames=("cache", "seen"))
+        self.model_def = _ModelDef(graphdef, jax.tree.structure(params))
         self._replicated = NamedSharding(self.mesh, P())
-
-    # --- the jitted programs --------------------------------------------------------------------
-    def _model(self, params: list[jax.Array]) -> Mixtral:
-        return nnx.merge(self.graphdef, jax.tree.unflatten(self._params_tree, params))
-
-    def _prefill_step(self, params, cache: KVCache, tokens, num_new, seen, key, sampling: SamplingArrays):
-        model = self._model(params)
-        logits, cache = model.forward(tokens, cache, num_new, last_only=True)
-        return sample(logits, seen, key, sampling), cache
-
-    def _decode_step(self, params, cache: KVCache, token, seen, key, sampling: SamplingArrays):
-        model = self._model(params)
-        logits, cache = model.forward(token[:, None], cache, 1, last_only=True)
-        next_token = sample(logits, seen, key, sampling)
-        seen = seen.at[jnp.arange(seen.shape[0]), next_token].set(True)
-        return next_token, cache, seen
 
     # --- host side --------------------------------------------------------------------------------
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
@@ -80,12 +91,13 @@ class Generator:
             padded = np.zeros((1, bucket_for(len(chunk))), np.int32)
             padded[0, :len(chunk)] = chunk
             tokens = jax.device_put(padded, self._replicated)
-            next_token, cache = self._prefill(self.params, cache, tokens, jnp.int32(len(chunk)), seen, key, sampling)
+            next_token, cache = _prefill_step(self.model_def, self.params, cache, tokens, jnp.int32(len(chunk)),
+                                              seen, key, sampling)
         return next_token, cache
 
     def decode(self, cache: KVCache, token: jax.Array, seen: jax.Array, key: jax.Array,
                sampling: SamplingArrays) -> tuple[jax.Array, KVCache, jax.Array]:
-        return self._decode(self.params, cache, token, seen, key, sampling)
+        return _decode_step(self.model_def, self.params, cache, token, seen, key, sampling)
 
     def warm_up(self, capacity: int) -> None:
         """Compile every program now (prefill buckets, decode) so no turn waits for the compiler."""

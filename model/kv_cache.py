@@ -41,6 +41,11 @@ class KVCache:
     def replace(self, **kw) -> KVCache:
         return dataclasses.replace(self, **kw)
 
+    def rewind(self, end: int) -> KVCache:
+        """Forget every slot from `end` on (they are overwritten by what is fed next). The new `end`
+        keeps the old one's placement, so the compiled programs still match."""
+        return self.replace(end=jax.device_put(jnp.int32(end), self.end.sharding))
+
     @staticmethod
     def block_for(capacity: int) -> int:
         return ATTENTION_BLOCK if capacity % ATTENTION_BLOCK == 0 else capacity

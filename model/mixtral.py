@@ -152,7 +152,7 @@ class MoE(nnx.Module):
         self.w1 = nnx.List([Linear(weights.linear(f"{prefix}.w1", specs["w1"], rows=r), config) for r in groups])
         self.w3 = nnx.List([Linear(weights.linear(f"{prefix}.w3", specs["w3"], rows=r), config) for r in groups])
         self.w2 = nnx.List([Linear(weights.linear(f"{prefix}.w2", specs["w2"], rows=r), config) for r in groups])
-        self.specs = specs
+        self.expert_specs = (specs["w1"], specs["w3"], specs["w2"])  # a tuple: static attributes must hash
 
     def __call__(self, x: jax.Array, live: jax.Array) -> jax.Array:
         """x [B, T, D]; live [T] marks real tokens (bucket padding is not routed). -> [B, T, D]."""
@@ -170,7 +170,7 @@ class MoE(nnx.Module):
         counts = jnp.zeros(E + 1, jnp.int32).at[top_e.reshape(-1)].add(1)[:E]
         starts = jnp.cumsum(counts) - counts
 
-        ffn_split = self.specs["w1"][-1] is not None  # is the intermediate dim split over the model axis?
+        ffn_split = self.expert_specs[0][-1] is not None  # is the intermediate dim split over the model axis?
         sum_axes = (EXPERT, MODEL) if ffn_split else (EXPERT,)
         tile = min(MOE_TILE, N)
         quantization, group = c.quantization, c.quant_group_size
@@ -202,15 +202,14 @@ class MoE(nnx.Module):
         def blocks(linears):
             return [(lin.kernel[...], None if lin.scale is None else lin.scale[...]) for lin in linears]
 
-        def block_specs(name):
-            spec = P(*self.specs[name])
-            scale = None if quantization is None else P(*quantize.scale_spec(self.specs[name], quantization))
-            return [(spec, scale)] * len(self.w1)
+        def block_specs(kernel_spec):
+            scale = None if quantization is None else P(*quantize.scale_spec(kernel_spec, quantization))
+            return [(P(*kernel_spec), scale)] * len(self.w1)
 
         replicated = P()
         out = jax.shard_map(
             local, mesh=self.mesh,
-            in_specs=(replicated,) * 5 + (block_specs("w1"), block_specs("w3"), block_specs("w2")),
+            in_specs=(replicated,) * 5 + tuple(block_specs(spec) for spec in self.expert_specs),
             out_specs=replicated, check_vma=False,
         )(xs, token_of, weight_of, counts, starts, blocks(self.w1), blocks(self.w3), blocks(self.w2))
         return out.astype(x.dtype).reshape(B, T, D)

@@ -142,8 +142,43 @@ def write_sharded(out_dir: Path, tensors: list[tuple[TensorSpec, Producer]], *, 
     return hashes
 
 
+_DTYPES = {code: dtype for dtype, code in _CODES.items()}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # of the tensor's first byte in the file
+
+
+def _read_header(path: Path) -> dict[str, _Entry]:
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 << 20:
+                raise ValueError("header too large")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error) as e:
+        raise SafetensorsError(f"cannot read {path}: not a valid safetensors file ({e})") from None
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise SafetensorsError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        entries[name] = _Entry(path, _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + length + info["data_offsets"][0])
+    return entries
+
+
 class TensorFiles:
-    """The tensors of a folder of safetensors, opened lazily: `files.slice(name)[rows, cols]` reads only that."""
+    """The tensors of a folder of safetensors (one file, or shards + `*.safetensors.index.json`).
+
+    `read`/`read_rows` use plain file reads, not a memory map, so a streaming conversion's resident
+    memory is what it holds, not every page it has looked at. `slice(name)[...]` is a lazy view for
+    reading one device's shard.
+    """
 
     def __init__(self, folder: Path):
         folder = Path(folder)
@@ -151,44 +186,59 @@ class TensorFiles:
         indexes = sorted(folder.glob("*.safetensors.index.json"))
         if indexes:
             try:
-                weight_map = json.loads(indexes[0].read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
+                files = sorted({folder / f for f in json.loads(indexes[0].read_text())["weight_map"].values()})
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 raise SafetensorsError(f"cannot read {indexes[0]}: {e}") from None
-            self._file_of = {name: folder / f for name, f in weight_map.items()}
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise SafetensorsError(f"{folder} is missing {', '.join(missing)} (listed in {indexes[0].name})")
         else:
             files = sorted(folder.glob("*.safetensors"))
             if not files:
                 raise SafetensorsError(f"no .safetensors files in {folder}")
-            self._file_of = {}
-            for f in files:
-                for name in self._open(f).keys():
-                    self._file_of[name] = f
+        self._entries: dict[str, _Entry] = {}
+        for f in files:
+            self._entries.update(_read_header(f))
 
-    def _open(self, path: Path):
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def _entry(self, name: str) -> _Entry:
+        if name not in self._entries:
+            raise SafetensorsError(f"tensor {name!r} not found")
+        return self._entries[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def read(self, name: str) -> np.ndarray:
+        return self.read_rows(name, 0, self._entry(name).shape[0] if self._entry(name).shape else 1)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 of the tensor's first dim (a contiguous byte range)."""
+        e = self._entry(name)
+        shape = (stop - start, *e.shape[1:]) if e.shape else ()
+        row_bytes = int(np.prod(e.shape[1:], dtype=np.int64)) * e.dtype.itemsize
+        count = int(np.prod(shape, dtype=np.int64))
+        with open(e.path, "rb") as f:
+            f.seek(e.offset + start * row_bytes)
+            data = np.fromfile(f, dtype=e.dtype, count=count)
+        if data.size != count:
+            raise SafetensorsError(f"{e.path} is truncated: tensor {name} is incomplete")
+        return data.reshape(shape)
+
+    def slice(self, name: str):
+        """A lazy view (memory-mapped): index it with slices to read part of the tensor."""
+        path = self._entry(name).path
         if path not in self._handles:
             try:
                 self._handles[path] = safe_open(str(path), framework="numpy")
-            except Exception as e:  # safetensors raises its own error types for bad headers
+            except Exception as e:  # safetensors raises its own error types for bad files
                 raise SafetensorsError(f"cannot read {path}: {e}") from None
-        return self._handles[path]
-
-    def names(self) -> list[str]:
-        return list(self._file_of)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._file_of
-
-    def slice(self, name: str):
-        """A lazy view: index it with slices to read part of the tensor."""
-        if name not in self._file_of:
-            raise SafetensorsError(f"tensor {name!r} not found")
-        return self._open(self._file_of[name]).get_slice(name)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.slice(name).get_shape())
-
-    def read(self, name: str) -> np.ndarray:
-        return self.slice(name)[...]
+        return self._handles[path].get_slice(name)
 
     def files(self) -> Iterator[Path]:
-        return iter(sorted(set(self._file_of.values())))
+        return iter(sorted({e.path for e in self._entries.values()}))

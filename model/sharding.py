@@ -11,6 +11,7 @@ the program stays correct, only less of it is split.
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
@@ -71,9 +72,11 @@ def weight_specs(config: MixtralConfig, mesh: Mesh) -> dict[str, tuple]:
 
     Experts live in groups of shape [A, D, I] (A = expert-axis size), see docs/architecture.md.
     """
-    heads = split_if_divisible(mesh, MODEL, config.num_heads)
+    # int4 scales come per group of input rows: a split input dim (wo, w2) must also split its groups
+    group = config.quant_group_size if config.quantization == "int4" else 1
+    heads = split_if_divisible(mesh, MODEL, math.gcd(config.num_heads, config.num_heads * config.head_dim // group))
     kv_heads = split_if_divisible(mesh, MODEL, config.num_kv_heads)
-    ffn = split_if_divisible(mesh, MODEL, config.intermediate_size)
+    ffn = split_if_divisible(mesh, MODEL, math.gcd(config.intermediate_size, config.intermediate_size // group))
     vocab = split_if_divisible(mesh, MODEL, config.vocab_size)
     return {
         "embed": (vocab, None),

@@ -1,0 +1,212 @@
+"""The Textual app: what lives as long as it runs (history, personas, the engine worker, key
+remaps), and `run_app`, which the CLI calls.
+
+Start-up is quick on purpose: nothing here imports jax. The screen is drawn first; then the engine
+worker starts on its own thread, imports jax, loads the checkpoint and compiles while the user reads
+old conversations and types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from chat_app import paths
+from chat_app.personas import Persona, PersonaLibrary
+from chat_app.screens.chat import ChatScreen
+from chat_app.screens.confirm import ConfirmScreen
+from chat_app.screens.persona_editor import PersonaEditorScreen
+from chat_app.screens.personas import PersonaScreen
+from chat_app.screens.text_prompt import TextPromptScreen
+from chat_app.store import Store
+from chat_app.widgets.prompt_input import PromptInput
+from chat_app.worker import EngineWorker
+
+if TYPE_CHECKING:
+    from model.engine_api import SamplingParams
+
+DEFAULT_PERSONA = "Assistant"
+WORKER_STOP_TIMEOUT_S = 10.0
+"""How long quitting waits for the engine thread (a turn stops within one token)."""
+
+REMAPPABLE = (ChatScreen, PromptInput, PersonaScreen, PersonaEditorScreen, ConfirmScreen, TextPromptScreen)
+"""The classes whose bindings have ids, i.e. what settings.toml's [keys] table can remap."""
+
+
+def binding_ids() -> list[str]:
+    return [b.id for cls in REMAPPABLE for b in cls.BINDINGS if isinstance(b, Binding) and b.id]
+
+
+def load_keymap(settings_file: Path) -> tuple[dict[str, str], list[str]]:
+    """The key remaps in settings.toml's [keys] table, and the problems found (each in words).
+
+        [keys]
+        chat.new = "ctrl+t"           # binding id = key, or several keys: "ctrl+t,f5"
+        prompt.newline = "ctrl+j"
+
+    A bad file or entry never stops the app: it is reported and the default keys stay.
+    """
+    try:
+        settings = tomllib.loads(settings_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}, []
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        return {}, [f"{settings_file} could not be read, so the default keys are used: {error}"]
+    keys = settings.get("keys", {})
+    if not isinstance(keys, dict):
+        return {}, [f"{settings_file}: [keys] must be a table of binding id = \"key\"; default keys are used"]
+    known = binding_ids()
+    keymap, problems = {}, []
+    for binding_id, key in _flatten(keys):
+        if binding_id not in known:
+            problems.append(f"{settings_file}: unknown binding id {binding_id!r} (known: {', '.join(known)})")
+        elif not isinstance(key, str) or not key.strip():
+            problems.append(f"{settings_file}: {binding_id} must be a key name such as \"ctrl+t\", got {key!r}")
+        else:
+            keymap[binding_id] = key
+    return keymap, problems
+
+
+def _flatten(table: dict, prefix: str = "") -> Iterable[tuple[str, object]]:
+    """TOML reads `chat.new = "x"` as {"chat": {"new": "x"}}; binding ids are the dotted names."""
+    for name, value in table.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
+class ChatApp(App[None]):
+    CSS_PATH = "app.tcss"
+    TITLE = "mixtral-chat"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        model_dir: Path | None = None,
+        *,
+        persona: str | None = None,
+        sampling_overrides: dict | None = None,
+        mesh_shape: tuple[int, int] | None = None,
+        context_length: int | None = None,
+        open_wizard: bool = False,
+        compilation_cache: bool = False,
+    ) -> None:
+        """Opens the history and the persona library (StoreError, PersonaError: the caller reports
+        them before any screen is drawn). With `model_dir`, the engine loads once the screen is up;
+        without, the app can still browse and search the history, and `open_wizard` starts the
+        first-run wizard, which gives back the model to open. `compilation_cache`: see EngineWorker."""
+        super().__init__()
+        self.data_dir = data_dir
+        self.model_dir = model_dir
+        self.model_name = model_dir.name if model_dir else "no model"  # the engine's name once loaded
+        self.personas = PersonaLibrary(paths.personas_dir(data_dir))
+        first_persona = self.personas.get(persona or DEFAULT_PERSONA)
+        self.store = Store(paths.history_path(data_dir))
+        self.sampling_overrides = dict(sampling_overrides or {})
+        self.mesh_shape = mesh_shape
+        self.context_length = context_length
+        self.open_wizard = open_wizard
+        self.compilation_cache = compilation_cache
+        self.chat = ChatScreen(first_persona)
+        # Created now so that a message sent while the screen is still coming up is queued; its
+        # thread starts once the screen is drawn.
+        self.worker = self._new_worker(model_dir) if model_dir else None
+
+    def get_default_screen(self) -> Screen:
+        return self.chat
+
+    def on_mount(self) -> None:
+        keymap, problems = load_keymap(paths.settings_path(self.data_dir))
+        self.set_keymap(keymap)
+        for problem in problems + self.personas.problems:
+            self.notify(problem, severity="warning", timeout=15)
+        if self.worker is not None:
+            self.call_after_refresh(self.worker.start)
+        elif self.open_wizard:
+            self.action_setup_model()
+
+    def _new_worker(self, model_dir: Path) -> EngineWorker:
+        return EngineWorker(
+            model_dir,
+            self.chat.post_message,
+            mesh_shape=self.mesh_shape,
+            context_length=self.context_length,
+            compilation_cache=self.compilation_cache,
+        )
+
+    def action_setup_model(self) -> None:
+        """Opens the first-run wizard (download or build a model); it gives back the checkpoint dir."""
+        from chat_app.wizard import WizardScreen
+
+        def done(model_dir: Path | None) -> None:
+            if model_dir is not None:
+                self.model_dir, self.model_name = model_dir, model_dir.name
+                self.chat.status.model = model_dir.name
+                self.worker = self._new_worker(model_dir)
+                self.worker.start()
+
+        self.push_screen(WizardScreen(self.data_dir), done)
+
+    def sampling_for(self, persona_snapshot: dict) -> SamplingParams:
+        """The sampling settings of a turn: the conversation's persona, with the command line's
+        overrides (--temperature, --seed, ...) on top."""
+        overrides = dict(self.sampling_overrides)
+        seed = overrides.pop("seed", None)
+        return dataclasses.replace(Persona.from_snapshot(persona_snapshot).sampling(seed), **overrides)
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        if screen is not self.chat:
+            return
+        for binding in ChatScreen.BINDINGS:
+            # Those in the footer, when they apply now.
+            if binding.show and self.chat.check_action(binding.action.split("(")[0], ()):
+                yield SystemCommand(binding.description, binding.tooltip, self._run_on_chat(binding.action))
+        if self.chat.conversation is not None:
+            yield SystemCommand("Export as JSON", "Save this conversation to a JSON file",
+                                self._run_on_chat("export('json')"))
+        if self.worker is None:
+            yield SystemCommand("Set up a model", "Download or build a model to chat with", self.action_setup_model)
+
+    def _run_on_chat(self, action: str) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            await self.chat.run_action(action)
+
+        return run
+
+    async def on_unmount(self) -> None:
+        if self.worker is not None:
+            self.worker.stop(WORKER_STOP_TIMEOUT_S)
+        self.store.close()
+
+
+def run_app(
+    data_dir: Path,
+    model_dir: Path | None,
+    persona: str | None,
+    sampling_overrides: dict,
+    mesh_shape: tuple[int, int] | None,
+    context_length: int | None,
+) -> None:
+    """The TUI on `model_dir` (the CLI has resolved --model, --demo or the default model); None
+    opens the first-run wizard. Raises PersonaError or StoreError, with a message for the user,
+    before anything is drawn. `sampling_overrides` (temperature, top_p, top_k, max_new_tokens, seed)
+    apply to every turn, on top of the conversation's persona."""
+    ChatApp(
+        data_dir,
+        model_dir,
+        persona=persona,
+        sampling_overrides=sampling_overrides,
+        mesh_shape=mesh_shape,
+        context_length=context_length,
+        open_wizard=model_dir is None,
+        compilation_cache=True,
+    ).run()

@@ -1,0 +1,187 @@
+"""Conversion from Hugging Face safetensors into our checkpoint, and back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+import model
+from model.safetensors_io import TensorFiles
+from tiny_model import MIXTRAL_TOKENIZER, TINY_MIXTRAL, build_hf_mixtral
+
+
+def test_round_trip_is_identical(tiny_hf, tiny_ckpt, tmp_path):
+    exported = model.export_hf(tiny_ckpt, tmp_path / "hf")
+    original, back = TensorFiles(tiny_hf), TensorFiles(exported)
+    assert sorted(original.names()) == sorted(back.names())
+    for name in original.names():
+        a, b = original.read(name), back.read(name)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
+    # transformers loads the export and computes the same thing
+    from transformers import MixtralForCausalLM
+
+    ids = torch.tensor([[1, 733, 16289, 28793, 22557]])
+    with torch.no_grad():
+        ref = MixtralForCausalLM.from_pretrained(tiny_hf).eval()(ids).logits
+        out = MixtralForCausalLM.from_pretrained(exported).eval()(ids).logits
+    assert torch.equal(ref, out)
+
+
+def test_manifest_records_source_and_hashes(tiny_hf, tiny_ckpt):
+    manifest = json.loads((tiny_ckpt / "manifest.json").read_text())
+    assert manifest["dtype"] == "float32" and manifest["quantization"] is None
+    assert manifest["source"]["path"] == str(tiny_hf.resolve())
+    assert {"model.safetensors", "config.json", "tokenizer.model"} <= set(manifest["files"])
+    model.verify(tiny_ckpt, deep=True)
+
+
+def test_fused_expert_names_convert_to_the_same_model(tiny_hf, tiny_ckpt, tmp_path):
+    """transformers' in-memory layout (mlp.experts.gate_up_proj / down_proj) is accepted too."""
+    from transformers import MixtralForCausalLM
+
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    hf = MixtralForCausalLM.from_pretrained(tiny_hf)
+    state = {k: v.contiguous().numpy() for k, v in hf.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, fused / "model.safetensors")
+    for name in ("config.json", "tokenizer.model"):
+        shutil.copyfile(tiny_hf / name, fused / name)
+    ours = TensorFiles(model.convert_hf(fused, tmp_path / "ours"))
+    reference = TensorFiles(tiny_ckpt)
+    for name in reference.names():
+        np.testing.assert_array_equal(ours.read(name), reference.read(name), err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def dense_llama(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(4)
+    folder = tmp_path_factory.mktemp("llama")
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      rope_theta=100000.0, max_position_embeddings=2048)
+    llama = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in llama.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
+    llama.save_pretrained(folder)
+    shutil.copyfile(MIXTRAL_TOKENIZER, folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
+    return llama, folder
+
+
+def test_upcycled_dense_model_equals_the_dense_model(dense_llama, tmp_path):
+    llama, folder = dense_llama
+    ckpt = model.convert_hf(folder, tmp_path / "up", upcycle_experts=4)
+    config = model.verify(ckpt)
+    assert (config.num_experts, config.experts_per_token, config.tie_word_embeddings) == (4, 2, True)
+    ids = np.random.default_rng(0).integers(3, 32000, (1, 16)).astype(np.int32)
+    ours = np.asarray(model.load(ckpt, model.make_mesh((1, 1)))(ids))
+    with torch.no_grad():
+        ref = llama(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_bad_sources_are_refused_clearly(dense_llama, tiny_hf, tmp_path):
+    _, llama = dense_llama
+    with pytest.raises(model.ConversionError, match="--upcycle-experts"):
+        model.convert_hf(llama, tmp_path / "a")
+    with pytest.raises(model.ConversionError, match="already Mixtral"):
+        model.convert_hf(tiny_hf, tmp_path / "b", upcycle_experts=4)
+    with pytest.raises(model.ConversionError, match="no config.json"):
+        model.convert_hf(tmp_path, tmp_path / "c")
+    no_tokenizer = tmp_path / "no_tok"
+    shutil.copytree(tiny_hf, no_tokenizer)
+    (no_tokenizer / "tokenizer.model").unlink()
+    with pytest.raises(model.ConversionError, match="neither tokenizer.model nor tokenizer.json"):
+        model.convert_hf(no_tokenizer, tmp_path / "d")
+    assert not any(p.name in "abcd" for p in tmp_path.iterdir())
+
+
+def test_interrupted_conversion_leaves_nothing_and_existing_output_is_kept(tiny_hf, tiny_ckpt, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_hf, broken)
+    shard = sorted(broken.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a half-downloaded shard
+    out = tmp_path / "out"
+    with pytest.raises(model.ConversionError, match="truncated"):
+        model.convert_hf(broken, out)
+    assert list(tmp_path.iterdir()) == [broken]  # no output, no temp folder
+
+    existing = tmp_path / "existing"
+    shutil.copytree(tiny_ckpt, existing)
+    with pytest.raises(model.ConversionError, match="already exists"):
+        model.convert_hf(tiny_hf, existing)
+    with pytest.raises(model.ConversionError):
+        model.convert_hf(broken, existing, overwrite=True)
+    model.verify(existing, deep=True)  # a failed replacement leaves the old checkpoint intact
+
+
+def _hf_folder_of_size(folder, layers: int, hidden: int, inter: int, experts: int):
+    """A Mixtral HF folder written shard by shard with numpy (fast, bounded memory): ~layers * 3 *
+    experts * hidden * inter * 4 bytes."""
+    folder.mkdir()
+    config = {**TINY_MIXTRAL, "vocab_size": 1000, "hidden_size": hidden, "intermediate_size": inter,
+              "num_hidden_layers": layers, "num_local_experts": experts, "model_type": "mixtral"}
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copyfile(MIXTRAL_TOKENIZER, folder / "tokenizer.model")
+    rng = np.random.default_rng(0)
+
+    def rand(*shape):
+        return rng.standard_normal(shape, dtype=np.float32)
+
+    weight_map = {}
+    kv = TINY_MIXTRAL["num_key_value_heads"] * hidden // TINY_MIXTRAL["num_attention_heads"]
+    for layer in range(layers):
+        p = f"model.layers.{layer}"
+        tensors = {f"{p}.input_layernorm.weight": rand(hidden), f"{p}.post_attention_layernorm.weight": rand(hidden),
+                   f"{p}.self_attn.q_proj.weight": rand(hidden, hidden), f"{p}.self_attn.o_proj.weight": rand(hidden, hidden),
+                   f"{p}.self_attn.k_proj.weight": rand(kv, hidden), f"{p}.self_attn.v_proj.weight": rand(kv, hidden),
+                   f"{p}.block_sparse_moe.gate.weight": rand(experts, hidden)}
+        for e in range(experts):
+            q = f"{p}.block_sparse_moe.experts.{e}"
+            tensors |= {f"{q}.w1.weight": rand(inter, hidden), f"{q}.w3.weight": rand(inter, hidden),
+                        f"{q}.w2.weight": rand(hidden, inter)}
+        name = f"model-{layer:05d}.safetensors"
+        save_file(tensors, folder / name)
+        weight_map |= dict.fromkeys(tensors, name)
+    last = {"model.embed_tokens.weight": rand(1000, hidden), "model.norm.weight": rand(hidden),
+            "lm_head.weight": rand(1000, hidden)}
+    save_file(last, folder / "model-last.safetensors")
+    weight_map |= dict.fromkeys(last, "model-last.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.slow
+def test_conversion_streams_with_bounded_memory(tmp_path):
+    """Peak resident memory grows by a few tensors (2 MB each here), not by the model (600 MB)."""
+    _hf_folder_of_size(tmp_path / "hf", layers=12, hidden=512, inter=1024, experts=8)
+    model_bytes = sum(f.stat().st_size for f in (tmp_path / "hf").glob("*.safetensors"))
+    assert model_bytes > 550e6
+    script = textwrap.dedent(f"""
+        import resource, sys
+        import model, model.convert, numpy
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if sys.argv[1] == "convert":
+            model.convert_hf({str(tmp_path / 'hf')!r}, {str(tmp_path / 'out')!r})
+        print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """)
+    peaks = {}
+    for mode in ("idle", "convert"):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
+        peaks[mode] = int(out.stdout.split()[1]) * 1024  # ru_maxrss is in KiB
+    growth = peaks["convert"] - peaks["idle"]
+    print(f"model {model_bytes / 1e6:.0f} MB, peak RSS growth while converting {growth / 1e6:.0f} MB")
+    assert growth < 0.1 * model_bytes
+    model.verify(tmp_path / "out", deep=True)

@@ -1,0 +1,58 @@
+"""Weight-only int8 / int4: the arithmetic, the checkpoint sizes, and the model's accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import model
+import model.safetensors_io
+from model import quantize
+
+IDS = np.random.default_rng(7).integers(3, 32000, (1, 24)).astype(np.int32)
+
+
+def test_int8_error_is_at_most_half_a_step():
+    w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+    q, scale = quantize.quantize_int8(w)
+    assert q.dtype == np.int8 and scale.shape == (48,)
+    assert np.all(np.abs(quantize.dequantize_numpy(q, scale, "int8", 0) - w) <= scale / 2 + 1e-7)
+
+
+def test_int4_packs_two_per_byte_and_round_trips():
+    w = np.random.default_rng(1).standard_normal((3, 64, 40)).astype(np.float32)
+    packed, scale = quantize.quantize_int4(w, group=32)
+    assert packed.dtype == np.uint8 and packed.shape == (3, 32, 40) and scale.shape == (3, 2, 40)
+    values = quantize.unpack_int4(packed).astype(np.int8)
+    assert values.min() >= -8 and values.max() <= 7
+    np.testing.assert_array_equal(quantize.pack_int4(values), packed)
+    error = np.abs(quantize.dequantize_numpy(packed, scale, "int4", 32) - w)
+    assert np.all(error <= np.repeat(scale, 32, axis=1) / 2 + 1e-6)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt):
+    return np.asarray(model.load(tiny_ckpt, model.make_mesh((1, 1)))(IDS))
+
+
+@pytest.mark.parametrize("mode, max_error, bytes_per_weight", [("int8", 0.02, 1.0), ("int4", 0.25, 0.5)])
+def test_quantized_checkpoint_is_smaller_and_close(tiny_hf, tiny_ckpt, reference, tmp_path, mode, max_error,
+                                                   bytes_per_weight):
+    ckpt = model.convert_hf(tiny_hf, tmp_path / mode, quantize=mode)
+    config = model.verify(ckpt, deep=True)
+    assert config.quantization == mode
+    files = model.safetensors_io.TensorFiles(ckpt)
+    expert = files.read("layers.0.w1")
+    assert expert.nbytes == config.num_experts * config.hidden_size * config.intermediate_size * bytes_per_weight
+    logits = np.asarray(model.load(ckpt, model.make_mesh((1, 1)))(IDS))
+    error = np.abs(logits - reference).max() / np.abs(reference).max()
+    assert error < max_error
+    assert (logits.argmax(-1) == reference.argmax(-1)).mean() >= 0.75
+    # sharded over 8 devices: the same numbers
+    sharded = np.asarray(model.load(ckpt, model.make_mesh((2, 4)))(IDS))
+    np.testing.assert_allclose(sharded, logits, atol=1e-5)
+    # export writes the dequantized weights
+    exported = model.export_hf(ckpt, tmp_path / f"{mode}-hf")
+    assert json.loads((exported / "config.json").read_text())["torch_dtype"] == "float32"
