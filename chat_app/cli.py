@@ -83,9 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--demo", action="store_true", help="build the small demo model")
     setup.add_argument("--revision", metavar="REV", help="hub branch, tag or commit (default: main)")
     setup.add_argument("--quantize", choices=("none", "int8", "int4"), default="none")
-    setup.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    setup.add_argument("--dtype", choices=("bfloat16", "float32"),
+                       help="default: bfloat16 on GPU/TPU, float32 on CPU (faster there)")
     setup.add_argument("--name", help="the installed model's name (default: from the repo or folder)")
     setup.add_argument("--yes", action="store_true", help="do not ask before downloading")
+    setup.add_argument("--endpoint", metavar="URL", help="the Hugging Face hub to use (default: $HF_ENDPOINT, "
+                                                         "else https://huggingface.co)")
+    setup.add_argument("--hf-cache", metavar="DIR", type=Path,
+                       help="the Hugging Face cache to download into (default: $HF_HUB_CACHE, else HF's own)")
     _add_data_dir(setup)
     setup.set_defaults(handler=_setup)
 

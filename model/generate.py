@@ -7,7 +7,6 @@ in `PREFILL_BUCKETS`, one decode step; a conversation that grows never compiles 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -30,13 +29,22 @@ def bucket_for(n: int) -> int:
     return next(b for b in PREFILL_BUCKETS if b >= n)
 
 
-@dataclasses.dataclass(frozen=True)
 class _ModelDef:
-    """The static half of a split model (hashable): programs are compiled once per model shape and
-    shared by every Generator of that shape (a reloaded model, a second engine in tests)."""
+    """The static half of a split model: programs are compiled once per model shape and shared by
+    every Generator of that shape (a reloaded model, a second engine in tests). Hashing a GraphDef
+    walks the whole module graph (~30 ms), and jit hashes static arguments on every call: the hash
+    is computed once."""
 
-    graphdef: nnx.GraphDef
-    params_tree: jax.tree_util.PyTreeDef
+    def __init__(self, graphdef: nnx.GraphDef, params_tree: jax.tree_util.PyTreeDef):
+        self.graphdef, self.params_tree = graphdef, params_tree
+        self._hash = hash((graphdef, params_tree))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, _ModelDef) and self._hash == other._hash
+                                 and (self.graphdef, self.params_tree) == (other.graphdef, other.params_tree))
 
     def merge(self, params: list[jax.Array]) -> Mixtral:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.params_tree, params))

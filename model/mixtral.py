@@ -9,6 +9,7 @@ their shards, so the full model never exists on one device or in host memory.
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import jax
@@ -22,7 +23,7 @@ from .kv_cache import KVCache
 from .sharding import EXPERT, MODEL, check_mesh_fits, weight_specs
 
 MASKED = -1e30  # score of a key a query must not see (finite: no inf - inf in the online softmax)
-MOE_TILE = 64  # tokens per expert matmul in prefill
+MOE_TILE = 64  # tokens per expert matmul in prefill; at most this many tokens take the decode path
 
 
 class Weights(Protocol):
@@ -83,7 +84,6 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
     Returns [B, KV, G, T, Dh] float32.
     """
     B, KV, G, T, Dh = q.shape
-    n_blocks = (q_slots[-1] + block) // block
 
     def step(j, carry):
         m, l, acc = carry
@@ -102,9 +102,16 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
         acc = acc * correction[..., None] + jnp.einsum("bkgts,bksd->bkgtd", p, v.astype(jnp.float32))
         return m_new, l, acc
 
-    init = (jnp.full((B, KV, G, T), MASKED, jnp.float32), jnp.zeros((B, KV, G, T), jnp.float32),
-            jnp.zeros((B, KV, G, T, Dh), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, step, init)
+    carry = (jnp.full((B, KV, G, T), MASKED, jnp.float32), jnp.zeros((B, KV, G, T), jnp.float32),
+             jnp.zeros((B, KV, G, T, Dh), jnp.float32))
+    if T == 1:
+        # Decode: each block under a cond. (On XLA:CPU a while loop first copies every array it reads,
+        # here the whole cache; a cond reads its operands in place.)
+        for j in range(k_cache.shape[2] // block):
+            carry = jax.lax.cond(j * block <= q_slots[-1], functools.partial(step, j), lambda c: c, carry)
+    else:
+        carry = jax.lax.fori_loop(0, (q_slots[-1] + block) // block, step, carry)
+    _, l, acc = carry
     return acc / l[..., None]
 
 
@@ -138,10 +145,13 @@ class MoE(nnx.Module):
     """Top-k of E SwiGLU experts per token: softmax over the router logits, top-k, renormalise, and the
     chosen experts' outputs weighted and summed in float32.
 
-    Only routed tokens are computed: tokens are sorted by expert and each device loops over the tiles of
-    tokens routed to its local experts (data-dependent trip count), so batch-1 decode reads just the
-    selected experts' weights. Experts are stored in groups [A, D, I]: group g holds experts
-    g*A .. g*A+A-1, one per device of the expert axis.
+    Only routed tokens are computed. Experts are stored in groups [A, D, I]: group g holds experts
+    g*A .. g*A+A-1, one per device of the expert axis, and each device runs its own experts:
+    - few tokens (decode): each expert under a cond, skipped unless a token chose it, so batch-1
+      decode reads just the selected experts' weights;
+    - many tokens (prefill): tokens sorted by expert, and a loop per expert over the tiles of tokens
+      routed to it (data-dependent trip count): T * top_k rows in all instead of T * E. (XLA:CPU copies
+      an expert's weights into its loop first, ~5% of a 512-token prefill.)
     """
 
     def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict, mesh: Mesh):
@@ -164,39 +174,47 @@ class MoE(nnx.Module):
         top_w, top_e = jax.lax.top_k(probs, k)  # [N, k]
         top_w = top_w / top_w.sum(axis=-1, keepdims=True)
         top_e = jnp.where(jnp.tile(live, B)[:, None], top_e, E)  # padding goes to a non-existent expert
-        order = jnp.argsort(top_e.reshape(-1), stable=True)  # assignments sorted by expert
-        token_of = (order // k).astype(jnp.int32)  # [N*k]
-        weight_of = top_w.reshape(-1)[order]
         counts = jnp.zeros(E + 1, jnp.int32).at[top_e.reshape(-1)].add(1)[:E]
-        starts = jnp.cumsum(counts) - counts
+        if N <= MOE_TILE:
+            # [N, E]: each token's weight for each expert (0 where not chosen)
+            routing = jnp.zeros((N, E + 1), jnp.float32).at[jnp.arange(N)[:, None], top_e].add(top_w)[:, :E]
+        else:
+            order = jnp.argsort(top_e.reshape(-1), stable=True)  # assignments sorted by expert
+            routing = ((order // k).astype(jnp.int32), top_w.reshape(-1)[order], jnp.cumsum(counts) - counts)
 
         ffn_split = self.expert_specs[0][-1] is not None  # is the intermediate dim split over the model axis?
         sum_axes = (EXPERT, MODEL) if ffn_split else (EXPERT,)
-        tile = min(MOE_TILE, N)
         quantization, group = c.quantization, c.quant_group_size
 
-        def local(xs, token_of, weight_of, counts, starts, w1, w3, w2):
+        def ffn(x, mats):
+            (k1, s1), (k3, s3), (k2, s2) = mats
+            h = jax.nn.silu(quantize.matmul(x, k1, s1, quantization, group)) * \
+                quantize.matmul(x, k3, s3, quantization, group)
+            return quantize.matmul(h, k2, s2, quantization, group).astype(jnp.float32)
+
+        def local(xs, counts, routing, w1, w3, w2):
             # On each device: xs [N, D]; w1/w3/w2 lists of (kernel [1, D, I/m] or [1, I/m, D], scale) blocks.
             a = jax.lax.axis_index(EXPERT)
             out = jnp.zeros((N, D), jnp.float32)
             for g in range(len(w1)):
                 expert = g * self.mesh.shape[EXPERT] + a
-                n, first = counts[expert], starts[expert]
                 mats = [(kern[0], None if scale is None else scale[0]) for kern, scale in (w1[g], w3[g], w2[g])]
+                if N <= MOE_TILE:
+                    weight = jax.lax.dynamic_index_in_dim(routing, expert, axis=1)  # [N, 1]
+                    out = jax.lax.cond(counts[expert] > 0, lambda o, mats=mats, weight=weight: o + ffn(xs, mats) * weight,
+                                       lambda o: o, out)
+                    continue
+                token_of, weight_of, starts = routing
+                n, first = counts[expert], starts[expert]
 
                 def tile_step(t, out, mats=mats, n=n, first=first):
-                    lane = t * tile + jnp.arange(tile)
+                    lane = t * MOE_TILE + jnp.arange(MOE_TILE)
                     pos = jnp.minimum(first + lane, N * k - 1)
                     rows = token_of[pos]
                     weight = jnp.where(lane < n, weight_of[pos], 0.0)
-                    (k1, s1), (k3, s3), (k2, s2) = mats
-                    xt = xs[rows]  # [tile, D]
-                    h = jax.nn.silu(quantize.matmul(xt, k1, s1, quantization, group)) * \
-                        quantize.matmul(xt, k3, s3, quantization, group)
-                    y = quantize.matmul(h, k2, s2, quantization, group)
-                    return out.at[rows].add(y.astype(jnp.float32) * weight[:, None])
+                    return out.at[rows].add(ffn(xs[rows], mats) * weight[:, None])
 
-                out = jax.lax.fori_loop(0, (n + tile - 1) // tile, tile_step, out)
+                out = jax.lax.fori_loop(0, (n + MOE_TILE - 1) // MOE_TILE, tile_step, out)
             return jax.lax.psum(out, sum_axes)
 
         def blocks(linears):
@@ -209,9 +227,9 @@ class MoE(nnx.Module):
         replicated = P()
         out = jax.shard_map(
             local, mesh=self.mesh,
-            in_specs=(replicated,) * 5 + tuple(block_specs(spec) for spec in self.expert_specs),
+            in_specs=(replicated, replicated, replicated) + tuple(block_specs(spec) for spec in self.expert_specs),
             out_specs=replicated, check_vma=False,
-        )(xs, token_of, weight_of, counts, starts, blocks(self.w1), blocks(self.w3), blocks(self.w2))
+        )(xs, counts, routing, blocks(self.w1), blocks(self.w3), blocks(self.w2))
         return out.astype(x.dtype).reshape(B, T, D)
 
 

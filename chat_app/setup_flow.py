@@ -1,0 +1,573 @@
+"""Installing a model: where its weights come from, whether it fits, then download + convert.
+
+Shared by the first-run wizard (chat_app.wizard) and `mixtral-chat setup --repo/--local` (`run_setup`, below):
+
+    source = hub_source(repo_id, ...) | folder_source(path)    where the Hugging Face weights are (or will be)
+    plan = plan_setup(source, data_dir=...)                    name, dtype, sizes, the memory and disk verdicts
+    install(plan, token=..., on_download=..., on_convert=...)  download into the HF cache, convert atomically
+
+Nothing is written before `install`: planning reads the hub's file metadata (sizes and hashes, no weights) and
+the config.json, so it can refuse a model that cannot fit with the numbers and what to change. Every error a
+user can act on is a `SetupError` or a `chat_app.hub.HubError`, both with a `message` that says what to do.
+
+Memory: what the weights take in the chosen dtype/quantization, plus the KV cache of one conversation at the
+default context (4096 tokens), plus 10% headroom, against the devices jax sees: the sum of the accelerators'
+`bytes_limit`, or the machine's RAM on CPU. jax is imported only to look at the devices (the wizard opens
+without it). The default dtype follows the devices: bfloat16 on GPU/TPU, float32 on CPU, where matmuls run
+several times faster in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import get_token
+
+from chat_app import hub, paths
+from chat_app.cli import EXIT_INTERRUPTED, PROG, CliError
+from model.config import ConfigError, MixtralConfig
+
+DEFAULT_REPO = hub.EXAMPLE_REPO
+DEFAULT_CONTEXT_TOKENS = 4096  # the KV cache the memory check counts: one conversation this long
+MEMORY_HEADROOM = 0.10  # activations, compiled programs, the allocator's slack
+QUANTIZATIONS = (None, "int8", "int4")
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
+_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+)--(?P<name>[^/]+)/snapshots/[0-9a-f]{40}$")
+
+DownloadCallback = Callable[[hub.DownloadProgress], None]
+ConvertCallback = Callable[[int, int, str], None]  # (tensors done, tensors in all, current tensor)
+
+
+class SetupError(Exception):
+    """A choice that cannot be set up, or a conversion that failed; `message` says what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class SetupCancelled(SetupError):
+    """Cancelled during the conversion: nothing was installed (the download, if any, is complete)."""
+
+
+USER_ERRORS = (hub.HubError, SetupError)  # what the callers show as `error.message`
+CANCELLED = (hub.DownloadCancelled, SetupCancelled)
+
+
+# ---- where the hub and its cache are --------------------------------------------------------------------------
+def hub_endpoint(given: str | None = None) -> str:
+    """`given`, else HF_ENDPOINT as it is now (huggingface_hub read it at import), else the public hub."""
+    return (given or os.environ.get("HF_ENDPOINT") or hf_constants.ENDPOINT).rstrip("/")
+
+
+def hf_cache_dir(given: str | Path | None = None) -> Path:
+    """`given`, else HF_HUB_CACHE, else HF_HOME/hub as they are now, else huggingface_hub's default."""
+    if given:
+        return Path(given).expanduser()
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(hf_constants.HF_HUB_CACHE)
+
+
+def token_status() -> str:
+    """Which token a download sends when none is typed, in words: for the wizard's token field."""
+    if (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or "").strip():
+        return "using HF_TOKEN"
+    if get_token():
+        return "using your huggingface login"
+    return "none"
+
+
+# ---- the devices ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceMemory:
+    """The memory a model can use: the accelerators' (summed), or the machine's RAM on CPU."""
+
+    platform: str  # "cpu", "gpu", "tpu"
+    count: int
+    kind: str  # e.g. "NVIDIA H100 80GB HBM3", "cpu"
+    total_bytes: int
+    available_bytes: int | None = None  # CPU: RAM free right now (other programs use the rest)
+
+    @property
+    def default_dtype(self) -> str:
+        return "float32" if self.platform == "cpu" else "bfloat16"
+
+    @property
+    def default_dtype_reason(self) -> str:
+        if self.platform == "cpu":
+            return "float32: the default on CPU, where it runs several times faster than bfloat16"
+        return f"bfloat16: the default on {self.platform.upper()}, half the memory of float32 at full speed"
+
+    def describe(self) -> str:
+        if self.platform == "cpu":
+            free = f", {format_bytes(self.available_bytes)} free now" if self.available_bytes is not None else ""
+            return f"CPU, {format_bytes(self.total_bytes)} of RAM{free}"
+        return f"{self.count} x {self.kind}, {format_bytes(self.total_bytes)} in all"
+
+
+def detect_devices() -> DeviceMemory:
+    """The devices jax sees and their memory (imports jax: a second or two the first time)."""
+    import jax
+
+    devices = jax.devices()
+    platform = devices[0].platform
+    if platform == "cpu":  # simulated CPU devices share the one RAM
+        total, available = _ram_bytes()
+        return DeviceMemory("cpu", len(devices), "cpu", total, available)
+    limits = [(d.memory_stats() or {}).get("bytes_limit", 0) for d in devices]
+    return DeviceMemory(platform, len(devices), devices[0].device_kind, sum(limits))
+
+
+def _ram_bytes() -> tuple[int, int | None]:
+    """(total, available) RAM: /proc/meminfo on Linux, else sysconf (no 'available' figure)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        kib = {name: int(fields[name].split()[0]) * 1024 for name in ("MemTotal", "MemAvailable") if name in fields}
+        return kib["MemTotal"], kib.get("MemAvailable")
+    except (OSError, ValueError, KeyError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), None
+
+
+# ---- where the weights come from -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    """The Hugging Face-format model to convert: on the hub (`download` says what to fetch) or on disk."""
+
+    label: str  # for the user: "org/name @ main" or the folder
+    repo_id: str | None  # the hub repo it is (or was downloaded) from; None for a plain folder
+    hf_config: dict  # its config.json
+    folder: Path  # the HF-format folder converted (the HF cache snapshot, for the hub)
+    download: hub.DownloadPlan | None = None  # None: everything is on disk already
+
+
+def hub_source(repo_id: str, revision: str | None = None, *, endpoint: str | None = None,
+               token: str | None = None, cache_dir: str | Path | None = None) -> Source:
+    """Ask the hub what `repo_id` at `revision` holds (sizes, hashes, config.json); downloads no weights.
+    Raises HubError (gated, bad token, no such repo/revision, unreachable, not a safetensors checkpoint)."""
+    repo_id = repo_id.strip()
+    plan = hub.plan_download(repo_id, (revision or "").strip() or None, endpoint=hub_endpoint(endpoint),
+                             token=token, cache_dir=hf_cache_dir(cache_dir))
+    pinned = plan.revision if plan.revision == plan.commit else f"{plan.revision} (commit {plan.commit[:8]})"
+    return Source(label=f"{repo_id} @ {pinned}", repo_id=repo_id, hf_config=plan.config,
+                  folder=plan.snapshot_dir, download=plan)
+
+
+def folder_source(folder: str | Path, repo_id: str | None = None) -> Source:
+    """An HF model folder on disk (for an HF cache snapshot, `repo_id` is found from its path). Raises
+    SetupError saying what is missing."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise SetupError(f"{folder} is not a folder. Give the folder that holds the model's config.json and "
+                         "*.safetensors files.")
+    folder = folder.absolute()
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SetupError(f"{folder} has no config.json: is it a Hugging Face model folder?") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SetupError(f"Cannot read {folder / 'config.json'}: {error}") from None
+    if not isinstance(config, dict):
+        raise SetupError(f"{folder / 'config.json'} is not a model config (not a JSON object).")
+    if config.get("format") == "mixtral-chat":
+        raise SetupError(f"{folder} is already a converted mixtral-chat model: chat with it using "
+                         f"`{PROG} --model {folder}`.")
+    lacking = []
+    if not any(folder.glob("*.safetensors")):
+        lacking.append("weights in .safetensors format")
+    if not any((folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        lacking.append("tokenizer (tokenizer.model or tokenizer.json)")
+    if lacking:
+        raise SetupError(f"{folder} cannot be converted: it has no {' and no '.join(lacking)}.")
+    if repo_id is None and (match := _SNAPSHOT.search(folder.resolve().as_posix())):
+        repo_id = f"{match['org']}/{match['name']}"
+    return Source(label=str(folder), repo_id=repo_id, hf_config=config, folder=folder)
+
+
+# ---- the plan ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What the model takes on the devices, for one dtype/quantization."""
+
+    dtype: str
+    quantization: str | None
+    weights_bytes: int
+    kv_cache_bytes: int  # one conversation of `context_tokens`
+    context_tokens: int
+
+    @property
+    def needed_bytes(self) -> int:
+        return int((self.weights_bytes + self.kv_cache_bytes) * (1 + MEMORY_HEADROOM))
+
+    @property
+    def label(self) -> str:
+        return f"{self.dtype}{'+' + self.quantization if self.quantization else ''}"
+
+
+def memory_need(hf_config: dict, dtype: str, quantization: str | None) -> MemoryNeed:
+    """Raises ConfigError (in words) for a model we cannot run."""
+    try:
+        config = MixtralConfig.from_hf(hf_config, dtype=dtype, quantization=quantization)
+    except (KeyError, TypeError) as error:
+        raise ConfigError(f"its config.json lacks or garbles {error}") from None
+    tokens = min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
+    return MemoryNeed(dtype, quantization, config.weight_bytes(), config.kv_cache_bytes(tokens), tokens)
+
+
+@dataclass(frozen=True)
+class SetupPlan:
+    """Everything `install` will do and whether it can; built by `plan_setup`, nothing written yet."""
+
+    source: Source
+    name: str  # the installed model's name: its folder under DATA/models
+    destination: Path
+    dtype: str
+    dtype_reason: str  # why this dtype: the user's choice or the devices' default
+    quantization: str | None
+    devices: DeviceMemory
+    memory: MemoryNeed | None  # None when the config cannot be read as a Mixtral
+    output_bytes: int  # the converted checkpoint on disk
+    replaces_existing: bool  # a model of that name is installed: go ahead only if the user confirms
+    problems: tuple[str, ...]  # why it cannot go ahead; each says what to change
+    warnings: tuple[str, ...] = ()  # worth knowing, not blocking
+
+    @property
+    def can_start(self) -> bool:
+        return not self.problems
+
+    def describe(self) -> list[str]:
+        """The plan in a few lines for the user (the CLI prints them, the wizard shows them)."""
+        lines = [f"Model:     {self.source.label}"]
+        download = self.source.download
+        if download is not None:
+            cached = f", {format_bytes(download.cached_bytes)} of it already downloaded" if download.cached_bytes else ""
+            lines.append(f"Download:  {format_bytes(download.total_bytes)} in {len(download.files)} files{cached}, "
+                         f"into the Hugging Face cache {download.cache_dir}")
+            lines.append(f"           {format_bytes(download.bytes_to_download)} left to download")
+        quantization = f"{self.quantization} quantization" if self.quantization else "no quantization"
+        lines.append(f"Install:   '{self.name}' in {self.destination}"
+                     + (" (REPLACES the installed model of that name)" if self.replaces_existing else ""))
+        lines.append(f"Weights:   {self.dtype}, {quantization}: {format_bytes(self.output_bytes)} on disk")
+        lines.append(f"           ({self.dtype_reason})")
+        lines.append(f"Devices:   {self.devices.describe()}")
+        if self.memory is not None:
+            m = self.memory
+            fits = "fits" if m.needed_bytes <= self.devices.total_bytes else "does NOT fit"
+            lines.append(f"Memory:    needs {format_bytes(m.needed_bytes)} of {format_bytes(self.devices.total_bytes)}: {fits}")
+            lines.append(f"           (weights {format_bytes(m.weights_bytes)} + KV cache {format_bytes(m.kv_cache_bytes)} "
+                         f"for {m.context_tokens} tokens + {MEMORY_HEADROOM:.0%} headroom)")
+        return lines
+
+
+def default_name(source: Source, quantization: str | None) -> str:
+    """The repo's name (or the folder's), plus -int8/-int4 when quantized: `Mixtral-8x7B-Instruct-v0.1-int4`."""
+    base = source.repo_id.rsplit("/", 1)[-1] if source.repo_id else source.folder.name
+    base = _NAME_CHARS.sub("-", base).strip(".-") or "model"
+    return f"{base}-{quantization}" if quantization else base
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name an installed model (it is a folder name), or None."""
+    if not name.strip():
+        return "The model's name is empty."
+    if name != name.strip() or "/" in name or "\\" in name or name.startswith(".") or len(name) > 100:
+        return (f"'{name}' cannot be a model name: use letters, digits, '-', '_' and '.', not starting with '.' "
+                "(at most 100 characters).")
+    return None
+
+
+def plan_setup(source: Source, *, data_dir: Path, devices: DeviceMemory | None = None, name: str | None = None,
+               dtype: str | None = None, quantization: str | None = None) -> SetupPlan:
+    """Work out what installing `source` takes and whether it fits. `dtype` None: the devices' default;
+    `quantization` None/"none", "int8" or "int4"; `name` None: `default_name`."""
+    devices = devices or detect_devices()
+    quantization = None if quantization in (None, "none") else quantization
+    if dtype is None:
+        dtype, dtype_reason = devices.default_dtype, devices.default_dtype_reason
+    else:
+        dtype_reason = f"{dtype}: as chosen"
+    name = default_name(source, quantization) if name is None else name
+    destination = paths.models_dir(data_dir) / name
+    problems, warnings = [], []
+    if problem := name_problem(name):
+        problems.append(problem)
+    try:
+        if source.hf_config.get("model_type") in ("llama", "mistral"):
+            raise ConfigError(f"it is a dense {source.hf_config['model_type']} model, not a Mixtral "
+                              f"(`{PROG} convert HF_DIR OUT_DIR --upcycle-experts N` can turn one into a Mixtral)")
+        memory = memory_need(source.hf_config, dtype, quantization)
+    except ConfigError as error:
+        memory = None
+        problems.append(f"{source.label} cannot be set up: {error}.")
+    output_bytes = memory.weights_bytes if memory else 0
+    if memory is not None:
+        if memory.needed_bytes > devices.total_bytes:
+            problems.append(_memory_problem(source.hf_config, memory, devices))
+        elif devices.available_bytes is not None and memory.needed_bytes > devices.available_bytes:
+            warnings.append(f"Only {format_bytes(devices.available_bytes)} of RAM is free right now: close other "
+                            "programs before chatting, or the model will load slowly or not at all.")
+        if problem := _disk_problem(source, destination, output_bytes):
+            problems.append(problem)
+    return SetupPlan(source=source, name=name, destination=destination, dtype=dtype, dtype_reason=dtype_reason,
+                     quantization=quantization, devices=devices, memory=memory, output_bytes=output_bytes,
+                     replaces_existing=destination.exists(), problems=tuple(problems), warnings=tuple(warnings))
+
+
+def _memory_problem(hf_config: dict, memory: MemoryNeed, devices: DeviceMemory) -> str:
+    """Too big: the numbers, and which smaller settings would fit."""
+    message = (f"Not enough memory: as {memory.label} the model needs {format_bytes(memory.needed_bytes)} "
+               f"(weights {format_bytes(memory.weights_bytes)} + KV cache {format_bytes(memory.kv_cache_bytes)} + "
+               f"{MEMORY_HEADROOM:.0%} headroom) but this machine has {devices.describe()}.")
+    smaller = [memory_need(hf_config, dtype, quantization)
+               for dtype in dict.fromkeys((memory.dtype, "bfloat16"))
+               for quantization in QUANTIZATIONS[QUANTIZATIONS.index(memory.quantization):]]
+    smaller = sorted((m for m in smaller if m.needed_bytes < memory.needed_bytes), key=lambda m: -m.needed_bytes)
+    fitting = [m for m in smaller if m.needed_bytes <= devices.total_bytes]
+    if fitting:
+        options = ", ".join(f"{m.label} ({format_bytes(m.needed_bytes)})" for m in fitting)
+        return f"{message} It would fit as: {options}. Choose one of those dtype/quantization settings."
+    smallest = f" Even the smallest setting, {smaller[-1].label}, needs {format_bytes(smaller[-1].needed_bytes)}." \
+        if smaller else ""
+    return f"{message}{smallest} Use a smaller model, or a machine with more memory (or more GPUs/TPUs)."
+
+
+def _disk_problem(source: Source, destination: Path, output_bytes: int) -> str | None:
+    if source.download is not None:
+        try:
+            hub.check_disk_space(source.download, output_dir=destination, output_bytes=output_bytes)
+        except hub.DiskSpaceError as error:
+            return error.message
+        return None
+    existing = destination
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if output_bytes > free:
+        return (f"Not enough disk space: the converted model needs {format_bytes(output_bytes)} in {destination} "
+                f"but that disk has only {format_bytes(free)} free. Free up {format_bytes(output_bytes - free)} "
+                "or choose a smaller quantization.")
+    return None
+
+
+# ---- doing it ------------------------------------------------------------------------------------------------
+def install(plan: SetupPlan, *, token: str | None = None, on_download: DownloadCallback | None = None,
+            on_convert: ConvertCallback | None = None, should_cancel: Callable[[], bool] | None = None) -> Path:
+    """Download what the plan lists (resuming what is on disk), convert it into the plan's destination
+    atomically, and return the checkpoint folder. Synchronous: run it on a worker thread.
+
+    `should_cancel` is polled every 0.1 s while downloading and between tensors while converting; cancelling
+    raises DownloadCancelled or SetupCancelled and keeps every downloaded byte. The destination is replaced
+    only when `plan.replaces_existing` (the user confirmed); a model installed meanwhile is never overwritten.
+    """
+    import model
+
+    should_cancel = should_cancel or (lambda: False)
+    if not plan.can_start:
+        raise SetupError(" ".join(plan.problems))
+    if plan.source.download is not None:
+        hub.download(plan.source.download, token=token, on_progress=on_download, should_cancel=should_cancel)
+
+    def converted(done: int, total: int, tensor: str) -> None:
+        if should_cancel():  # raised inside convert_hf, which then removes its temporary folder
+            raise SetupCancelled("Cancelled during the conversion: nothing was installed. "
+                                 + ("The download is complete, so " if plan.source.download else "")
+                                 + "starting again converts from the beginning.")
+        if on_convert is not None:
+            on_convert(done, total, tensor)
+
+    try:
+        return model.convert_hf(plan.source.folder, plan.destination, dtype=plan.dtype, quantize=plan.quantization,
+                                overwrite=plan.replaces_existing, on_progress=converted)
+    except model.ConversionError as error:
+        raise SetupError(f"Could not convert {plan.source.label}: {error}") from None
+    except OSError as error:  # the disk filled up or is not writable; convert_hf removed its partial output
+        kept = " The download is kept." if plan.source.download else ""
+        raise SetupError(f"Could not write the converted model to {plan.destination} ({error.strerror or error}). "
+                         f"Nothing was installed.{kept} Free up space or fix the folder, then try again.") from None
+
+
+# ---- words for progress --------------------------------------------------------------------------------------
+def format_bytes(n_bytes: int | float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.1f} {unit}"
+    return f"{int(n_bytes)} B"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def describe_download(progress: hub.DownloadProgress) -> str:
+    """One line: bytes done of the total, rate and time left (or what is being checked)."""
+    done = f"{format_bytes(progress.done_bytes)} of {format_bytes(progress.total_bytes)}"
+    percent = f"{progress.done_bytes / progress.total_bytes:.0%}" if progress.total_bytes else "100%"
+    if progress.stage == "done":
+        return f"Downloaded and verified {format_bytes(progress.total_bytes)}"
+    if progress.stage == "checking":
+        return f"Checking what is already downloaded: {done} ({percent})"
+    rate = f"{format_bytes(progress.bytes_per_s)}/s" if progress.bytes_per_s else "measuring speed"
+    left = f", {format_duration(progress.eta_s)} left" if progress.eta_s is not None else ""
+    return f"Downloading {done} ({percent}), {rate}{left}"
+
+
+def describe_conversion(done: int, total: int, tensor: str) -> str:
+    return f"Converting: tensor {done} of {total} ({tensor})"
+
+
+# ---- the command line ----------------------------------------------------------------------------------------
+def run_setup(args: argparse.Namespace) -> int:
+    """`mixtral-chat setup --repo ID | --local DIR`: check, show the plan, ask (unless --yes), then download and
+    convert with progress on stderr. Errors raise CliError (one line, exit 1); Ctrl-C exits 130."""
+    if args.local is not None and args.revision:
+        raise CliError("--revision is for --repo (a local folder has no revisions)")
+    if args.name is not None and (problem := name_problem(args.name)):
+        raise CliError(problem)
+    token = hub.resolve_token() if args.repo is not None else None
+    try:
+        if args.repo is not None:
+            endpoint = hub_endpoint(args.endpoint)
+            _say(f"Asking {endpoint} about {args.repo}...")
+            source = hub_source(args.repo, args.revision, endpoint=endpoint, token=token, cache_dir=args.hf_cache)
+        else:
+            source = folder_source(args.local)
+        _say("Looking at the devices...")
+        plan = plan_setup(source, data_dir=args.data_dir, name=args.name, dtype=args.dtype,
+                          quantization=args.quantize)
+    except USER_ERRORS as error:
+        raise CliError(error.message) from None
+    _say("\n".join(plan.describe()))
+    for warning in plan.warnings:
+        _say(f"Note: {warning}")
+    if not plan.can_start:
+        raise CliError("cannot set up this model:\n  " + "\n  ".join(plan.problems))
+    _confirm(plan, args.yes)
+    with _StderrProgress() as progress, _CtrlC() as interrupted:
+        try:
+            path = install(plan, token=token,
+                           on_download=lambda p: progress.show(
+                               describe_download(p), key=(p.stage, p.current_file), detail=p.current_file,
+                               last=p.stage == "done"),
+                           on_convert=lambda done, total, tensor: progress.show(
+                               describe_conversion(done, total, tensor), key=done * 10 // total),
+                           should_cancel=interrupted.is_set)
+        except CANCELLED as error:
+            progress.finish()
+            _say(f"Interrupted. {error.message}\nTo resume, run the same command again: {PROG} "
+                 f"{shlex.join(sys.argv[1:])}")
+            return EXIT_INTERRUPTED
+        except USER_ERRORS as error:
+            progress.finish()
+            raise CliError(error.message) from None
+    print(f"Installed '{plan.name}' in {path}. Chat with it: {PROG} --model {plan.name}")
+    return 0
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _confirm(plan: SetupPlan, yes: bool) -> None:
+    """Go ahead only when the user agrees (or gave --yes); replacing an installed model needs a typed 'y'."""
+    if plan.replaces_existing and yes:
+        raise CliError(f"a model named '{plan.name}' is already installed ({plan.destination}): choose another "
+                       "--name, or run without --yes to confirm replacing it")
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise CliError("not asking for confirmation because stdin is not a terminal: add --yes to go ahead")
+    if plan.replaces_existing and not _ask(f"Replace the installed model '{plan.name}'?"):
+        raise CliError("nothing was changed")
+    download = plan.source.download
+    action = f"Download {format_bytes(download.bytes_to_download)} and install" if download else "Convert and install"
+    if not _ask(f"{action} '{plan.name}'?"):
+        raise CliError("nothing was changed")
+
+
+def _ask(question: str) -> bool:
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+class _StderrProgress:
+    """Progress on stderr: one line rewritten in place on a terminal; otherwise a plain line whenever `key`
+    changes (a new file, the next tenth of the tensors) and at most every 10 s in between."""
+
+    _TTY_EVERY_S = 0.1
+    _LOG_EVERY_S = 10.0
+
+    def __enter__(self) -> _StderrProgress:
+        self.tty = sys.stderr.isatty()
+        self._key = object()
+        self._shown_at = float("-inf")
+        self._open_line = False
+        return self
+
+    def show(self, text: str, key: object, detail: str | None = None, last: bool = False) -> None:
+        """`last`: the stage's final report, kept on screen (the next report starts a new line)."""
+        now = time.monotonic()
+        if self.tty:
+            if key == self._key and now - self._shown_at < self._TTY_EVERY_S:
+                return
+            line = f"{text}  {detail}" if detail else text
+            width = shutil.get_terminal_size().columns - 1
+            sys.stderr.write(f"\r\x1b[K{line[:width]}")
+            self._open_line = True
+        else:
+            if key == self._key and now - self._shown_at < self._LOG_EVERY_S:
+                return
+            sys.stderr.write(f"{text}{f' [{detail}]' if detail else ''}\n")
+        sys.stderr.flush()
+        self._key, self._shown_at = key, now
+        if last:
+            self.finish()
+
+    def finish(self) -> None:
+        if self._open_line:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._open_line = False
+
+    def __exit__(self, *exc_info) -> None:
+        self.finish()
+
+
+class _CtrlC:
+    """While active, the first Ctrl-C asks the work to stop (it keeps what it has); a second one aborts."""
+
+    def __enter__(self) -> threading.Event:
+        self.event = threading.Event()
+        self._installed = threading.current_thread() is threading.main_thread()  # only there can it be
+        if self._installed:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self.event
+
+    def _handle(self, signum, frame) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+        _say("\nStopping (Ctrl-C again to abort at once)...")
+
+    def __exit__(self, *exc_info) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
