@@ -19,7 +19,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from chat_app import paths
-from chat_app.personas import Persona, PersonaLibrary
+from chat_app.personas import DEFAULT_PERSONA, Persona, PersonaLibrary
 from chat_app.screens.chat import ChatScreen
 from chat_app.screens.confirm import ConfirmScreen
 from chat_app.screens.persona_editor import PersonaEditorScreen
@@ -32,7 +32,6 @@ from chat_app.worker import EngineWorker
 if TYPE_CHECKING:
     from model.engine_api import SamplingParams
 
-DEFAULT_PERSONA = "Assistant"
 WORKER_STOP_TIMEOUT_S = 10.0
 """How long quitting waits for the engine thread (a turn stops within one token)."""
 

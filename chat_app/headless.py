@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from chat_app import model_registry, paths
-from chat_app.personas import Persona, PersonaLibrary
+from chat_app.personas import DEFAULT_PERSONA, Persona, PersonaLibrary
 from chat_app.store import Conversation, Store, title_from
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE, as shells report a reader that went away
-DEFAULT_PERSONA = "Assistant"
 
 
 class HeadlessError(Exception):

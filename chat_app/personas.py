@@ -58,6 +58,9 @@ def check_setting(name: str, value: object) -> float | int:
     return kind(value)
 
 
+DEFAULT_PERSONA = "Assistant"  # the persona of a new conversation unless the user picks another
+
+
 @dataclass(frozen=True)
 class Persona:
     name: str

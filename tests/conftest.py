@@ -5,10 +5,13 @@ Tests that want one device pass an explicit one-device mesh.
 """
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# the app's caches (JAX's compilation cache) go to a folder of this test run, not the user's
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mixtral-chat-tests-")
 
 from tiny_model import tiny_ckpt, tiny_hf  # noqa: E402,F401  (session fixtures for every test module)

@@ -44,3 +44,15 @@ def demo_gguf_path() -> Path:
 def demo_files(demo_gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> DemoFiles:
     hf_dir = gguf_to_hf(demo_gguf_path, tmp_path_factory.mktemp("demo-hf"))
     return DemoFiles(gguf=demo_gguf_path, hf_dir=hf_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(demo_gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir with the demo model built (from the cached GGUF: no network). Read-only for tests."""
+    from chat_app.demo import GGUF_NAME, ensure_demo
+
+    data_dir = tmp_path_factory.mktemp("demo-data")
+    (data_dir / "downloads").mkdir()
+    (data_dir / "downloads" / GGUF_NAME).symlink_to(demo_gguf_path)
+    ensure_demo(data_dir)
+    return data_dir
