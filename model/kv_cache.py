@@ -24,7 +24,7 @@ ATTENTION_BLOCK = 512  # attention walks the cache in blocks of this many slots
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "end", "start"], meta_fields=["block"])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer [B, KV, S, Dh]
+    k: tuple[jax.Array, ...]  # per layer [B, KV, Dh, S]: keys stored transposed, as the q.k product reads them
     v: tuple[jax.Array, ...]  # per layer [B, KV, S, Dh]
     end: jax.Array  # int32 []: slots [0, end) are written
     start: jax.Array  # int32 [B]: first slot of each row
@@ -32,7 +32,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[2]
+        return self.v[0].shape[2]
 
     @property
     def batch(self) -> int:
@@ -60,12 +60,12 @@ class KVCache:
         """An empty cache; `capacity` must be a multiple of ATTENTION_BLOCK or at most one block."""
         if capacity > ATTENTION_BLOCK and capacity % ATTENTION_BLOCK:
             raise ValueError(f"cache capacity {capacity} must be a multiple of {ATTENTION_BLOCK}")
-        shape = (batch, config.num_kv_heads, capacity, config.head_dim)
         sharding = NamedSharding(mesh, P(*cache_spec(config, mesh)))
-        zeros = lambda: jnp.zeros(shape, config.dtype, device=sharding)  # noqa: E731
+        zeros = lambda *shape: jnp.zeros(shape, config.dtype, device=sharding)  # noqa: E731
+        B, KV, Dh = batch, config.num_kv_heads, config.head_dim
         return KVCache(
-            k=tuple(zeros() for _ in range(config.num_layers)),
-            v=tuple(zeros() for _ in range(config.num_layers)),
+            k=tuple(zeros(B, KV, Dh, capacity) for _ in range(config.num_layers)),
+            v=tuple(zeros(B, KV, capacity, Dh) for _ in range(config.num_layers)),
             end=jnp.zeros((), jnp.int32),
             start=jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32),
             block=KVCache.block_for(capacity),

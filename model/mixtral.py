@@ -79,7 +79,7 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
            block: int, sliding_window: int | None) -> jax.Array:
     """Causal attention of new queries over the cache, block by block with an online softmax.
 
-    q [B, KV, G, T, Dh] (already scaled); k_cache, v_cache [B, KV, S, Dh]; q_slots [T] the slot of each
+    q [B, KV, G, T, Dh] (already scaled); k_cache [B, KV, Dh, S]; v_cache [B, KV, S, Dh]; q_slots [T] the slot of each
     query; start [B] each row's first slot. Only the blocks up to the last query's slot are visited.
     Returns [B, KV, G, T, Dh] float32.
     """
@@ -87,13 +87,13 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
 
     def step(j, carry):
         m, l, acc = carry
-        k = jax.lax.dynamic_slice_in_dim(k_cache, j * block, block, axis=2)  # [B, KV, blk, Dh]
+        k = jax.lax.dynamic_slice_in_dim(k_cache, j * block, block, axis=3)  # [B, KV, Dh, blk]
         v = jax.lax.dynamic_slice_in_dim(v_cache, j * block, block, axis=2)
         k_slots = j * block + jnp.arange(block)
         visible = (k_slots[None, :] <= q_slots[:, None])[None] & (k_slots[None, None, :] >= start[:, None, None])
         if sliding_window is not None:
             visible &= (q_slots[:, None] - k_slots[None, :] < sliding_window)[None]
-        s = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+        s = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
         s = jnp.where(visible[:, None, None], s, MASKED)  # visible [B, T, blk]
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp(s - m_new[..., None])
@@ -107,7 +107,7 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
     if T == 1:
         # Decode: each block under a cond. (On XLA:CPU a while loop first copies every array it reads,
         # here the whole cache; a cond reads its operands in place.)
-        for j in range(k_cache.shape[2] // block):
+        for j in range(v_cache.shape[2] // block):
             carry = jax.lax.cond(j * block <= q_slots[-1], functools.partial(step, j), lambda c: c, carry)
     else:
         carry = jax.lax.fori_loop(0, (q_slots[-1] + block) // block, step, carry)
@@ -131,8 +131,8 @@ class Attention(nnx.Module):
         q = apply_rotary(self.wq(x).reshape(B, T, c.num_heads, c.head_dim), cos, sin)
         k = apply_rotary(self.wk(x).reshape(B, T, c.num_kv_heads, c.head_dim), cos, sin)
         v = self.wv(x).reshape(B, T, c.num_kv_heads, c.head_dim)
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
-                                                      q_slots[0], axis=2)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype),
+                                                      q_slots[0], axis=3)
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
                                                       q_slots[0], axis=2)
         q = q.reshape(B, T, c.num_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4) * (c.head_dim ** -0.5)

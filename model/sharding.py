@@ -89,5 +89,5 @@ def weight_specs(config: MixtralConfig, mesh: Mesh) -> dict[str, tuple]:
 
 
 def cache_spec(config: MixtralConfig, mesh: Mesh) -> tuple:
-    """KV cache [B, KV, S, Dh]: split by kv heads."""
+    """K [B, KV, Dh, S] and V [B, KV, S, Dh]: split by kv heads."""
     return (None, split_if_divisible(mesh, MODEL, config.num_kv_heads), None, None)

@@ -59,7 +59,9 @@ def assert_cache_is_a_fresh_prefill(engine: Engine, conversation_id: str):
     probe = np.array([tokens + [28705]], np.int32)  # every token plus one more, to compare logits
     fresh_logits, fresh = _prefill_fresh(m, probe, fresh)
     n = len(tokens)
-    for kept, new in zip(conv.cache.k + conv.cache.v, fresh.k + fresh.v):
+    for kept, new in zip(conv.cache.k, fresh.k):  # [B, KV, Dh, S]
+        np.testing.assert_allclose(np.asarray(kept)[..., :n], np.asarray(new)[..., :n], atol=1e-5)
+    for kept, new in zip(conv.cache.v, fresh.v):  # [B, KV, S, Dh]
         np.testing.assert_allclose(np.asarray(kept)[:, :, :n], np.asarray(new)[:, :, :n], atol=1e-5)
     kept_logits, _ = nnx.jit(lambda m, t, c: m.forward(t, c, 1))(m, probe[:, -1:], conv.cache)
     assert np.abs(np.asarray(kept_logits)[0, 0] - np.asarray(fresh_logits)[0, -1]).max() <= 1e-4
