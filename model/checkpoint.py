@@ -98,7 +98,7 @@ def _normalise(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
 
 class CheckpointWeights:
     """Hands each weight to the model as a jax.Array already split into its device shards: every device
-    reads only its own slice from disk (`jax.make_array_from_callback` + lazy safetensors slices)."""
+    reads only its own slice from disk (`jax.make_array_from_callback` + `TensorFiles.read_slice`)."""
 
     def __init__(self, files: TensorFiles, config: MixtralConfig, mesh: Mesh,
                  on_progress: Callable[[float, str], None] | None = None):
@@ -112,10 +112,9 @@ class CheckpointWeights:
         """`rows` selects a range of the first dim; `packed_axis` is an axis stored at half length on disk
         (int4 pairs) that `convert` doubles."""
         try:
-            source = self.files.slice(name)
+            shape = list(self.files.shape(name))
         except SafetensorsError as e:
             raise CheckpointError(f"{e}: the checkpoint does not match its config; convert it again") from None
-        shape = list(source.get_shape())
         if packed_axis is not None:
             shape[packed_axis] *= 2
         if rows is not None:
@@ -131,7 +130,7 @@ class CheckpointWeights:
                 if packed_axis is not None:
                     s = index[packed_axis]
                     index = index[:packed_axis] + (slice(s.start // 2, s.stop // 2),) + index[packed_axis + 1:]
-                part = source[index]
+                part = self.files.read_slice(name, index)
                 self.done += part.nbytes
                 seen[key] = convert(part)
             return seen[key]

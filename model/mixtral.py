@@ -23,7 +23,7 @@ from .kv_cache import KVCache
 from .sharding import EXPERT, MODEL, check_mesh_fits, weight_specs
 
 MASKED = -1e30  # score of a key a query must not see (finite: no inf - inf in the online softmax)
-MOE_TILE = 64  # tokens per expert matmul in prefill; at most this many tokens take the decode path
+MOE_TILE = 64  # tokens per expert matmul in prefill; up to this many tokens take the cond path (MoE)
 
 
 class Weights(Protocol):
@@ -145,13 +145,14 @@ class MoE(nnx.Module):
     """Top-k of E SwiGLU experts per token: softmax over the router logits, top-k, renormalise, and the
     chosen experts' outputs weighted and summed in float32.
 
-    Only routed tokens are computed. Experts are stored in groups [A, D, I]: group g holds experts
+    Only chosen experts are computed. Experts are stored in groups [A, D, I]: group g holds experts
     g*A .. g*A+A-1, one per device of the expert axis, and each device runs its own experts:
-    - few tokens (decode): each expert under a cond, skipped unless a token chose it, so batch-1
-      decode reads just the selected experts' weights;
-    - many tokens (prefill): tokens sorted by expert, and a loop per expert over the tiles of tokens
-      routed to it (data-dependent trip count): T * top_k rows in all instead of T * E. (XLA:CPU copies
-      an expert's weights into its loop first, ~5% of a 512-token prefill.)
+    - up to MOE_TILE tokens (decode, short prefills): each expert under a cond, skipped unless a token
+      chose it, run on all the tokens with the others weighted 0: batch-1 decode reads just the
+      selected experts' weights;
+    - more tokens: tokens sorted by expert, and a loop per expert over the tiles of tokens routed to
+      it (data-dependent trip count): T * top_k rows in all instead of T * E. (XLA:CPU copies an
+      expert's weights into its loop first: ~7% of a 512-token prefill; a cond reads them in place.)
     """
 
     def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict, mesh: Mesh):
@@ -175,7 +176,8 @@ class MoE(nnx.Module):
         top_w = top_w / top_w.sum(axis=-1, keepdims=True)
         top_e = jnp.where(jnp.tile(live, B)[:, None], top_e, E)  # padding goes to a non-existent expert
         counts = jnp.zeros(E + 1, jnp.int32).at[top_e.reshape(-1)].add(1)[:E]
-        if N <= MOE_TILE:
+        few = N <= MOE_TILE
+        if few:
             # [N, E]: each token's weight for each expert (0 where not chosen)
             routing = jnp.zeros((N, E + 1), jnp.float32).at[jnp.arange(N)[:, None], top_e].add(top_w)[:, :E]
         else:
@@ -199,7 +201,7 @@ class MoE(nnx.Module):
             for g in range(len(w1)):
                 expert = g * self.mesh.shape[EXPERT] + a
                 mats = [(kern[0], None if scale is None else scale[0]) for kern, scale in (w1[g], w3[g], w2[g])]
-                if N <= MOE_TILE:
+                if few:
                     weight = jax.lax.dynamic_index_in_dim(routing, expert, axis=1)  # [N, 1]
                     out = jax.lax.cond(counts[expert] > 0, lambda o, mats=mats, weight=weight: o + ffn(xs, mats) * weight,
                                        lambda o: o, out)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 _CODES = {
     np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16",
@@ -175,14 +174,12 @@ def _read_header(path: Path) -> dict[str, _Entry]:
 class TensorFiles:
     """The tensors of a folder of safetensors (one file, or shards + `*.safetensors.index.json`).
 
-    `read`/`read_rows` use plain file reads, not a memory map, so a streaming conversion's resident
-    memory is what it holds, not every page it has looked at. `slice(name)[...]` is a lazy view for
-    reading one device's shard.
+    Reads copy just what was asked for and keep nothing mapped, so resident memory is what the caller
+    holds, not every page it has looked at (a streaming conversion, a sharded load).
     """
 
     def __init__(self, folder: Path):
         folder = Path(folder)
-        self._handles: dict[Path, object] = {}
         indexes = sorted(folder.glob("*.safetensors.index.json"))
         if indexes:
             try:
@@ -230,15 +227,14 @@ class TensorFiles:
             raise SafetensorsError(f"{e.path} is truncated: tensor {name} is incomplete")
         return data.reshape(shape)
 
-    def slice(self, name: str):
-        """A lazy view (memory-mapped): index it with slices to read part of the tensor."""
-        path = self._entry(name).path
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="numpy")
-            except Exception as e:  # safetensors raises its own error types for bad files
-                raise SafetensorsError(f"cannot read {path}: {e}") from None
-        return self._handles[path].get_slice(name)
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """One block of the tensor (a device's shard), through a memory map opened and closed for this
+        read, so only the block's pages are touched and none stay mapped."""
+        e = self._entry(name)
+        mapped = np.memmap(e.path, dtype=e.dtype, mode="r", offset=e.offset, shape=e.shape)
+        block = np.array(mapped[index])
+        del mapped  # unmapped here: nothing else refers to it
+        return block
 
     def files(self) -> Iterator[Path]:
         return iter(sorted({e.path for e in self._entries.values()}))

@@ -1,0 +1,250 @@
+"""Speed of our engine against Hugging Face transformers on the same weights, in one run.
+
+    python -m bench.run                      # demo + mini-mixtral, float32: a table, and bench/results/latest.json
+    python -m bench.run --configs mini --dtype bfloat16
+
+For each config and framework a fresh worker process measures (batch 1, greedy):
+- decode tokens/s (128 tokens after a 32-token prompt),
+- prefill tokens/s of a 512-token prompt,
+- time to first token of a 64-token prompt,
+- compile time of a new conversation (ours: the 64-token prefill bucket and the decode step, cold),
+- peak resident memory of the process,
+and for ours, time to first token at turn 20 vs turn 1 of a conversation of equal-length turns, against
+re-prefilling the whole history every turn. The bandwidth ceiling is this machine's measured read
+bandwidth divided by the bytes one decoded token reads (active weights + KV cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CACHE = Path(os.environ.get("MIXTRAL_CHAT_BENCH_CACHE", Path.home() / ".cache" / "mixtral-chat-bench"))
+RESULTS = Path(__file__).parent / "results"
+MINI_MIXTRAL = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=8, num_attention_heads=16,
+                    num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000)
+PROMPT, DECODE, PREFILL, TTFT_PROMPT, TURNS = 32, 128, 512, 64, 20
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+def prepare(config: str, dtype: str) -> tuple[Path, Path]:
+    """(HF folder, our checkpoint) of a bench config, built once and kept in CACHE."""
+    import model
+
+    root = CACHE / config
+    hf_dir, ours = root / "hf", root / f"ours-{dtype}"
+    if config == "mini":
+        if not (hf_dir / "config.json").exists():
+            sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+            from tiny_model import build_hf_mixtral
+
+            build_hf_mixtral(hf_dir, seed=0, max_shard_size="4GB", **MINI_MIXTRAL)
+        if not ours.exists():
+            model.convert_hf(hf_dir, ours, dtype=dtype)
+    else:  # the demo: SmolLM2 upcycled to 4 experts; transformers runs our weights exported back to HF
+        from chat_app.demo import ensure_demo
+
+        demo = ensure_demo(root / "data")
+        hf_dir = root / "exported"
+        if not (hf_dir / "config.json").exists():
+            model.export_hf(demo, hf_dir)
+        if dtype == "float32":
+            return hf_dir, demo
+        if not ours.exists():
+            model.convert_hf(hf_dir, ours, dtype=dtype)
+    return hf_dir, ours
+
+
+def bytes_per_token(ckpt: Path, context: int) -> int:
+    """Bytes one decoded token reads: the weights it uses (top-k experts, one embedding row) and the KV
+    cache up to `context`."""
+    import model
+
+    c = model.verify(ckpt)
+    itemsize = 4 if c.dtype == "float32" else 2
+    attention = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    per_layer = attention + c.hidden_size * c.num_experts + 3 * c.experts_per_token * c.hidden_size * c.intermediate_size
+    weights = c.num_layers * per_layer + c.vocab_size * c.hidden_size + c.hidden_size
+    return weights * itemsize + c.kv_cache_bytes(context)
+
+
+# --- workers (each in its own process) -------------------------------------------------------------
+
+def _best(fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def worker_ours(hf_dir: Path, ckpt: Path) -> dict:
+    import jax
+    import numpy as np
+
+    compile_s = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **kw: compile_s.append(seconds) if event.startswith("/jax/core/compile/") else None)
+    from model.engine import Engine
+    from model.engine_api import SamplingParams
+    from model.sampling import SamplingArrays
+
+    engine = Engine(ckpt, mesh_shape=(1, 1))
+    gen = engine.generator
+    greedy = SamplingArrays.of(SamplingParams(temperature=0))
+    key = jax.random.key(0)
+    ids = np.random.default_rng(0).integers(3, engine.config.vocab_size, PREFILL).tolist()
+
+    def prefill(n):
+        cache, seen = gen.new_cache(engine.capacity), gen.seen_mask([])
+        token, cache = gen.prefill(cache, ids[:n], seen, key, greedy)
+        token.block_until_ready()
+        return token, cache, seen
+
+    # a new conversation: the bucket of its first prompt and the decode step, compiled cold
+    compile_s.clear()
+    token, cache, seen = prefill(TTFT_PROMPT)
+    token, cache, seen = gen.decode(cache, token, seen, key, greedy)
+    token.block_until_ready()
+    new_conversation_compile_s = sum(compile_s)
+
+    ttft = _best(lambda: prefill(TTFT_PROMPT))
+    prefill(PREFILL)  # compile the 512 bucket
+    prefill_s = _best(lambda: prefill(PREFILL))
+
+    token, cache, seen = prefill(PROMPT)
+    for _ in range(3):
+        token, cache, seen = gen.decode(cache, token, seen, key, greedy)
+    token.block_until_ready()
+    start = time.perf_counter()
+    for _ in range(DECODE):
+        token, cache, seen = gen.decode(cache, token, seen, key, greedy)
+    token.block_until_ready()
+    decode_tps = DECODE / (time.perf_counter() - start)
+
+    # time to first token along a conversation: kept cache vs re-prefilling the history
+    engine.warm_up()
+    ttft_turns = {}
+    for mode in ("kept cache", "re-prefill"):
+        messages, firsts = [], []
+        for turn in range(TURNS):
+            messages.append({"role": "user", "content": f"Turn {turn}: " + "tell me about the sea " * 6})
+            if mode == "re-prefill":
+                engine.forget(mode)
+            *_, done = engine.generate(mode, messages, SamplingParams(temperature=0, max_new_tokens=24))
+            firsts.append(done.time_to_first_token_s)
+            messages.append({"role": "assistant", "content": done.text or "ok"})
+        ttft_turns[mode] = {"turn_1_s": firsts[0], "turn_20_s": firsts[-1], "ratio": firsts[-1] / firsts[0],
+                            "context_tokens": done.context_used}
+    return {"decode_tok_s": decode_tps, "prefill_tok_s": PREFILL / prefill_s, "ttft_s": ttft,
+            "compile_new_conversation_s": new_conversation_compile_s, "ttft_by_turn": ttft_turns,
+            "bytes_per_token": bytes_per_token(ckpt, PROMPT + DECODE // 2)}
+
+
+def worker_hf(hf_dir: Path, ckpt: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import model
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[model.verify(ckpt).dtype]
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
+    vocab = hf.config.vocab_size
+    ids = torch.randint(3, vocab, (1, PREFILL), generator=torch.Generator().manual_seed(0))
+
+    def generate(prompt: int, new: int):
+        with torch.no_grad():
+            hf.generate(ids[:, :prompt], max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+    generate(PROMPT, 4)  # warm up
+    with torch.no_grad():
+        prefill_s = _best(lambda: hf(ids))
+    ttft = _best(lambda: generate(TTFT_PROMPT, 1))
+    one = _best(lambda: generate(PROMPT, 1), repeats=2)
+    many = _best(lambda: generate(PROMPT, DECODE + 1), repeats=1)
+    return {"decode_tok_s": DECODE / (many - one), "prefill_tok_s": PREFILL / prefill_s, "ttft_s": ttft}
+
+
+def worker_bandwidth() -> dict:
+    from bench.bandwidth import read_bandwidth
+
+    return {"bytes_per_s": read_bandwidth()}
+
+
+WORKERS = {"ours": worker_ours, "transformers": worker_hf}
+
+
+def run_worker(kind: str, config: str, dtype: str) -> dict:
+    """One measurement in a fresh process (clean memory numbers, no shared caches)."""
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    out = subprocess.run([sys.executable, "-m", "bench.run", "--worker", kind, "--configs", config, "--dtype", dtype],
+                         capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed on {config}:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+def table(results: dict) -> str:
+    gbs = results["bandwidth_bytes_per_s"] / 1e9
+    lines = [f"machine read bandwidth: {gbs:.1f} GB/s; dtype {results['dtype']}; batch 1, greedy", "",
+             "| config | engine | decode tok/s | x HF | of ceiling | prefill 512 tok/s | TTFT 64 (s) "
+             "| compile, new conversation (s) | peak RSS (GB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for config, r in results["configs"].items():
+        ours, hf = r["ours"], r["transformers"]
+        ceiling = results["bandwidth_bytes_per_s"] / ours["bytes_per_token"]
+        lines.append(f"| {config} | ours | {ours['decode_tok_s']:.1f} | {ours['decode_tok_s'] / hf['decode_tok_s']:.2f} "
+                     f"| {ours['decode_tok_s'] / ceiling:.2f} | {ours['prefill_tok_s']:.0f} | {ours['ttft_s']:.3f} "
+                     f"| {ours['compile_new_conversation_s']:.1f} | {ours['peak_rss_bytes'] / 1e9:.2f} |")
+        lines.append(f"| {config} | transformers | {hf['decode_tok_s']:.1f} | 1.00 | {hf['decode_tok_s'] / ceiling:.2f} "
+                     f"| {hf['prefill_tok_s']:.0f} | {hf['ttft_s']:.3f} | - | {hf['peak_rss_bytes'] / 1e9:.2f} |")
+        lines.append(f"| {config} | ceiling | {ceiling:.1f} | | 1.00 | | | | |")
+    lines += ["", "time to first token along a conversation (equal-length turns):", "",
+              "| config | turn 1 (s) | turn 20 (s) | turn 20 / turn 1 | re-prefill: turn 20 / turn 1 |", "|---|---|---|---|---|"]
+    for config, r in results["configs"].items():
+        kept, again = r["ours"]["ttft_by_turn"]["kept cache"], r["ours"]["ttft_by_turn"]["re-prefill"]
+        lines.append(f"| {config} | {kept['turn_1_s']:.3f} | {kept['turn_20_s']:.3f} | {kept['ratio']:.2f} "
+                     f"| {again['ratio']:.2f} ({again['turn_20_s']:.3f} s) |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="demo,mini", help="comma-separated: demo, mini")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--worker", choices=[*WORKERS, "bandwidth"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    configs = args.configs.split(",")
+
+    if args.worker == "bandwidth":
+        print(json.dumps(worker_bandwidth()))
+        return 0
+    if args.worker:
+        hf_dir, ckpt = prepare(configs[0], args.dtype)
+        result = WORKERS[args.worker](hf_dir, ckpt)
+        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps(result))
+        return 0
+
+    for config in configs:
+        prepare(config, args.dtype)
+    results = {"dtype": args.dtype, "bandwidth_bytes_per_s": run_worker("bandwidth", configs[0], args.dtype)["bytes_per_s"],
+               "configs": {c: {kind: run_worker(kind, c, args.dtype) for kind in WORKERS} for c in configs}}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
