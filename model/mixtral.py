@@ -22,6 +22,7 @@ from .config import MixtralConfig
 from .kv_cache import KVCache
 from .sharding import EXPERT, MODEL, check_mesh_fits, weight_specs
 
+DECODE_BLOCKS = 4  # decode attention visits the cache in this many blocks (those in use)
 MASKED = -1e30  # score of a key a query must not see (finite: no inf - inf in the online softmax)
 MOE_TILE = 64  # tokens per expert matmul in prefill; up to this many tokens take the cond path (MoE)
 
@@ -79,22 +80,27 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
            block: int, sliding_window: int | None) -> jax.Array:
     """Causal attention of new queries over the cache, block by block with an online softmax.
 
-    q [B, KV, G, T, Dh] (already scaled); k_cache [B, KV, Dh, S]; v_cache [B, KV, S, Dh]; q_slots [T] the slot of each
-    query; start [B] each row's first slot. Only the blocks up to the last query's slot are visited.
-    Returns [B, KV, G, T, Dh] float32.
+    q [B, KV, G, T, Dh] (already scaled); k_cache [B, KV, Dh, S]; v_cache [B, KV, S, Dh]; q_slots [T]
+    the slot of each query; start [B] each row's first slot. Only the blocks up to the last query's
+    slot are visited. Returns [B, KV, G, T, Dh] float32.
     """
     B, KV, G, T, Dh = q.shape
+    S = v_cache.shape[2]
 
-    def step(j, carry):
+    def step(j, carry, block=block):
+        """Fold slots [j*block, (j+1)*block) into the running softmax. A last block that would run past
+        the cache is read from S - block instead, and masks the slots the previous block covered."""
         m, l, acc = carry
-        k = jax.lax.dynamic_slice_in_dim(k_cache, j * block, block, axis=3)  # [B, KV, Dh, blk]
-        v = jax.lax.dynamic_slice_in_dim(v_cache, j * block, block, axis=2)
-        k_slots = j * block + jnp.arange(block)
-        visible = (k_slots[None, :] <= q_slots[:, None])[None] & (k_slots[None, None, :] >= start[:, None, None])
+        first = jnp.minimum(j * block, S - block)
+        k = jax.lax.dynamic_slice_in_dim(k_cache, first, block, axis=3)  # [B, KV, Dh, blk]
+        v = jax.lax.dynamic_slice_in_dim(v_cache, first, block, axis=2)
+        k_slots = first + jnp.arange(block)
+        visible = (k_slots[None, :] <= q_slots[:, None]) & (k_slots >= j * block)[None, :]
         if sliding_window is not None:
-            visible &= (q_slots[:, None] - k_slots[None, :] < sliding_window)[None]
+            visible &= q_slots[:, None] - k_slots[None, :] < sliding_window
+        visible = visible[None] & (k_slots[None, None, :] >= start[:, None, None])  # [B, T, blk]
         s = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
-        s = jnp.where(visible[:, None, None], s, MASKED)  # visible [B, T, blk]
+        s = jnp.where(visible[:, None, None], s, MASKED)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp(s - m_new[..., None])
         correction = jnp.exp(m - m_new)
@@ -105,10 +111,13 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
     carry = (jnp.full((B, KV, G, T), MASKED, jnp.float32), jnp.zeros((B, KV, G, T), jnp.float32),
              jnp.zeros((B, KV, G, T, Dh), jnp.float32))
     if T == 1:
-        # Decode: each block under a cond. (On XLA:CPU a while loop first copies every array it reads,
-        # here the whole cache; a cond reads its operands in place.)
-        for j in range(v_cache.shape[2] // block):
-            carry = jax.lax.cond(j * block <= q_slots[-1], functools.partial(step, j), lambda c: c, carry)
+        # Decode: a few big blocks, each under a cond. (On XLA:CPU a while loop first copies every
+        # array it reads, here the whole cache; a cond reads its operands in place. Few blocks keep
+        # the program small: each is compiled once per layer.)
+        block = min(S, -(-S // DECODE_BLOCKS // 128) * 128)
+        for j in range(-(-S // block)):
+            carry = jax.lax.cond(j * block <= q_slots[-1], functools.partial(step, j, block=block),
+                                 lambda c: c, carry)
     else:
         carry = jax.lax.fori_loop(0, (q_slots[-1] + block) // block, step, carry)
     _, l, acc = carry
