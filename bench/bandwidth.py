@@ -6,7 +6,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def _best_time(fn, *args, repeats: int) -> float:

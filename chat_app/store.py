@@ -355,7 +355,7 @@ class Store:
             return []
         marks = (_MATCH_START, _MATCH_END)
         rows = self._read(
-            f"""
+            """
             SELECT conversation_id, title, NULL, highlight(title_search, 0, ?, ?), 0, bm25(title_search)
               FROM title_search WHERE title_search MATCH ?
             UNION ALL

@@ -65,7 +65,7 @@ class MixtralConfig:
     def weight_bytes(self) -> int:
         """Bytes of the weights in device memory (quantized linear weights at 1 or 1/2 byte + scales)."""
         itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
-        D, I, E, V = self.hidden_size, self.intermediate_size, self.num_experts, self.vocab_size
+        D, I, E = self.hidden_size, self.intermediate_size, self.num_experts
         linear = self.num_layers * (D * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * E * D * I)
         other = self.num_params - linear
         if self.quantization is None:

@@ -13,11 +13,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .kv_cache import KVCache
-from .mixtral import Mixtral
+from .mixtral import Mixtral, ModelDef
 from .engine_api import SamplingParams
 from .sampling import SamplingArrays, sample
 
@@ -29,36 +28,15 @@ def bucket_for(n: int) -> int:
     return next(b for b in PREFILL_BUCKETS if b >= n)
 
 
-class _ModelDef:
-    """The static half of a split model: programs are compiled once per model shape and shared by
-    every Generator of that shape (a reloaded model, a second engine in tests). Hashing a GraphDef
-    walks the whole module graph (~30 ms), and jit hashes static arguments on every call: the hash
-    is computed once."""
-
-    def __init__(self, graphdef: nnx.GraphDef, params_tree: jax.tree_util.PyTreeDef):
-        self.graphdef, self.params_tree = graphdef, params_tree
-        self._hash = hash((graphdef, params_tree))
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other) -> bool:
-        return self is other or (isinstance(other, _ModelDef) and self._hash == other._hash
-                                 and (self.graphdef, self.params_tree) == (other.graphdef, other.params_tree))
-
-    def merge(self, params: list[jax.Array]) -> Mixtral:
-        return nnx.merge(self.graphdef, jax.tree.unflatten(self.params_tree, params))
-
-
 @functools.partial(jax.jit, static_argnames=("model_def",), donate_argnames=("cache",))
-def _prefill_step(model_def: _ModelDef, params, cache: KVCache, tokens, num_new, seen, key,
+def _prefill_step(model_def: ModelDef, params, cache: KVCache, tokens, num_new, seen, key,
                   sampling: SamplingArrays):
     logits, cache = model_def.merge(params).forward(tokens, cache, num_new, last_only=True)
     return sample(logits, seen, key, sampling), cache
 
 
 @functools.partial(jax.jit, static_argnames=("model_def",), donate_argnames=("cache", "seen"))
-def _decode_step(model_def: _ModelDef, params, cache: KVCache, token, seen, key, sampling: SamplingArrays):
+def _decode_step(model_def: ModelDef, params, cache: KVCache, token, seen, key, sampling: SamplingArrays):
     logits, cache = model_def.merge(params).forward(token[:, None], cache, 1, last_only=True)
     next_token = sample(logits, seen, key, sampling)
     seen = seen.at[jnp.arange(seen.shape[0]), next_token].set(True)
@@ -70,11 +48,7 @@ class Generator:
 
     def __init__(self, model: Mixtral):
         self.config, self.mesh = model.config, model.mesh
-        graphdef, params = nnx.split(model)
-        # Flattening an NNX State on every call costs ~10 ms of Python per step: do it once and pass
-        # the leaves (a plain list flattens in C++).
-        self.params = jax.tree.leaves(params)
-        self.model_def = _ModelDef(graphdef, jax.tree.structure(params))
+        self.model_def, self.params = ModelDef.split(model)
         self._replicated = NamedSharding(self.mesh, P())
 
     # --- host side --------------------------------------------------------------------------------

@@ -302,11 +302,43 @@ class Mixtral(nnx.Module):
         (attention_mask [B, T]: 0 for padding, then 1s). Compiled once per shape."""
         tokens = jnp.asarray(tokens, jnp.int32)
         mask = jnp.ones_like(tokens) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-        return _logits_without_cache(self, tokens, mask)
+        model_def, params = ModelDef.split(self)
+        return _logits_without_cache(model_def, params, tokens, mask)
 
 
-@nnx.jit
-def _logits_without_cache(m: Mixtral, tokens: jax.Array, attention_mask: jax.Array) -> jax.Array:
+class ModelDef:
+    """The static half of a split model: programs are compiled once per model shape and shared by
+    every Generator of that shape (a reloaded model, a second engine in tests). Hashing a GraphDef
+    walks the whole module graph (~30 ms), and jit hashes static arguments on every call: the hash
+    is computed once."""
+
+    def __init__(self, graphdef: nnx.GraphDef, params_tree: jax.tree_util.PyTreeDef):
+        self.graphdef, self.params_tree = graphdef, params_tree
+        self._hash = hash((graphdef, params_tree))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, ModelDef) and self._hash == other._hash
+                                 and (self.graphdef, self.params_tree) == (other.graphdef, other.params_tree))
+
+    @staticmethod
+    def split(model: Mixtral) -> tuple[ModelDef, list[jax.Array]]:
+        """The static half and the arrays. Flattening an NNX State on every call costs ~10 ms of Python
+        per step: the arrays come as a plain list (which flattens in C++)."""
+        graphdef, params = nnx.split(model)
+        return ModelDef(graphdef, jax.tree.structure(params)), jax.tree.leaves(params)
+
+    def merge(self, params: list[jax.Array]) -> Mixtral:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.params_tree, params))
+
+
+
+@functools.partial(jax.jit, static_argnames=("model_def",))
+def _logits_without_cache(model_def: ModelDef, params: list[jax.Array], tokens: jax.Array,
+                          attention_mask: jax.Array) -> jax.Array:
+    m = model_def.merge(params)
     B, T = tokens.shape
     cache = KVCache.create(m.config, m.mesh, B, KVCache.capacity_for(T), start=T - attention_mask.sum(axis=1))
     logits, _ = m.forward(tokens, cache, T)

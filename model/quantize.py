@@ -11,7 +11,6 @@ Embeddings, the router, norms and the LM head stay in the model dtype.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 

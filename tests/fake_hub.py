@@ -33,13 +33,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import pytest
 from urllib.parse import parse_qs, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".model", ".bin", ".pt", ".pth")
@@ -457,30 +458,34 @@ def make_tiny_mixtral_repo(folder: Path) -> Path:
 
     ~8.4 MB; takes a few seconds (imports torch + transformers), so build it once per session.
     """
-    import importlib.resources
+    from tiny_model import build_hf_mixtral
 
-    import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    folder.mkdir(parents=True, exist_ok=True)
-    config = MixtralConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        vocab_size=32000,  # the real tokenizer's
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    MixtralForCausalLM(config).save_pretrained(folder, max_shard_size="100KB")
-    tokenizer = importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"
-    with importlib.resources.as_file(tokenizer) as tokenizer_path:
-        shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
+    build_hf_mixtral(folder, max_shard_size="100KB", hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512)
     for decoy in DECOY_FILES:
         (folder / decoy).parent.mkdir(parents=True, exist_ok=True)
         (folder / decoy).write_bytes(f"not needed: {decoy}\n".encode() * 10)
     return folder
+
+
+BIG_SHARD = "model-00001-of-00005.safetensors"  # ~4 MB, an LFS file served through the "CDN"
+
+
+@pytest.fixture(scope="session")
+def repo_folder(tmp_path_factory) -> Path:
+    """The tiny Mixtral repo the fake hub serves (built once per session)."""
+    return make_tiny_mixtral_repo(tmp_path_factory.mktemp("tiny-mixtral"))
+
+
+@pytest.fixture
+def hub(repo_folder):
+    """A fake hub on 127.0.0.1 serving the tiny repo as TINY_MIXTRAL_REPO_ID."""
+    with FakeHub(TINY_MIXTRAL_REPO_ID, repo_folder) as fake:
+        yield fake
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    """An empty Hugging Face cache for one test."""
+    return tmp_path / "hf-cache"
 

@@ -7,7 +7,6 @@ Each app loads and compiles its own engine (the slow part), so each test does a 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -17,19 +16,11 @@ from chat_app import paths
 from chat_app.app import ChatApp
 from chat_app.store import Store
 from chat_app.wizard import WizardScreen
+from pilot import wait_until
 from test_app import persona_snapshot, shown
 
 SIZE = (120, 40)
 GREEDY = {"temperature": 0.0}
-
-
-async def wait_until(pilot, condition, what: str, timeout: float = 300.0) -> None:
-    """Lets the app run until `condition()` holds (the engine works on its own thread)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
 
 
 async def send(pilot, app: ChatApp, text: str) -> None:
@@ -126,9 +117,9 @@ async def test_send_regenerate_edit_persona_and_switch(tmp_path, tiny_ckpt):
 
 
 @pytest.mark.slow
-async def test_stop_and_quit_keep_partial_replies_and_a_restart_shows_them(tmp_path, tiny_ckpt):
-    app = ChatApp(tmp_path, tiny_ckpt, sampling_overrides={**GREEDY, "max_new_tokens": 100_000},
-                  mesh_shape=(1, 1), context_length=4096)
+async def test_stop_and_quit_keep_partial_replies_and_a_restart_shows_them(tmp_path, endless_ckpt):
+    app = ChatApp(tmp_path, endless_ckpt, sampling_overrides={**GREEDY, "max_new_tokens": 100_000},
+                  mesh_shape=(1, 1), context_length=32768)
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, app, "Tell me a long story")
         conversation_id = app.chat.conversation.id

@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 import model
 from model.safetensors_io import TensorFiles
-from tiny_model import MIXTRAL_TOKENIZER, TINY_MIXTRAL, build_hf_mixtral
+from tiny_model import MIXTRAL_TOKENIZER, TINY_MIXTRAL
 
 
 def test_round_trip_is_identical(tiny_hf, tiny_ckpt, tmp_path):

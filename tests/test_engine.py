@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import model
 from model.chat_format import encode_chat
 from model.engine import Engine, EngineError, common_prefix
 from model.engine_api import ContextTrimmed, SamplingParams, TextDelta, TurnDone
@@ -69,7 +68,7 @@ def assert_cache_is_a_fresh_prefill(engine: Engine, conversation_id: str):
 
 def test_ten_turns_reuse_the_cache_and_never_compile(engine):
     messages = [{"role": "system", "content": "You are terse."}]
-    compiles = 0
+    compiles, cached, previous = 0, [], []
     for turn in range(10):
         messages.append({"role": "user", "content": f"Question {turn}: " + "tell me more " * (turn % 4)})
         before = COMPILES.count

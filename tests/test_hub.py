@@ -15,7 +15,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from fake_hub import DECOY_FILES, TINY_MIXTRAL_REPO_ID, FakeHub, make_tiny_mixtral_repo
+from fake_hub import BIG_SHARD, DECOY_FILES, TINY_MIXTRAL_REPO_ID, FakeHub
 from huggingface_hub import constants as hf_constants
 
 from chat_app.hub import (
@@ -36,30 +36,14 @@ from chat_app.hub import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BIG_SHARD = "model-00001-of-00005.safetensors"  # ~4 MB, an LFS file served through the "CDN"
 WANTED = {
     "config.json",
     "generation_config.json",
     "model.safetensors.index.json",
     "tokenizer.model",
+    "tokenizer_config.json",
     *(f"model-0000{i}-of-00005.safetensors" for i in range(1, 6)),
 }
-
-
-@pytest.fixture(scope="session")
-def repo_folder(tmp_path_factory) -> Path:
-    return make_tiny_mixtral_repo(tmp_path_factory.mktemp("tiny-mixtral"))
-
-
-@pytest.fixture
-def hub(repo_folder):
-    with FakeHub(TINY_MIXTRAL_REPO_ID, repo_folder) as fake:
-        yield fake
-
-
-@pytest.fixture
-def cache_dir(tmp_path) -> Path:
-    return tmp_path / "hf-cache"
 
 
 def plan_from(hub: FakeHub, cache_dir: Path, **kwargs):

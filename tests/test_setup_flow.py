@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_hub import TINY_MIXTRAL_REPO_ID, FakeHub
+from fake_hub import BIG_SHARD, TINY_MIXTRAL_REPO_ID, FakeHub
 from huggingface_hub import constants as hf_constants
-from test_hub import BIG_SHARD, hub, repo_folder  # noqa: F401  (the fixtures)
 
 import model
 from chat_app import model_registry, paths

@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 import model
 from model.engine_api import SamplingParams

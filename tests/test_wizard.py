@@ -11,10 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fake_hub import TINY_MIXTRAL_REPO_ID, FakeHub
+from fake_hub import BIG_SHARD, TINY_MIXTRAL_REPO_ID, FakeHub
 from huggingface_hub import constants as hf_constants
-from test_app_chat import wait_until
-from test_hub import BIG_SHARD, cache_dir, hub, repo_folder  # noqa: F401  (the fixtures)
+from pilot import wait_until
 from textual.app import App
 from textual.widgets import Button, Checkbox, Input, ProgressBar, Select, Static
 
