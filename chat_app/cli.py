@@ -17,8 +17,16 @@ from pathlib import Path
 
 from chat_app import model_registry, paths
 from chat_app.model_registry import ModelError
-from chat_app.personas import SETTING_RULES, Persona, PersonaError, PersonaLibrary, builtin_personas, check_setting
+from chat_app.personas import (
+    SETTING_RULES,
+    Persona,
+    PersonaError,
+    PersonaLibrary,
+    builtin_personas,
+    check_setting,
+)
 from chat_app.store import StoreError
+from chat_app.terminal import StderrProgress, format_bytes, format_count
 
 PROG = "mixtral-chat"
 EXIT_USAGE = 2  # what argparse uses for a bad command line
@@ -181,7 +189,10 @@ def _setting_type(setting: str) -> Callable[[str], float | int]:
 
 
 def _mesh_shape(text: str) -> tuple[int, int]:
-    from model.sharding import MeshError, parse_mesh_shape  # imports jax: only when --mesh is given
+    from model.sharding import (  # imports jax: only when --mesh is given
+        MeshError,
+        parse_mesh_shape,
+    )
 
     try:
         return parse_mesh_shape(text)
@@ -212,7 +223,7 @@ def _chat(args: argparse.Namespace) -> int:
         from chat_app.headless import EXIT_STDOUT_CLOSED, HeadlessError, run_headless
 
         try:
-            with _StatusLine() as status:
+            with StderrProgress(terminal_only=True) as status:
                 exit_status = run_headless(
                     data_dir=data_dir, model_dir=model_dir, persona_name=args.persona, overrides=overrides,
                     seed=args.seed, mesh_shape=args.mesh, context_length=args.context_length, jsonl=args.jsonl,
@@ -252,22 +263,6 @@ def _ensure_demo(data_dir: Path) -> Path:
         raise CliError(str(e)) from None
 
 
-class _StatusLine:
-    """One stderr line rewritten with the latest progress, when stderr is a terminal; cleared at the end."""
-
-    def __enter__(self) -> _StatusLine:
-        self.active = sys.stderr.isatty()
-        return self
-
-    def show(self, text: str) -> None:
-        if self.active:
-            sys.stderr.write(f"\r\x1b[K{text}")
-            sys.stderr.flush()
-
-    def __exit__(self, *exc) -> None:
-        self.show("")
-
-
 # --- setup, convert, models ---------------------------------------------------------------------
 def _setup(args: argparse.Namespace) -> int:
     args.data_dir = paths.resolve_data_dir(getattr(args, "data_dir", None))
@@ -284,10 +279,11 @@ def _convert(args: argparse.Namespace) -> int:
     import model
 
     try:
-        with _StatusLine() as status:
+        with StderrProgress(terminal_only=True) as status:
             model.convert_hf(args.hf_dir, args.out_dir, dtype=args.dtype, quantize=args.quantize,
                              upcycle_experts=args.upcycle_experts,
-                             on_progress=lambda done, total, name: status.show(f"tensor {done}/{total} ({name})"))
+                             on_progress=lambda done, total, name: status.show(f"tensor {done}/{total} ({name})",
+                                                                               key=done * 10 // total))
     except model.ConversionError as e:
         raise CliError(f"cannot convert {args.hf_dir}: {e}") from None
     print(f"Converted {args.hf_dir} -> {args.out_dir}")
@@ -304,26 +300,12 @@ def _list_models(args: argparse.Namespace) -> int:
     rows = [("NAME", "PARAMS", "DTYPE", "SIZE", "SOURCE")]
     for m in installed:
         if m.problem:
-            rows.append((m.name, "-", "-", _bytes(m.size_bytes), f"unusable: {m.problem}"))
+            rows.append((m.name, "-", "-", format_bytes(m.size_bytes), f"unusable: {m.problem}"))
         else:
             dtype = m.dtype + (f"+{m.quantization}" if m.quantization else "")
-            rows.append((m.name, _count(m.n_params), dtype, _bytes(m.size_bytes), m.source or "-"))
+            rows.append((m.name, format_count(m.n_params), dtype, format_bytes(m.size_bytes), m.source or "-"))
     _print_table(rows)
     return 0
-
-
-def _count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
-
-
-def _bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:

@@ -45,6 +45,8 @@ from huggingface_hub import HfApi, constants, get_token, scan_cache_dir
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
+from chat_app.terminal import format_bytes
+
 # The files a checkpoint conversion needs, at the repo root. Not *.bin / *.pt / consolidated.*: the same weights
 # in other formats, which would double or triple the download.
 WANTED_FILES = (
@@ -314,11 +316,11 @@ def check_disk_space(plan: DownloadPlan, *, output_dir: str | Path, output_bytes
         need = sum(n for n, _ in parts)
         free = shutil.disk_usage(_nearest_existing(folders[0])).free
         if need > free:
-            detail = " + ".join(f"{_gb(n)} {what}" for n, what in parts)
+            detail = " + ".join(f"{format_bytes(n)} {what}" for n, what in parts)
             where = " and ".join(str(f) for f in folders)
             problems.append(
-                f"{where} needs {_gb(need)} ({detail}) but that disk has only {_gb(free)} free "
-                f"(free up {_gb(need - free)})"
+                f"{where} needs {format_bytes(need)} ({detail}) but that disk has only {format_bytes(free)} free "
+                f"(free up {format_bytes(need - free)})"
             )
     if problems:
         raise DiskSpaceError(
@@ -331,10 +333,6 @@ def _nearest_existing(folder: Path) -> Path:
     while not folder.exists():
         folder = folder.parent
     return folder
-
-
-def _gb(n_bytes: int) -> str:
-    return f"{n_bytes / 1e9:.1f} GB"
 
 
 # ---- download ----------------------------------------------------------------------------------------------
@@ -713,7 +711,7 @@ class _Download:
         return sum(self.cache.bytes_on_disk(self.plan.commit, f) for f in self.plan.files)
 
     def _kept(self) -> str:
-        return f"{_gb(self._bytes_on_disk())} of {_gb(self.plan.total_bytes)}"
+        return f"{format_bytes(self._bytes_on_disk())} of {format_bytes(self.plan.total_bytes)}"
 
     def _hub_error(self, error: Exception) -> HubError:
         return _translate(
@@ -728,7 +726,7 @@ class _Download:
             left = self.plan.total_bytes - self._bytes_on_disk()
             saving = f" while saving {self.current_file.path}" if self.current_file else ""
             return DiskSpaceError(
-                f"The disk holding {where} is full{saving} ({_gb(free)} free). Free up at least {_gb(left)} and "
+                f"The disk holding {where} is full{saving} ({format_bytes(free)} free). Free up at least {format_bytes(left)} and "
                 f"run the download again; the {self._kept()} already downloaded are kept."
             )
         if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

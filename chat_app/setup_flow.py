@@ -28,7 +28,6 @@ import shutil
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from huggingface_hub import get_token
 
 from chat_app import hub, paths
 from chat_app.cli import EXIT_INTERRUPTED, PROG, CliError
+from chat_app.terminal import StderrProgress, format_bytes, format_duration
 from model.config import ConfigError, MixtralConfig
 
 DEFAULT_REPO = hub.EXAMPLE_REPO
@@ -402,22 +402,6 @@ def install(plan: SetupPlan, *, token: str | None = None, on_download: DownloadC
 
 
 # ---- words for progress --------------------------------------------------------------------------------------
-def format_bytes(n_bytes: int | float) -> str:
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n_bytes >= size:
-            return f"{n_bytes / size:.1f} {unit}"
-    return f"{int(n_bytes)} B"
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
 def describe_download(progress: hub.DownloadProgress) -> str:
     """One line: bytes done of the total, rate and time left (or what is being checked)."""
     done = f"{format_bytes(progress.done_bytes)} of {format_bytes(progress.total_bytes)}"
@@ -462,7 +446,7 @@ def run_setup(args: argparse.Namespace) -> int:
     if not plan.can_start:
         raise CliError("cannot set up this model:\n  " + "\n  ".join(plan.problems))
     _confirm(plan, args.yes)
-    with _StderrProgress() as progress, _CtrlC() as interrupted:
+    with StderrProgress() as progress, _CtrlC() as interrupted:
         try:
             path = install(plan, token=token,
                            on_download=lambda p: progress.show(
@@ -507,49 +491,6 @@ def _confirm(plan: SetupPlan, yes: bool) -> None:
 def _ask(question: str) -> bool:
     print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
     return sys.stdin.readline().strip().lower() in ("y", "yes")
-
-
-class _StderrProgress:
-    """Progress on stderr: one line rewritten in place on a terminal; otherwise a plain line whenever `key`
-    changes (a new file, the next tenth of the tensors) and at most every 10 s in between."""
-
-    _TTY_EVERY_S = 0.1
-    _LOG_EVERY_S = 10.0
-
-    def __enter__(self) -> _StderrProgress:
-        self.tty = sys.stderr.isatty()
-        self._key = object()
-        self._shown_at = float("-inf")
-        self._open_line = False
-        return self
-
-    def show(self, text: str, key: object, detail: str | None = None, last: bool = False) -> None:
-        """`last`: the stage's final report, kept on screen (the next report starts a new line)."""
-        now = time.monotonic()
-        if self.tty:
-            if key == self._key and now - self._shown_at < self._TTY_EVERY_S:
-                return
-            line = f"{text}  {detail}" if detail else text
-            width = shutil.get_terminal_size().columns - 1
-            sys.stderr.write(f"\r\x1b[K{line[:width]}")
-            self._open_line = True
-        else:
-            if key == self._key and now - self._shown_at < self._LOG_EVERY_S:
-                return
-            sys.stderr.write(f"{text}{f' [{detail}]' if detail else ''}\n")
-        sys.stderr.flush()
-        self._key, self._shown_at = key, now
-        if last:
-            self.finish()
-
-    def finish(self) -> None:
-        if self._open_line:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-            self._open_line = False
-
-    def __exit__(self, *exc_info) -> None:
-        self.finish()
 
 
 class _CtrlC:

@@ -42,6 +42,7 @@ from textual.widgets import (
 
 from chat_app import hub, setup_flow
 from chat_app.setup_flow import SetupPlan
+from chat_app.terminal import format_bytes
 
 # The choices, by the id of their radio button.
 MIXTRAL, REPO, LOCAL, CACHED, DEMO = "source-mixtral", "source-repo", "source-local", "source-cached", "source-demo"
@@ -320,7 +321,7 @@ class WizardScreen(Screen[Path | None]):
         button.disabled = False
         button.label = f"Weights already downloaded ({len(message.models)} found in the Hugging Face cache)"
         self.query_one("#cached", Select).set_options(
-            (f"{m.repo_id} @ {', '.join(m.refs) or m.commit[:8]}  ({setup_flow.format_bytes(m.size_bytes)}"
+            (f"{m.repo_id} @ {', '.join(m.refs) or m.commit[:8]}  ({format_bytes(m.size_bytes)}"
              f"{', ' + m.model_type if m.model_type else ''})", index)
             for index, m in enumerate(message.models))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from textual import events
 
 import model
 from chat_app import paths
@@ -199,3 +200,21 @@ async def test_first_run_wizard_hands_over_the_model_it_set_up(tmp_path, tiny_ck
         await wait_until(pilot, lambda: app.chat.engine_ready, "the model to load")
         assert app.screen is app.chat
         assert (app.chat.status.model, app.chat.status.devices) == (tiny_ckpt.name, "1 x cpu, mesh 1x1")
+
+
+async def test_keys_typed_fast_are_sent_whole_and_in_order(tmp_path, tiny_ckpt):
+    """A burst of keys (a fast typist, a paste, a script) reaches the prompt in order: Enter sends
+    everything typed before it and Ctrl+J breaks the line where it was typed. A remapped send key
+    works the same way."""
+    paths.settings_path(tmp_path).write_text('[keys]\n"prompt.send" = "ctrl+s"\n')
+    app = ChatApp(tmp_path, tiny_ckpt, sampling_overrides={**GREEDY, "max_new_tokens": 4},
+                  mesh_shape=(1, 1), context_length=512)
+    async with app.run_test(size=SIZE) as pilot:
+        burst = [*"hello", "ctrl+j", *"world", "enter", *"again", "ctrl+s", *"next"]
+        for key in burst:  # posted at once, as a terminal delivers a paste: nothing waits in between
+            app.post_message(events.Key(key, key if len(key) == 1 else None))
+        await first_text(pilot, app)
+        await reply_done(pilot, app)
+        [sent, _] = stored(tmp_path, app.chat.conversation.id)
+        assert sent.content == "hello\nworld\nagain"  # Enter is a newline now that ctrl+s sends
+        await wait_until(pilot, lambda: app.chat.prompt.text == "next", "the keys after the send")

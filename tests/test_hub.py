@@ -34,6 +34,7 @@ from chat_app.hub import (
     plan_download,
     resolve_token,
 )
+from chat_app.terminal import format_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WANTED = {
@@ -353,7 +354,7 @@ def test_a_corrupted_file_already_in_the_cache_is_deleted_and_fetched_again_next
 
 
 # ---- disk space --------------------------------------------------------------------------------------------
-def test_disk_space_check_refuses_with_the_numbers_in_gb(hub, cache_dir, tmp_path):
+def test_disk_space_check_refuses_with_the_numbers(hub, cache_dir, tmp_path):
     plan = plan_from(hub, cache_dir)
     output_dir = tmp_path / "converted" / "not-created-yet"
     check_disk_space(plan, output_dir=output_dir, output_bytes=0)  # 9 MB fits
@@ -362,8 +363,8 @@ def test_disk_space_check_refuses_with_the_numbers_in_gb(hub, cache_dir, tmp_pat
     with pytest.raises(DiskSpaceError) as error:
         check_disk_space(plan, output_dir=output_dir, output_bytes=free)
     message = error.value.message
-    assert f"{free / 1e9:.1f} GB for the converted model" in message
-    assert f"{plan.bytes_to_download / 1e9:.1f} GB to download" in message  # same disk: they add up
+    assert f"{format_bytes(free)} for the converted model" in message
+    assert f"{format_bytes(plan.bytes_to_download)} to download" in message  # same disk: they add up
     assert str(output_dir) in message and "free up" in message.lower()
 
 

@@ -105,7 +105,7 @@ def test_setup_downloads_converts_and_the_model_is_listed_and_intact(hub, dirs):
     assert f"Installed 'tiny-mixtral' in {checkpoint}" in result.stdout
     assert "--model tiny-mixtral" in result.stdout
     stderr = result.stderr
-    assert "Download:  8.9 MB in 9 files" in stderr and "Memory:    needs" in stderr and ": fits" in stderr
+    assert "Download:  8.9 MB in 10 files" in stderr and "Memory:    needs" in stderr and ": fits" in stderr
     assert "float32: the default on CPU" in stderr  # the dtype it picked, and why
     assert "Downloaded and verified 8.9 MB" in stderr
     assert "Converting: tensor 23 of 23" in stderr  # per-tensor progress, as plain lines off a terminal

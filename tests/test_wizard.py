@@ -118,7 +118,7 @@ async def test_repo_choice_shows_the_plan_downloads_converts_and_hands_back_the_
 
         plan = text(wizard, "#plan-text")
         assert f"Model:     {hub.repo_id} @ main (commit {hub.commit[:8]})" in plan
-        assert "Download:  8.9 MB in 9 files" in plan and str(cache_dir) in plan
+        assert "Download:  8.9 MB in 10 files" in plan and str(cache_dir) in plan
         assert "float32: the default on CPU" in plan and ": fits" in plan
         assert text(wizard, "#plan-problems") == ""
         assert str(wizard.query_one("#start", Button).label) == "Download and install"

@@ -315,8 +315,8 @@ class ChatScreen(Screen):
     # --- sending and replies ------------------------------------------------------------------
     @on(PromptInput.Submitted)
     async def send(self, event: PromptInput.Submitted) -> None:
-        """Stores the message, then clears the input and asks for a reply. If anything fails before
-        the message is stored, the prompt stays in the input."""
+        """Stores the message, then takes it out of the input and asks for a reply. If anything fails
+        before the message is stored, the prompt stays in the input."""
         if not self._can_generate():
             return
         text = event.text
@@ -334,9 +334,14 @@ class ChatScreen(Screen):
         except StoreError as error:
             self.notify(f"The message was not sent: {error}", severity="error")
             return
-        self.prompt.clear()
+        self._take_from_prompt(text)
         await self.chat_view.add(MessageBox.from_message(message, self.persona_name))
         await self._start_reply(message)
+
+    def _take_from_prompt(self, sent: str) -> None:
+        """Remove the sent text from the input, keeping whatever was typed after it was sent."""
+        typed = self.prompt.text
+        self.prompt.load_text(typed[len(sent):].lstrip("\n") if typed.startswith(sent) else typed)
 
     async def action_regenerate(self) -> None:
         if self.conversation is None or not self._can_generate():

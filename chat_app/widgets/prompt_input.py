@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from textual import events
 from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import TextArea
@@ -14,9 +15,13 @@ class PromptInput(TextArea):
     tmux without `extended-keys`), so there it cannot be told from Enter; Textual switches on the
     kitty keyboard protocol, and terminals that speak it (kitty, WezTerm, foot, Ghostty, Alacritty,
     iTerm2 with the option on) report it as "shift+enter". Ctrl+J is LF, distinct from CR in every
-    terminal, so it always works. Both bindings have priority: TextArea would otherwise take Enter as
-    a newline before any binding saw it, and a non-priority binding runs only once the key has bubbled
-    up to the app, after characters typed later (a fast typist's or a script's "a^jb" became "ab\n").
+    terminal, so it always works.
+
+    The two keys are handled here, in this widget's own key handler, not by the app's binding
+    dispatch: a widget handles its keys in the order they were typed, while the app checks a binding
+    either before the keys still queued for this widget (a priority binding: a pasted "hello" +
+    Enter sent "hel") or after keys typed later (a plain one: "a^jb" became "ab\n"). The bindings
+    below still name the keys, for the keymap (remapping "prompt.send" works) and the help.
 
     The text is not cleared on submit: whoever sends it clears it once the message is safely stored,
     so a failed send leaves the prompt where it was.
@@ -24,8 +29,8 @@ class PromptInput(TextArea):
 
     BINDINGS = [
         # Not in the footer: the placeholder says it, and the footer needs the room.
-        Binding("enter", "submit", "Send", id="prompt.send", priority=True, show=False),
-        Binding("shift+enter,ctrl+j", "newline", "New line", id="prompt.newline", priority=True, show=False),
+        Binding("enter", "submit", "Send", id="prompt.send", show=False),
+        Binding("shift+enter,ctrl+j", "newline", "New line", id="prompt.newline", show=False),
     ]
 
     class Submitted(Message):
@@ -41,6 +46,17 @@ class PromptInput(TextArea):
             highlight_cursor_line=False,
             placeholder="Message (Enter sends, Shift+Enter or Ctrl+J: new line)",
         )
+
+    async def _on_key(self, event: events.Key) -> None:
+        bindings = self._bindings.copy()
+        bindings.apply_keymap(self.app._keymap)  # the user's remaps (Textual applies them the same way)
+        for binding in bindings.key_to_bindings.get(event.key, ()):
+            if binding.action in ("submit", "newline"):
+                event.stop()
+                event.prevent_default()
+                await self.run_action(binding.action)
+                return
+        await super()._on_key(event)
 
     def action_submit(self) -> None:
         if self.text.strip():
