@@ -213,8 +213,8 @@ async def test_keys_typed_fast_are_sent_whole_and_in_order(tmp_path, tiny_ckpt):
         burst = [*"hello", "ctrl+j", *"world", "enter", *"again", "ctrl+s", *"next"]
         for key in burst:  # posted at once, as a terminal delivers a paste: nothing waits in between
             app.post_message(events.Key(key, key if len(key) == 1 else None))
-        await first_text(pilot, app)
-        await reply_done(pilot, app)
+        await wait_until(pilot, lambda: app.chat.conversation is not None and app.chat.reply is None
+                         and len(stored(tmp_path, app.chat.conversation.id)) == 2, "the reply")
         [sent, _] = stored(tmp_path, app.chat.conversation.id)
         assert sent.content == "hello\nworld\nagain"  # Enter is a newline now that ctrl+s sends
         await wait_until(pilot, lambda: app.chat.prompt.text == "next", "the keys after the send")
