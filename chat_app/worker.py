@@ -26,7 +26,7 @@ from pathlib import Path
 from textual.message import Message
 
 from chat_app import paths
-from model.engine_api import ContextTrimmed, FinishReason, SamplingParams, TextDelta, TurnDone
+from model.engine_api import Compiling, ContextTrimmed, FinishReason, SamplingParams, TextDelta, TurnDone
 
 DELTA_BATCH_S = 0.05
 """How long reply text is gathered before it is posted (20 UI updates a second at most)."""
@@ -81,6 +81,13 @@ class ReplyTrimmed(Message):
 
     request_id: int
     dropped_messages: int
+
+
+@dataclass
+class ReplyCompiling(Message):
+    """The reply first waits for the model's programs to compile (once per prompt size)."""
+
+    request_id: int
 
 
 @dataclass
@@ -300,6 +307,8 @@ class EngineWorker:
                         post_text()
                 elif isinstance(event, ContextTrimmed):
                     self._post(ReplyTrimmed(request_id, event.dropped_messages))
+                elif isinstance(event, Compiling):
+                    self._post(ReplyCompiling(request_id))
                 elif isinstance(event, TurnDone):
                     post_text()
                     self._post(ReplyDone(request_id, event.text, event.finish_reason, event))

@@ -25,7 +25,7 @@ import jax
 from . import checkpoint, sharding
 from .chat_format import encode_chat
 from .detokenize import StreamDecoder
-from .engine_api import ContextTrimmed, Event, SamplingParams, TextDelta, TurnDone
+from .engine_api import Compiling, ContextTrimmed, Event, SamplingParams, TextDelta, TurnDone
 from .generate import PREFILL_CHUNK, Generator
 from .kv_cache import KVCache
 from .sampling import SamplingArrays, validate
@@ -101,7 +101,7 @@ class Engine:
     def generate(self, conversation_id: str, messages: list[dict], sampling: SamplingParams,
                  should_stop: Callable[[], bool] = lambda: False) -> Iterator[Event]:
         """Answer the last user message of `messages` (the whole conversation), streaming events:
-        maybe one ContextTrimmed, TextDeltas, then exactly one TurnDone."""
+        maybe one ContextTrimmed, maybe one Compiling, TextDeltas, then exactly one TurnDone."""
         try:
             validate(sampling)
         except ValueError as e:
@@ -161,9 +161,10 @@ class Engine:
             yield ContextTrimmed(dropped)
         conv = self._conversation(conversation_id)
         reuse = min(common_prefix(conv.tokens, prompt), len(prompt) - 1)  # feed at least one token
+        if self.generator.will_compile(len(prompt) - reuse, self.capacity):
+            yield Compiling()
         cache, conv.cache, conv.tokens = conv.cache, None, []  # donated below: invalid if a step fails
         cache = cache.rewind(reuse)
-
         key = jax.random.key(sampling.seed if sampling.seed is not None else secrets.randbits(63))
         arrays = SamplingArrays.of(sampling)
         seen = self.generator.seen_mask(prompt)

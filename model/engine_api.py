@@ -1,7 +1,7 @@
 """What the engine streams to its callers (the app's worker thread, headless mode, benchmarks).
 
 `Engine.generate(conversation_id, messages, sampling, should_stop)` yields these events in order:
-zero or one `ContextTrimmed`, then `TextDelta`s, then exactly one `TurnDone`.
+zero or one `ContextTrimmed`, zero or one `Compiling`, then `TextDelta`s, then exactly one `TurnDone`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,12 @@ class ContextTrimmed:
     dropped_messages: int
 
 
+@dataclass(frozen=True)
+class Compiling:
+    """This turn first compiles a program for the model (once per prompt-length bucket and per model
+    shape; seconds to a minute), so its first token comes late."""
+
+
 FinishReason = Literal["stop", "length", "cancelled", "context"]
 
 
@@ -54,4 +60,4 @@ class TurnDone:
     context_limit: int
 
 
-Event = TextDelta | ContextTrimmed | TurnDone
+Event = TextDelta | ContextTrimmed | Compiling | TurnDone

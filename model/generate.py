@@ -28,6 +28,15 @@ def bucket_for(n: int) -> int:
     return next(b for b in PREFILL_BUCKETS if b >= n)
 
 
+def chunk_buckets(n: int) -> list[int]:
+    """The buckets a prefill of n tokens runs: full chunks, then the rest."""
+    return [bucket_for(min(PREFILL_CHUNK, n - first)) for first in range(0, n, PREFILL_CHUNK)]
+
+
+# The programs that have run, by (model shape, program, cache capacity): jit compiles each once.
+_compiled: set[tuple[ModelDef, str, int]] = set()
+
+
 @functools.partial(jax.jit, static_argnames=("model_def",), donate_argnames=("cache",))
 def _prefill_step(model_def: ModelDef, params, cache: KVCache, tokens, num_new, seen, key,
                   sampling: SamplingArrays):
@@ -68,18 +77,26 @@ class Generator:
         next token (device int32 [1]) and the cache. The caller keeps end + bucket <= capacity."""
         assert len(token_ids) > 0
         next_token = None
-        for first in range(0, len(token_ids), PREFILL_CHUNK):
+        for first, bucket in zip(range(0, len(token_ids), PREFILL_CHUNK), chunk_buckets(len(token_ids))):
             chunk = token_ids[first:first + PREFILL_CHUNK]
-            padded = np.zeros((1, bucket_for(len(chunk))), np.int32)
+            padded = np.zeros((1, bucket), np.int32)
             padded[0, :len(chunk)] = chunk
             tokens = jax.device_put(padded, self._replicated)
             next_token, cache = _prefill_step(self.model_def, self.params, cache, tokens, jnp.int32(len(chunk)),
                                               seen, key, sampling)
+            _compiled.add((self.model_def, f"prefill {bucket}", cache.capacity))
         return next_token, cache
 
     def decode(self, cache: KVCache, token: jax.Array, seen: jax.Array, key: jax.Array,
                sampling: SamplingArrays) -> tuple[jax.Array, KVCache, jax.Array]:
-        return _decode_step(self.model_def, self.params, cache, token, seen, key, sampling)
+        result = _decode_step(self.model_def, self.params, cache, token, seen, key, sampling)
+        _compiled.add((self.model_def, "decode", cache.capacity))
+        return result
+
+    def will_compile(self, n_tokens: int, capacity: int) -> bool:
+        """Whether a turn prefilling n_tokens (then decoding) compiles a program first."""
+        programs = {f"prefill {b}" for b in chunk_buckets(n_tokens)} | {"decode"}
+        return any((self.model_def, p, capacity) not in _compiled for p in programs)
 
     def warm_up(self, capacity: int) -> None:
         """Compile every program now (prefill buckets, decode) so no turn waits for the compiler."""

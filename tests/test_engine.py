@@ -10,7 +10,7 @@ from flax import nnx
 
 from model.chat_format import encode_chat
 from model.engine import Engine, EngineError, common_prefix
-from model.engine_api import ContextTrimmed, SamplingParams, TextDelta, TurnDone
+from model.engine_api import Compiling, ContextTrimmed, SamplingParams, TextDelta, TurnDone
 from model.kv_cache import KVCache
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
@@ -72,8 +72,9 @@ def test_ten_turns_reuse_the_cache_and_never_compile(engine):
     for turn in range(10):
         messages.append({"role": "user", "content": f"Question {turn}: " + "tell me more " * (turn % 4)})
         before = COMPILES.count
-        done, _ = run(engine, "ten", messages)
+        done, events = run(engine, "ten", messages)
         compiles += COMPILES.count - before
+        assert not any(isinstance(e, Compiling) for e in events)
         prompt = encode_chat(engine.tokenizer, messages, "mixtral-instruct")
         assert done.prompt_tokens == len(prompt)
         if turn:
@@ -181,3 +182,12 @@ def test_stream_concatenates_to_the_reply_and_cancel_keeps_the_partial_reply(eng
     follow = chat + [{"role": "assistant", "content": cancelled.text}, {"role": "user", "content": "Go on"}]
     cont, _ = run(engine, "cancel", follow)
     assert cont.prefilled_tokens <= cont.prompt_tokens - len(encode_chat(engine.tokenizer, chat))
+
+
+def test_a_turn_that_compiles_says_so_first(tiny_ckpt):
+    cold = Engine(tiny_ckpt, mesh_shape=(1, 1), context_length=1000)  # a cache size no other test uses
+    chat = [{"role": "user", "content": "Hello"}]
+    _, events = run(cold, "a", chat)
+    assert isinstance(events[0], Compiling) and sum(isinstance(e, Compiling) for e in events) == 1
+    _, events = run(cold, "b", chat)  # the same programs: nothing to compile
+    assert not any(isinstance(e, Compiling) for e in events)

@@ -27,7 +27,7 @@ from chat_app.personas import Persona, PersonaError
 from chat_app.screens.confirm import ConfirmScreen
 from chat_app.screens.personas import PersonaScreen
 from chat_app.screens.text_prompt import TextPromptScreen
-from chat_app.store import Conversation, Message, ReplyRecorder, StoreError
+from chat_app.store import Conversation, Message, ReplyRecorder, StoreError, title_from
 from chat_app.widgets.chat_view import ChatView
 from chat_app.widgets.conversation_list import ConversationList
 from chat_app.widgets.message_box import MessageBox, reply_note
@@ -37,6 +37,7 @@ from chat_app.worker import (
     EngineFailed,
     EngineLoading,
     EngineReady,
+    ReplyCompiling,
     ReplyDelta,
     ReplyDone,
     ReplyFailed,
@@ -48,15 +49,8 @@ from chat_app.worker import (
 if TYPE_CHECKING:
     from chat_app.app import ChatApp
 
-TITLE_LENGTH = 48
+COMPILING = "compiling the model for this prompt size (once)…"
 EDITING_TITLE = "Editing your last message · Enter sends it again, replacing its reply · Esc cancels"
-
-
-def title_from(text: str) -> str:
-    """A new conversation's title: the first line of its first message, shortened."""
-    line = next((line for line in text.splitlines() if line.strip()), text)
-    line = " ".join(line.split())
-    return line if len(line) <= TITLE_LENGTH else line[: TITLE_LENGTH - 1].rstrip() + "…"
 
 
 def export_file_name(title: str, suffix: str) -> str:
@@ -476,6 +470,11 @@ class ChatScreen(Screen):
         if (box := self._reply_box(event.request_id)) is not None:
             box.border_subtitle = "generating…"
 
+    def on_reply_compiling(self, event: ReplyCompiling) -> None:
+        if (box := self._reply_box(event.request_id)) is not None:
+            box.border_subtitle = COMPILING
+        self.status.activity = "compiling…"
+
     async def on_reply_delta(self, event: ReplyDelta) -> None:
         if self.reply is None or self.reply.request_id != event.request_id:
             return  # a reply whose conversation was deleted
@@ -484,6 +483,9 @@ class ChatScreen(Screen):
         except StoreError as error:
             self.notify(f"The reply could not be saved: {error}", severity="error")
         if (box := self._reply_box(event.request_id)) is not None and box.streaming:
+            if box.border_subtitle == COMPILING:
+                box.border_subtitle = "generating…"
+                self._show_activity()
             await box.append(event.text)
 
     def on_reply_trimmed(self, event: ReplyTrimmed) -> None:
