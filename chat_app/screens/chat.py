@@ -451,11 +451,12 @@ class ChatScreen(Screen):
         except (StoreError, PersonaError) as error:
             self.notify(f"Cannot ask for a reply: {error}", severity="error")
             return
-        request_id = self.chat_app.worker.generate(conversation.id, messages, sampling)
-        self.reply = ReplyInProgress(request_id, conversation.id, recorder, sent_message)
         box = MessageBox("assistant", "", title=self.persona_name, message_id=recorder.message_id)
         await self.chat_view.add(box)
         box.start_stream("thinking…" if self.engine_ready else "waiting for the model to load…")
+        # asked only now: the worker's first news (ReplyStarted) must find the box already showing
+        request_id = self.chat_app.worker.generate(conversation.id, messages, sampling)
+        self.reply = ReplyInProgress(request_id, conversation.id, recorder, sent_message)
         self._show_activity()
         self.refresh_sidebar()
         self.refresh_bindings()
@@ -506,7 +507,8 @@ class ChatScreen(Screen):
             del stats["text"]
             self.status.context_used = event.turn.context_used
             self.status.context_limit = event.turn.context_limit
-            self.status.tokens_per_s = event.turn.tokens_per_s
+            if event.turn.generated_tokens > 1:  # a speed needs two tokens: keep the last one shown
+                self.status.tokens_per_s = event.turn.tokens_per_s
         await self._finish_reply(event.text, status, stats)
 
     async def on_reply_failed(self, event: ReplyFailed) -> None:

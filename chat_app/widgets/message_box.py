@@ -20,7 +20,10 @@ def reply_note(status: str, stats: dict | None) -> str:
     if stats:
         if stats.get("finish_reason") in _FINISH_NOTES:
             parts.append(_FINISH_NOTES[stats["finish_reason"]])
-        parts.append(f"{stats['generated_tokens']} tokens · {stats['tokens_per_s']:.1f} tok/s")
+        tokens = stats["generated_tokens"]
+        parts.append(f"{tokens} token{'' if tokens == 1 else 's'}")
+        if tokens > 1:  # a speed needs two tokens
+            parts.append(f"{stats['tokens_per_s']:.1f} tok/s")
     return " · ".join(parts)
 
 
