@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mesh", type=_mesh_shape, metavar="AxB",
                         help="devices per mesh axis, expert x model, e.g. 1x8 (default: all devices)")
     parser.add_argument("--context-length", type=_positive_int, metavar="N",
-                        help="the most tokens of conversation the model sees (default: the model's own limit)")
+                        help="the most tokens of conversation the model sees (default: 4096, or the model's own limit if smaller)")
     _add_data_dir(parser, top_level=True)
     parser.set_defaults(handler=_chat)
 

@@ -38,10 +38,9 @@ from huggingface_hub import get_token
 from chat_app import hub, paths
 from chat_app.cli import EXIT_INTERRUPTED, PROG, CliError
 from chat_app.terminal import StderrProgress, format_bytes, format_duration
-from model.config import ConfigError, MixtralConfig
+from model.config import DEFAULT_CONTEXT, ConfigError, MixtralConfig
 
 DEFAULT_REPO = hub.EXAMPLE_REPO
-DEFAULT_CONTEXT_TOKENS = 4096  # the KV cache the memory check counts: one conversation this long
 MEMORY_HEADROOM = 0.10  # activations, compiled programs, the allocator's slack
 QUANTIZATIONS = (None, "int8", "int4")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -225,7 +224,7 @@ def memory_need(hf_config: dict, dtype: str, quantization: str | None) -> Memory
         config = MixtralConfig.from_hf(hf_config, dtype=dtype, quantization=quantization)
     except (KeyError, TypeError) as error:
         raise ConfigError(f"its config.json lacks or garbles {error}") from None
-    tokens = min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
+    tokens = min(DEFAULT_CONTEXT, config.max_position_embeddings)
     return MemoryNeed(dtype, quantization, config.weight_bytes(), config.kv_cache_bytes(tokens), tokens)
 
 

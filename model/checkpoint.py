@@ -9,7 +9,8 @@ A checkpoint is a folder:
 Tensor names: embed [V, D]; layers.{l}.{attn_norm, ffn_norm} [D]; layers.{l}.{wq [D, H*Dh], wk, wv
 [D, KV*Dh], wo [H*Dh, D]}; layers.{l}.router [D, E]; layers.{l}.{w1, w3} [E, D, I], layers.{l}.w2
 [E, I, D]; final_norm [D]; lm_head [D, V] (absent when tied to embed). Quantized weights keep their
-name (int8, or uint8 with two int4 per byte) and add `<name>.scale`.
+name (int8, or uint8 with two int4 per byte) and add their parameters (`<name>.scale`, ...; see
+quantize.py).
 """
 
 from __future__ import annotations
@@ -144,16 +145,17 @@ class CheckpointWeights:
         dtype = NUMPY_DTYPES[self.config.dtype]
         return self._array(name, spec, rows, lambda a: a.astype(dtype, copy=False))
 
-    def linear(self, name: str, spec: tuple, rows: slice | None = None) -> tuple[jax.Array, jax.Array | None]:
-        quantization = self.config.quantization
-        if quantization is None or name.rsplit(".", 1)[-1] not in quantize.QUANTIZED_WEIGHTS:
-            return self.dense(name, spec, rows), None
-        if quantization == "int8":
+    def linear(self, name: str, spec: tuple, rows: slice | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        mode = self.config.quantization
+        if mode is None or name.rsplit(".", 1)[-1] not in quantize.QUANTIZED_WEIGHTS:
+            return self.dense(name, spec, rows), ()
+        if mode == "int8":
             kernel = self._array(name, spec, rows, lambda a: a)
         else:
             kernel = self._array(name, spec, rows, quantize.unpack_int4, packed_axis=len(spec) - 2)
-        scale = self._array(f"{name}.scale", quantize.scale_spec(spec, quantization), rows, lambda a: a)
-        return kernel, scale
+        params = tuple(self._array(f"{name}.{param}", quantize.param_spec(spec, mode), rows, lambda a: a)
+                       for param in quantize.PARAMS[mode])
+        return kernel, params
 
 
 def load(ckpt_dir: str | Path, mesh: Mesh | None = None, *, dtype: str | None = None,

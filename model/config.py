@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+DEFAULT_CONTEXT = 4096  # tokens of conversation the engine keeps unless told otherwise
 QUANTIZATIONS = (None, "int8", "int4")
 DTYPES = ("float32", "bfloat16", "float16")
 CHAT_FORMATS = ("mixtral-instruct", "template")

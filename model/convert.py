@@ -99,29 +99,29 @@ def _plan(source: _Source, config: MixtralConfig) -> list[tuple[TensorSpec, Prod
         if c.quantization is None:
             plan.append((TensorSpec(name, dtype, shape), lambda: (p.astype(dtype) for p in read_parts())))
             return
-        scales: list[np.ndarray] = []  # filled while the kernel is written, written right after it
+        mode, group = c.quantization, c.quant_group_size
+        *lead, n_in, n_out = shape
+        if mode == "int4" and n_in % group:
+            raise ConversionError(f"int4: {name} has {n_in} input rows, not a multiple of the group size {group}")
+        names = quantize.PARAMS[mode]
+        params: list[list[np.ndarray]] = [[] for _ in names]  # filled while the kernel is written
 
         def kernel_parts():
             for part in read_parts():
-                if c.quantization == "int8":
-                    q, scale = quantize.quantize_int8(part)
-                else:
-                    q, scale = quantize.quantize_int4(part, c.quant_group_size)
-                scales.append(scale)
+                q, part_params = quantize.quantize(part, mode, group)
+                for collected, p in zip(params, part_params):
+                    collected.append(p)
                 yield q
 
-        *lead, n_in, n_out = shape
-        if c.quantization == "int8":
+        if mode == "int8":
             kernel = TensorSpec(name, np.dtype(np.int8), shape)
-            scale = TensorSpec(f"{name}.scale", np.dtype(np.float32), (*lead, n_out))
+            param_shape = (*lead, n_out)
         else:
-            if n_in % c.quant_group_size:
-                raise ConversionError(f"int4: {name} has {n_in} input rows, not a multiple of the group size "
-                                      f"{c.quant_group_size}")
             kernel = TensorSpec(name, np.dtype(np.uint8), (*lead, n_in // 2, n_out))
-            scale = TensorSpec(f"{name}.scale", np.dtype(np.float32), (*lead, n_in // c.quant_group_size, n_out))
+            param_shape = (*lead, n_in // group, n_out)
         plan.append((kernel, kernel_parts))
-        plan.append((scale, lambda: scales))
+        for param, collected in zip(names, params):  # written right after the kernel that fills them
+            plan.append((TensorSpec(f"{name}.{param}", np.dtype(np.float32), param_shape), lambda parts=collected: parts))
 
     dense("embed", (V, D))
     for layer in range(c.num_layers):
@@ -238,18 +238,15 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_file_bytes: int 
     c = config
     dtype = np.dtype(np.float32) if c.quantization else NUMPY_DTYPES[c.dtype]
 
-    def ours(name: str) -> np.ndarray:
-        if c.quantization and name.rsplit(".", 1)[-1] in quantize.QUANTIZED_WEIGHTS:
-            return quantize.dequantize_numpy(files.read(name), files.read(f"{name}.scale"), c.quantization,
-                                             c.quant_group_size)
-        return files.read(name)
+    def ours(name: str, expert: int | None = None) -> np.ndarray:
+        """A weight (or one expert of it), dequantized if need be."""
+        def read(tensor: str) -> np.ndarray:
+            return files.read(tensor) if expert is None else files.read_rows(tensor, expert, expert + 1)[0]
 
-    def expert(name: str, e: int) -> np.ndarray:
-        kernel = files.read_rows(name, e, e + 1)[0]
-        if not c.quantization:
-            return kernel
-        return quantize.dequantize_numpy(kernel, files.read_rows(f"{name}.scale", e, e + 1)[0], c.quantization,
-                                         c.quant_group_size)
+        if not c.quantization or name.rsplit(".", 1)[-1] not in quantize.QUANTIZED_WEIGHTS:
+            return read(name)
+        params = tuple(read(f"{name}.{p}") for p in quantize.PARAMS[c.quantization])
+        return quantize.dequantize_numpy(read(name), params, c.quantization, c.quant_group_size)
 
     plan: list[tuple[TensorSpec, Producer]] = []
 
@@ -269,7 +266,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_file_bytes: int 
         for e in range(c.num_experts):
             for kind, shape in (("w1", (I, D)), ("w2", (D, I)), ("w3", (I, D))):
                 add(f"{hf}.block_sparse_moe.experts.{e}.{kind}.weight", shape,
-                    lambda p=p, kind=kind, e=e: expert(f"{p}.{kind}", e).T)
+                    lambda p=p, kind=kind, e=e: ours(f"{p}.{kind}", e).T)
     add("model.norm.weight", (D,), lambda: ours("final_norm"))
     if not c.tie_word_embeddings:
         add("lm_head.weight", (V, D), lambda: ours("lm_head").T)

@@ -24,6 +24,7 @@ import jax
 
 from . import checkpoint, sharding
 from .chat_format import encode_chat
+from .config import DEFAULT_CONTEXT
 from .detokenize import StreamDecoder
 from .engine_api import Compiling, ContextTrimmed, Event, SamplingParams, TextDelta, TurnDone
 from .generate import PREFILL_CHUNK, Generator
@@ -31,7 +32,6 @@ from .kv_cache import KVCache
 from .sampling import SamplingArrays, validate
 from .tokenizer import load_tokenizer
 
-DEFAULT_CONTEXT = 4096
 DEFAULT_CACHE_BUDGET = 2 << 30  # bytes of KV caches kept across conversations
 
 

@@ -30,22 +30,27 @@ MOE_TILE = 64  # tokens per expert matmul in prefill; up to this many tokens tak
 class Weights(Protocol):
     def dense(self, name: str, spec: tuple, rows: slice | None = None) -> jax.Array: ...
 
-    def linear(self, name: str, spec: tuple, rows: slice | None = None) -> tuple[jax.Array, jax.Array | None]: ...
+    def linear(self, name: str, spec: tuple, rows: slice | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """(kernel, quantization parameters: none for a dense kernel, see quantize.PARAMS)."""
+        ...
 
 
 class Linear(nnx.Module):
     """y = x @ W, W [in, out] dense or weight-only quantized (quantize.py)."""
 
-    def __init__(self, weights: tuple[jax.Array, jax.Array | None], config: MixtralConfig):
-        kernel, scale = weights
+    def __init__(self, weights: tuple[jax.Array, tuple[jax.Array, ...]], config: MixtralConfig):
+        kernel, params = weights
         self.kernel = nnx.Param(kernel)
-        self.scale = nnx.Param(scale) if scale is not None else None
+        self.qparams = nnx.List([nnx.Param(p) for p in params])
         self.quantization = config.quantization
         self.group = config.quant_group_size
 
+    def arrays(self) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        return self.kernel[...], tuple(p[...] for p in self.qparams)
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = None if self.scale is None else self.scale[...]
-        return quantize.matmul(x, self.kernel[...], scale, self.quantization, self.group)
+        kernel, params = self.arrays()
+        return quantize.matmul(x, kernel, params, self.quantization, self.group)
 
 
 class RMSNorm(nnx.Module):
@@ -198,18 +203,18 @@ class MoE(nnx.Module):
         quantization, group = c.quantization, c.quant_group_size
 
         def ffn(x, mats):
-            (k1, s1), (k3, s3), (k2, s2) = mats
-            h = jax.nn.silu(quantize.matmul(x, k1, s1, quantization, group)) * \
-                quantize.matmul(x, k3, s3, quantization, group)
-            return quantize.matmul(h, k2, s2, quantization, group).astype(jnp.float32)
+            (k1, p1), (k3, p3), (k2, p2) = mats
+            h = jax.nn.silu(quantize.matmul(x, k1, p1, quantization, group)) * \
+                quantize.matmul(x, k3, p3, quantization, group)
+            return quantize.matmul(h, k2, p2, quantization, group).astype(jnp.float32)
 
         def local(xs, counts, routing, w1, w3, w2):
-            # On each device: xs [N, D]; w1/w3/w2 lists of (kernel [1, D, I/m] or [1, I/m, D], scale) blocks.
+            # On each device: xs [N, D]; w1/w3/w2: lists of (kernel [1, D, I/m] or [1, I/m, D], params) blocks.
             a = jax.lax.axis_index(EXPERT)
             out = jnp.zeros((N, D), jnp.float32)
             for g in range(len(w1)):
                 expert = g * self.mesh.shape[EXPERT] + a
-                mats = [(kern[0], None if scale is None else scale[0]) for kern, scale in (w1[g], w3[g], w2[g])]
+                mats = [(kern[0], tuple(p[0] for p in params)) for kern, params in (w1[g], w3[g], w2[g])]
                 if few:
                     weight = jax.lax.dynamic_index_in_dim(routing, expert, axis=1)  # [N, 1]
                     out = jax.lax.cond(counts[expert] > 0, lambda o, mats=mats, weight=weight: o + ffn(xs, mats) * weight,
@@ -229,11 +234,12 @@ class MoE(nnx.Module):
             return jax.lax.psum(out, sum_axes)
 
         def blocks(linears):
-            return [(lin.kernel[...], None if lin.scale is None else lin.scale[...]) for lin in linears]
+            return [lin.arrays() for lin in linears]
 
         def block_specs(kernel_spec):
-            scale = None if quantization is None else P(*quantize.scale_spec(kernel_spec, quantization))
-            return [(P(*kernel_spec), scale)] * len(self.w1)
+            names = quantize.PARAMS.get(quantization, ())
+            params = tuple(P(*quantize.param_spec(kernel_spec, quantization)) for _ in names)
+            return [(P(*kernel_spec), params)] * len(self.w1)
 
         replicated = P()
         out = jax.shard_map(

@@ -16,20 +16,25 @@ IDS = np.random.default_rng(7).integers(3, 32000, (1, 24)).astype(np.int32)
 
 def test_int8_error_is_at_most_half_a_step():
     w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
-    q, scale = quantize.quantize_int8(w)
+    q, (scale,) = quantize.quantize(w, "int8", 0)
     assert q.dtype == np.int8 and scale.shape == (48,)
-    assert np.all(np.abs(quantize.dequantize_numpy(q, scale, "int8", 0) - w) <= scale / 2 + 1e-7)
+    assert np.all(np.abs(quantize.dequantize_numpy(q, (scale,), "int8", 0) - w) <= scale / 2 + 1e-7)
 
 
 def test_int4_packs_two_per_byte_and_round_trips():
     w = np.random.default_rng(1).standard_normal((3, 64, 40)).astype(np.float32)
-    packed, scale = quantize.quantize_int4(w, group=32)
-    assert packed.dtype == np.uint8 and packed.shape == (3, 32, 40) and scale.shape == (3, 2, 40)
-    values = quantize.unpack_int4(packed).astype(np.int8)
-    assert values.min() >= -8 and values.max() <= 7
+    w[0, :32] = np.abs(w[0, :32])  # a group of positive values gets all 16 levels too
+    packed, (scale, offset) = quantize.quantize(w, "int4", group=32)
+    assert packed.dtype == np.uint8 and packed.shape == (3, 32, 40) and scale.shape == offset.shape == (3, 2, 40)
+    values = quantize.unpack_int4(packed).astype(np.uint8)
+    assert values.max() <= 15
     np.testing.assert_array_equal(quantize.pack_int4(values), packed)
-    error = np.abs(quantize.dequantize_numpy(packed, scale, "int4", 32) - w)
+    error = np.abs(quantize.dequantize_numpy(packed, (scale, offset), "int4", 32) - w)
     assert np.all(error <= np.repeat(scale, 32, axis=1) / 2 + 1e-6)
+    # values already on a 16-level grid per group (as in a Q4_1 GGUF) come back exactly
+    grid = quantize.dequantize_numpy(packed, (scale, offset), "int4", 32)
+    again, params = quantize.quantize(grid, "int4", group=32)
+    np.testing.assert_allclose(quantize.dequantize_numpy(again, params, "int4", 32), grid, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
