@@ -63,17 +63,38 @@ class MixtralConfig:
         per_layer = attn + D * E + 3 * E * D * I + 2 * D
         return self.num_layers * per_layer + V * D * (1 if self.tie_word_embeddings else 2) + D
 
-    def weight_bytes(self) -> int:
-        """Bytes of the weights in device memory (quantized linear weights at 1 or 1/2 byte + scales)."""
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of each kind of weight, by our checkpoint name's suffix (`layers.{l}.wq` -> "wq").
+        Linear weights are [in, out]; experts stack on a first dim."""
+        D, I, E, V = self.hidden_size, self.intermediate_size, self.num_experts, self.vocab_size
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {"embed": (V, D), "attn_norm": (D,), "ffn_norm": (D,), "final_norm": (D,),
+                "wq": (D, q_out), "wk": (D, kv_out), "wv": (D, kv_out), "wo": (q_out, D), "router": (D, E),
+                "w1": (E, D, I), "w3": (E, D, I), "w2": (E, I, D), "lm_head": (D, V)}
+
+    def _bytes(self, linear: int, other: int) -> int:
+        """Bytes of `linear` parameters of linear weights (quantized: 1 or 1/2 byte + scales) and `other`
+        parameters in the model dtype."""
         itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
+        if self.quantization is None:
+            return (linear + other) * itemsize
+        bits = 8 if self.quantization == "int8" else 4
+        scales = linear // (self.hidden_size if self.quantization == "int8" else self.quant_group_size) * 4  # roughly, float32
+        return other * itemsize + linear * bits // 8 + scales
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights in device memory."""
         D, I, E = self.hidden_size, self.intermediate_size, self.num_experts
         linear = self.num_layers * (D * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * E * D * I)
-        other = self.num_params - linear
-        if self.quantization is None:
-            return self.num_params * itemsize
-        bits = 8 if self.quantization == "int8" else 4
-        scales = linear // (D if self.quantization == "int8" else self.quant_group_size) * 4  # roughly, float32
-        return other * itemsize + linear * bits // 8 + scales
+        return self._bytes(linear, self.num_params - linear)
+
+    def decode_bytes(self, context: int) -> int:
+        """Bytes one decoded token reads: attention weights, the top-k experts, router and norms of every
+        layer, the LM head, and the KV cache of `context` tokens (the bandwidth ceiling's denominator)."""
+        D, I, k, V = self.hidden_size, self.intermediate_size, self.experts_per_token, self.vocab_size
+        linear = self.num_layers * (D * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * k * D * I)
+        other = self.num_layers * (D * self.num_experts + 2 * D) + V * D + 2 * D  # + one embedding row
+        return self._bytes(linear, other) + self.kv_cache_bytes(context)
 
     def kv_cache_bytes(self, tokens: int) -> int:
         itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]

@@ -87,8 +87,7 @@ def _plan(source: _Source, config: MixtralConfig) -> list[tuple[TensorSpec, Prod
     """Every output tensor, in file order, with the function that produces its bytes."""
     c = config
     dtype = NUMPY_DTYPES[c.dtype]
-    D, I, E, V = c.hidden_size, c.intermediate_size, c.num_experts, c.vocab_size
-    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    shapes = c.tensor_shapes()
     plan: list[tuple[TensorSpec, Producer]] = []
 
     def dense(name: str, shape: tuple[int, ...]):
@@ -123,20 +122,20 @@ def _plan(source: _Source, config: MixtralConfig) -> list[tuple[TensorSpec, Prod
         for param, collected in zip(names, params):  # written right after the kernel that fills them
             plan.append((TensorSpec(f"{name}.{param}", np.dtype(np.float32), param_shape), lambda parts=collected: parts))
 
-    dense("embed", (V, D))
+    dense("embed", shapes["embed"])
     for layer in range(c.num_layers):
         p = f"layers.{layer}"
-        dense(f"{p}.attn_norm", (D,))
-        for kind, shape in (("wq", (D, q_out)), ("wk", (D, kv_out)), ("wv", (D, kv_out)), ("wo", (q_out, D))):
-            linear(f"{p}.{kind}", shape, lambda n=f"{p}.{kind}": iter([source.whole(n)]))
-        dense(f"{p}.ffn_norm", (D,))
-        dense(f"{p}.router", (D, E))
-        for kind, shape in (("w1", (E, D, I)), ("w3", (E, D, I)), ("w2", (E, I, D))):
-            linear(f"{p}.{kind}", shape,
-                   lambda layer=layer, kind=kind: (source.expert(layer, kind, e)[None] for e in range(E)))
-    dense("final_norm", (D,))
+        dense(f"{p}.attn_norm", shapes["attn_norm"])
+        for kind in ("wq", "wk", "wv", "wo"):
+            linear(f"{p}.{kind}", shapes[kind], lambda n=f"{p}.{kind}": iter([source.whole(n)]))
+        dense(f"{p}.ffn_norm", shapes["ffn_norm"])
+        dense(f"{p}.router", shapes["router"])
+        for kind in ("w1", "w3", "w2"):
+            linear(f"{p}.{kind}", shapes[kind],
+                   lambda layer=layer, kind=kind: (source.expert(layer, kind, e)[None] for e in range(c.num_experts)))
+    dense("final_norm", shapes["final_norm"])
     if not c.tie_word_embeddings:
-        dense("lm_head", (D, V))
+        dense("lm_head", shapes["lm_head"])
     return plan
 
 

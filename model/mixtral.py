@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from . import quantize
+from . import expert_gemv, quantize
 from .config import MixtralConfig
 from .kv_cache import KVCache
 from .sharding import EXPERT, MODEL, check_mesh_fits, weight_specs
@@ -82,12 +82,13 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Array, start: jax.Array,
-           block: int, sliding_window: int | None) -> jax.Array:
+           block: int, sliding_window: int | None, branchless: bool) -> jax.Array:
     """Causal attention of new queries over the cache, block by block with an online softmax.
 
     q [B, KV, G, T, Dh] (already scaled); k_cache [B, KV, Dh, S]; v_cache [B, KV, S, Dh]; q_slots [T]
     the slot of each query; start [B] each row's first slot. Only the blocks up to the last query's
-    slot are visited. Returns [B, KV, G, T, Dh] float32.
+    slot are visited, except in a `branchless` decode, which reads the whole cache in one block (see
+    `Mixtral`). Returns [B, KV, G, T, Dh] float32.
     """
     B, KV, G, T, Dh = q.shape
     S = v_cache.shape[2]
@@ -115,7 +116,9 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
 
     carry = (jnp.full((B, KV, G, T), MASKED, jnp.float32), jnp.zeros((B, KV, G, T), jnp.float32),
              jnp.zeros((B, KV, G, T, Dh), jnp.float32))
-    if T == 1:
+    if T == 1 and branchless:
+        carry = step(0, carry, block=S)
+    elif T == 1:
         # Decode: a few big blocks, each under a cond. (On XLA:CPU a while loop first copies every
         # array it reads, here the whole cache; a cond reads its operands in place. Few blocks keep
         # the program small: each is compiled once per layer.)
@@ -130,8 +133,8 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict):
-        self.config = config
+    def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict, branchless: bool):
+        self.config, self.branchless = config, branchless
         self.wq = Linear(weights.linear(f"{prefix}.wq", specs["wq"]), config)
         self.wk = Linear(weights.linear(f"{prefix}.wk", specs["wk"]), config)
         self.wv = Linear(weights.linear(f"{prefix}.wv", specs["wv"]), config)
@@ -150,7 +153,7 @@ class Attention(nnx.Module):
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
                                                       q_slots[0], axis=2)
         q = q.reshape(B, T, c.num_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4) * (c.head_dim ** -0.5)
-        out = attend(q, k_cache, v_cache, q_slots, start, block, c.sliding_window)  # [B, KV, G, T, Dh]
+        out = attend(q, k_cache, v_cache, q_slots, start, block, c.sliding_window, self.branchless)  # [B, KV, G, T, Dh]
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, c.num_heads * c.head_dim).astype(x.dtype)
         return self.wo(out), k_cache, v_cache
 
@@ -159,25 +162,36 @@ class MoE(nnx.Module):
     """Top-k of E SwiGLU experts per token: softmax over the router logits, top-k, renormalise, and the
     chosen experts' outputs weighted and summed in float32.
 
-    Only chosen experts are computed. Experts are stored in groups [A, D, I]: group g holds experts
-    g*A .. g*A+A-1, one per device of the expert axis, and each device runs its own experts:
-    - up to MOE_TILE tokens (decode, short prefills): each expert under a cond, skipped unless a token
-      chose it, run on all the tokens with the others weighted 0: batch-1 decode reads just the
-      selected experts' weights;
+    Only chosen experts are computed. Experts are stored in groups [n * A, D, I] (A devices on the
+    expert axis, n experts of the group on each): on the CPU n = 1 (XLA:CPU multiplies by a slice of a
+    stacked array ~10x below memory speed), `branchless` (GPU) one group of all E. Each device runs
+    its own experts:
+    - batch-1 decode, branchless: the expert_gemv kernel reads the chosen experts' weights in place;
+    - up to MOE_TILE tokens: each expert under a cond, skipped unless a token chose it, run on all the
+      tokens with the others weighted 0: batch-1 decode reads just the selected experts' weights;
     - more tokens: tokens sorted by expert, and a loop per expert over the tiles of tokens routed to
       it (data-dependent trip count): T * top_k rows in all instead of T * E. (XLA:CPU copies an
       expert's weights into its loop first: ~7% of a 512-token prefill; a cond reads them in place.)
     """
 
-    def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict, mesh: Mesh):
-        self.config, self.mesh = config, mesh
-        A = mesh.shape[EXPERT]
+    def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict, mesh: Mesh,
+                 branchless: bool):
+        self.config, self.mesh, self.branchless = config, mesh, branchless
         self.router = nnx.Param(weights.dense(f"{prefix}.router", specs["router"]))
-        groups = [slice(g * A, (g + 1) * A) for g in range(config.num_experts // A)]
+        self.group_size = config.num_experts if branchless else mesh.shape[EXPERT]
+        groups = [slice(g, g + self.group_size) for g in range(0, config.num_experts, self.group_size)]
         self.w1 = nnx.List([Linear(weights.linear(f"{prefix}.w1", specs["w1"], rows=r), config) for r in groups])
         self.w3 = nnx.List([Linear(weights.linear(f"{prefix}.w3", specs["w3"], rows=r), config) for r in groups])
         self.w2 = nnx.List([Linear(weights.linear(f"{prefix}.w2", specs["w2"], rows=r), config) for r in groups])
         self.expert_specs = (specs["w1"], specs["w3"], specs["w2"])  # a tuple: static attributes must hash
+
+    def _in_place_gemv(self, n_tokens: int) -> bool:
+        if not (self.branchless and n_tokens == 1 and self.config.quantization in (None, "int8")):
+            return False
+        kernel = self.w1[0].kernel  # [E, D, I] over the mesh
+        model_split = self.mesh.shape[MODEL] if self.expert_specs[0][-1] is not None else 1
+        D, I = kernel.shape[1], kernel.shape[2] // model_split
+        return expert_gemv.supported(D, I) and expert_gemv.supported(I, D)
 
     def __call__(self, x: jax.Array, live: jax.Array) -> jax.Array:
         """x [B, T, D]; live [T] marks real tokens (bucket padding is not routed). -> [B, T, D]."""
@@ -190,8 +204,11 @@ class MoE(nnx.Module):
         top_w = top_w / top_w.sum(axis=-1, keepdims=True)
         top_e = jnp.where(jnp.tile(live, B)[:, None], top_e, E)  # padding goes to a non-existent expert
         counts = jnp.zeros(E + 1, jnp.int32).at[top_e.reshape(-1)].add(1)[:E]
+        in_place = self._in_place_gemv(N)
         few = N <= MOE_TILE
-        if few:
+        if in_place:
+            routing = (top_e[0], top_w[0])  # [k] each
+        elif few:
             # [N, E]: each token's weight for each expert (0 where not chosen)
             routing = jnp.zeros((N, E + 1), jnp.float32).at[jnp.arange(N)[:, None], top_e].add(top_w)[:, :E]
         else:
@@ -201,6 +218,9 @@ class MoE(nnx.Module):
         ffn_split = self.expert_specs[0][-1] is not None  # is the intermediate dim split over the model axis?
         sum_axes = (EXPERT, MODEL) if ffn_split else (EXPERT,)
         quantization, group = c.quantization, c.quant_group_size
+        A = self.mesh.shape[EXPERT]
+        n = self.group_size // A  # experts of a group on each device
+        interpret = self.mesh.devices.flat[0].platform == "cpu"  # the kernel's tests run it interpreted
 
         def ffn(x, mats):
             (k1, p1), (k3, p3), (k2, p2) = mats
@@ -208,29 +228,48 @@ class MoE(nnx.Module):
                 quantize.matmul(x, k3, p3, quantization, group)
             return quantize.matmul(h, k2, p2, quantization, group).astype(jnp.float32)
 
+        def chosen_ffn(x, routing, w1, w3, w2):
+            """Batch-1 decode: x [1, D] through this device's chosen experts, read in place."""
+            top_e, top_w = routing
+            local = top_e - jax.lax.axis_index(EXPERT) * n  # the chosen experts among this device's
+            mine = (local >= 0) & (local < n)
+            local, weight = jnp.where(mine, local, 0), jnp.where(mine, top_w, 0.0)
+
+            def gemv(h, kernel_params):
+                kernel, params = kernel_params[0]
+                return expert_gemv.expert_gemv(h, local, kernel, *params, interpret=interpret)
+
+            xk = jnp.broadcast_to(x, (k, D))
+            h = (jax.nn.silu(gemv(xk, w1)) * gemv(xk, w3)).astype(x.dtype)  # [k, I/m]
+            return (gemv(h, w2) * weight[:, None]).sum(axis=0, keepdims=True)  # [1, D]
+
         def local(xs, counts, routing, w1, w3, w2):
-            # On each device: xs [N, D]; w1/w3/w2: lists of (kernel [1, D, I/m] or [1, I/m, D], params) blocks.
+            # On each device: xs [N, D]; w1/w3/w2: lists of (kernel [n, D, I/m] or [n, I/m, D], params) groups.
+            if in_place:
+                return jax.lax.psum(chosen_ffn(xs, routing, w1, w3, w2), sum_axes)
             a = jax.lax.axis_index(EXPERT)
             out = jnp.zeros((N, D), jnp.float32)
             for g in range(len(w1)):
-                expert = g * self.mesh.shape[EXPERT] + a
-                mats = [(kern[0], tuple(p[0] for p in params)) for kern, params in (w1[g], w3[g], w2[g])]
-                if few:
-                    weight = jax.lax.dynamic_index_in_dim(routing, expert, axis=1)  # [N, 1]
-                    out = jax.lax.cond(counts[expert] > 0, lambda o, mats=mats, weight=weight: o + ffn(xs, mats) * weight,
-                                       lambda o: o, out)
-                    continue
-                token_of, weight_of, starts = routing
-                n, first = counts[expert], starts[expert]
+                for i in range(n):
+                    expert = g * self.group_size + a * n + i
+                    mats = [(kern[i], tuple(p[i] for p in params)) for kern, params in (w1[g], w3[g], w2[g])]
+                    if few:
+                        weight = jax.lax.dynamic_index_in_dim(routing, expert, axis=1)  # [N, 1]
+                        out = jax.lax.cond(counts[expert] > 0,
+                                           lambda o, mats=mats, weight=weight: o + ffn(xs, mats) * weight,
+                                           lambda o: o, out)
+                        continue
+                    token_of, weight_of, starts = routing
+                    count, first = counts[expert], starts[expert]
 
-                def tile_step(t, out, mats=mats, n=n, first=first):
-                    lane = t * MOE_TILE + jnp.arange(MOE_TILE)
-                    pos = jnp.minimum(first + lane, N * k - 1)
-                    rows = token_of[pos]
-                    weight = jnp.where(lane < n, weight_of[pos], 0.0)
-                    return out.at[rows].add(ffn(xs[rows], mats) * weight[:, None])
+                    def tile_step(t, out, mats=mats, count=count, first=first):
+                        lane = t * MOE_TILE + jnp.arange(MOE_TILE)
+                        pos = jnp.minimum(first + lane, N * k - 1)
+                        rows = token_of[pos]
+                        weight = jnp.where(lane < count, weight_of[pos], 0.0)
+                        return out.at[rows].add(ffn(xs[rows], mats) * weight[:, None])
 
-                out = jax.lax.fori_loop(0, (n + MOE_TILE - 1) // MOE_TILE, tile_step, out)
+                    out = jax.lax.fori_loop(0, (count + MOE_TILE - 1) // MOE_TILE, tile_step, out)
             return jax.lax.psum(out, sum_axes)
 
         def blocks(linears):
@@ -251,12 +290,12 @@ class MoE(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, config: MixtralConfig, weights: Weights, layer: int, specs: dict, mesh: Mesh):
+    def __init__(self, config: MixtralConfig, weights: Weights, layer: int, specs: dict, mesh: Mesh, branchless: bool):
         prefix = f"layers.{layer}"
         self.attn_norm = RMSNorm(weights.dense(f"{prefix}.attn_norm", specs["attn_norm"]), config.rms_norm_eps)
-        self.attn = Attention(config, weights, prefix, specs)
+        self.attn = Attention(config, weights, prefix, specs, branchless)
         self.ffn_norm = RMSNorm(weights.dense(f"{prefix}.ffn_norm", specs["ffn_norm"]), config.rms_norm_eps)
-        self.moe = MoE(config, weights, prefix, specs, mesh)
+        self.moe = MoE(config, weights, prefix, specs, mesh, branchless)
 
     def __call__(self, x, cos, sin, k_cache, v_cache, q_slots, start, block, live):
         attn_out, k_cache, v_cache = self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, q_slots, start, block)
@@ -265,12 +304,18 @@ class Block(nnx.Module):
 
 
 class Mixtral(nnx.Module):
-    def __init__(self, config: MixtralConfig, weights: Weights, mesh: Mesh):
+    """`branchless` (default: on GPUs) keeps data-dependent control flow out of batch-1 decode: XLA on a
+    GPU runs each cond by copying its predicate to the host and waiting (~40 us; 384 per token of
+    Mixtral-8x7B), so decode attention reads the whole cache at once and the experts run in the
+    expert_gemv kernel. On the CPU a cond costs nothing and skips work."""
+
+    def __init__(self, config: MixtralConfig, weights: Weights, mesh: Mesh, branchless: bool | None = None):
         check_mesh_fits(mesh, config)
         self.config, self.mesh = config, mesh
+        branchless = mesh.devices.flat[0].platform == "gpu" if branchless is None else branchless
         specs = weight_specs(config, mesh)
         self.embed = nnx.Param(weights.dense("embed", specs["embed"]))
-        self.layers = nnx.List([Block(config, weights, i, specs, mesh) for i in range(config.num_layers)])
+        self.layers = nnx.List([Block(config, weights, i, specs, mesh, branchless) for i in range(config.num_layers)])
         self.final_norm = RMSNorm(weights.dense("final_norm", specs["final_norm"]), config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nnx.Param(weights.dense("lm_head", specs["lm_head"]))
 

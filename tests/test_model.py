@@ -74,11 +74,13 @@ def test_logits_match_transformers(pair):
     assert np.array_equal(ours.argmax(-1), ref.argmax(-1))
 
 
-def test_cached_decode_equals_full_forward(pair):
+@pytest.mark.parametrize("branchless", [False, True], ids=["cpu-decode", "gpu-decode"])
+def test_cached_decode_equals_full_forward(pair, branchless):
     """Prefill 10 tokens (padded to a bucket of 16), then feed the rest one by one through the cache:
-    every step's logits equal the full forward's at that position."""
+    every step's logits equal the full forward's at that position. Both decode paths: the CPU's
+    (conds), and the GPU's (whole-cache attention, experts in the expert_gemv kernel, interpreted)."""
     _, _, ckpt = pair
-    m = model.load(ckpt, one_device())
+    m = model.load(ckpt, one_device(), branchless=branchless)
     ids = random_ids(1, 20, seed=3)
     full = np.asarray(forward(m, ids, None))[0]
 
