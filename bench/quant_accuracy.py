@@ -12,31 +12,16 @@ from __future__ import annotations
 
 import sys
 
-import jax
 import numpy as np
 
 import model
 from bench.run import CACHE, prepare
-from model.engine_api import SamplingParams
 from model.generate import Generator
-from model.sampling import SamplingArrays
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "Explain what a CPU cache is in two sentences.", "List three fruits that are red.",
            "How do I reverse a list in Python?", "Why is the sky blue?"]
 REPLY_TOKENS = 48
-
-
-def greedy_reply(gen: Generator, prompt: list[int], n: int) -> list[int]:
-    cache = gen.new_cache(1024)
-    greedy = SamplingArrays.of(SamplingParams(temperature=0))
-    seen, key = gen.seen_mask([]), jax.random.key(0)
-    token, cache = gen.prefill(cache, prompt, seen, key, greedy)
-    out = [int(token[0])]
-    while len(out) < n:
-        token, cache, seen = gen.decode(cache, token, seen, key, greedy)
-        out.append(int(token[0]))
-    return out
 
 
 def main() -> int:
@@ -46,7 +31,7 @@ def main() -> int:
     mesh = model.make_mesh((1, 1))
     reference = model.load(reference_ckpt, mesh)
     prompts = [model.encode_chat(tok, [{"role": "user", "content": p}], "template") for p in PROMPTS]
-    replies = [greedy_reply(Generator(reference), p, REPLY_TOKENS) for p in prompts]
+    replies = [Generator(reference).greedy(p, REPLY_TOKENS) for p in prompts]
     sequences = [np.array([p + r], np.int32) for p, r in zip(prompts, replies)]
     reference_logits = [np.asarray(reference(s))[0, len(p) - 1:-1] for s, p in zip(sequences, prompts)]
     size = sum(f.stat().st_size for f in reference_ckpt.glob("*.safetensors"))
@@ -61,7 +46,7 @@ def main() -> int:
             logits = np.asarray(quantized(seq))[0, len(prompt) - 1:-1]
             errors.append(np.abs(logits - ref).max() / (ref.max(-1) - ref.min(-1)).mean())
             agree.append((logits.argmax(-1) == ref.argmax(-1)).mean())
-            own = greedy_reply(Generator(quantized), prompt, REPLY_TOKENS)
+            own = Generator(quantized).greedy(prompt, REPLY_TOKENS)
             free_running.append(next((i for i, (a, b) in enumerate(zip(own, reply)) if a != b), len(reply)) / len(reply))
         size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         rows.append((mode, size, float(np.max(errors)), float(np.mean(errors)), float(np.mean(agree)),

@@ -93,6 +93,19 @@ class Generator:
         _compiled.add((self.model_def, "decode", cache.capacity))
         return result
 
+    def greedy(self, token_ids: Sequence[int], n: int, capacity: int = 1024) -> list[int]:
+        """The n greedy tokens after token_ids, in a fresh cache (for checks and benchmarks: the engine
+        streams its turns instead)."""
+        cache = self.new_cache(capacity)
+        greedy = SamplingArrays.of(SamplingParams(temperature=0))
+        seen, key = self.seen_mask([]), jax.random.key(0)
+        token, cache = self.prefill(cache, token_ids, seen, key, greedy)
+        out = [int(token[0])]
+        while len(out) < n:
+            token, cache, seen = self.decode(cache, token, seen, key, greedy)
+            out.append(int(token[0]))
+        return out
+
     def will_compile(self, n_tokens: int, capacity: int) -> bool:
         """Whether a turn prefilling n_tokens (then decoding) compiles a program first."""
         programs = {f"prefill {b}" for b in chunk_buckets(n_tokens)} | {"decode"}

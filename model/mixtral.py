@@ -15,7 +15,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import expert_gemv, quantize
 from .config import MixtralConfig
@@ -158,14 +158,21 @@ class Attention(nnx.Module):
         return self.wo(out), k_cache, v_cache
 
 
+@functools.cache
+def _transposer(sharding: NamedSharding):
+    """Compiled once per placement: swaps an array's last two dims."""
+    return jax.jit(lambda a: jnp.swapaxes(a, -1, -2), out_shardings=sharding)
+
+
 class MoE(nnx.Module):
     """Top-k of E SwiGLU experts per token: softmax over the router logits, top-k, renormalise, and the
     chosen experts' outputs weighted and summed in float32.
 
     Only chosen experts are computed. Experts are stored in groups [n * A, D, I] (A devices on the
     expert axis, n experts of the group on each): on the CPU n = 1 (XLA:CPU multiplies by a slice of a
-    stacked array ~10x below memory speed), `branchless` (GPU) one group of all E. Each device runs
-    its own experts:
+    stacked array ~10x below memory speed), `branchless` (GPU) one group of all E, its last two dims
+    swapped where expert_gemv reads that layout faster (`out_major`: int8). Each device runs its own
+    experts:
     - batch-1 decode, branchless: the expert_gemv kernel reads the chosen experts' weights in place;
     - up to MOE_TILE tokens: each expert under a cond, skipped unless a token chose it, run on all the
       tokens with the others weighted 0: batch-1 decode reads just the selected experts' weights;
@@ -180,18 +187,33 @@ class MoE(nnx.Module):
         self.router = nnx.Param(weights.dense(f"{prefix}.router", specs["router"]))
         self.group_size = config.num_experts if branchless else mesh.shape[EXPERT]
         groups = [slice(g, g + self.group_size) for g in range(0, config.num_experts, self.group_size)]
-        self.w1 = nnx.List([Linear(weights.linear(f"{prefix}.w1", specs["w1"], rows=r), config) for r in groups])
-        self.w3 = nnx.List([Linear(weights.linear(f"{prefix}.w3", specs["w3"], rows=r), config) for r in groups])
-        self.w2 = nnx.List([Linear(weights.linear(f"{prefix}.w2", specs["w2"], rows=r), config) for r in groups])
+        self.ffn_split = specs["w1"][-1] is not None  # is the intermediate dim split over the model axis?
+        kernel_dtype = {"int8": jnp.int8, "int4": jnp.uint4}.get(config.quantization, config.dtype)
+        self.out_major = branchless and expert_gemv.stores_out_major(kernel_dtype)  # kernels [.., out, in]
+
+        def linears(name: str) -> nnx.List:
+            return nnx.List([Linear(self._layout(weights.linear(f"{prefix}.{name}", specs[name], rows=r), specs[name]),
+                                    config) for r in groups])
+
+        self.w1, self.w3, self.w2 = linears("w1"), linears("w3"), linears("w2")
         self.expert_specs = (specs["w1"], specs["w3"], specs["w2"])  # a tuple: static attributes must hash
 
+    def _stored_spec(self, spec: tuple) -> tuple:
+        return spec[:-2] + (spec[-1], spec[-2]) if self.out_major else spec
+
+    def _layout(self, weights: tuple[jax.Array, tuple[jax.Array, ...]], spec: tuple):
+        kernel, params = weights
+        if self.out_major:
+            kernel = _transposer(NamedSharding(self.mesh, P(*self._stored_spec(spec))))(kernel)
+        return kernel, params
+
     def _in_place_gemv(self, n_tokens: int) -> bool:
-        if not (self.branchless and n_tokens == 1 and self.config.quantization in (None, "int8")):
+        c = self.config
+        if not (self.branchless and n_tokens == 1 and c.quantization in (None, "int8")):
             return False
-        kernel = self.w1[0].kernel  # [E, D, I] over the mesh
-        model_split = self.mesh.shape[MODEL] if self.expert_specs[0][-1] is not None else 1
-        D, I = kernel.shape[1], kernel.shape[2] // model_split
-        return expert_gemv.supported(D, I) and expert_gemv.supported(I, D)
+        D, I = c.hidden_size, c.intermediate_size // (self.mesh.shape[MODEL] if self.ffn_split else 1)
+        dtype = jnp.int8 if c.quantization == "int8" else c.dtype
+        return expert_gemv.supported(D, I, dtype) and expert_gemv.supported(I, D, dtype)
 
     def __call__(self, x: jax.Array, live: jax.Array) -> jax.Array:
         """x [B, T, D]; live [T] marks real tokens (bucket padding is not routed). -> [B, T, D]."""
@@ -215,15 +237,14 @@ class MoE(nnx.Module):
             order = jnp.argsort(top_e.reshape(-1), stable=True)  # assignments sorted by expert
             routing = ((order // k).astype(jnp.int32), top_w.reshape(-1)[order], jnp.cumsum(counts) - counts)
 
-        ffn_split = self.expert_specs[0][-1] is not None  # is the intermediate dim split over the model axis?
-        sum_axes = (EXPERT, MODEL) if ffn_split else (EXPERT,)
+        sum_axes = (EXPERT, MODEL) if self.ffn_split else (EXPERT,)
         quantization, group = c.quantization, c.quant_group_size
         A = self.mesh.shape[EXPERT]
         n = self.group_size // A  # experts of a group on each device
         interpret = self.mesh.devices.flat[0].platform == "cpu"  # the kernel's tests run it interpreted
 
         def ffn(x, mats):
-            (k1, p1), (k3, p3), (k2, p2) = mats
+            (k1, p1), (k3, p3), (k2, p2) = ((k.T if self.out_major else k, p) for k, p in mats)
             h = jax.nn.silu(quantize.matmul(x, k1, p1, quantization, group)) * \
                 quantize.matmul(x, k3, p3, quantization, group)
             return quantize.matmul(h, k2, p2, quantization, group).astype(jnp.float32)
@@ -244,7 +265,8 @@ class MoE(nnx.Module):
             return (gemv(h, w2) * weight[:, None]).sum(axis=0, keepdims=True)  # [1, D]
 
         def local(xs, counts, routing, w1, w3, w2):
-            # On each device: xs [N, D]; w1/w3/w2: lists of (kernel [n, D, I/m] or [n, I/m, D], params) groups.
+            # On each device: xs [N, D]; w1/w3/w2: lists of (kernel [n, D, I/m] or [n, I/m, D], params) groups
+            # (the last two dims swapped where out_major).
             if in_place:
                 return jax.lax.psum(chosen_ffn(xs, routing, w1, w3, w2), sum_axes)
             a = jax.lax.axis_index(EXPERT)
@@ -278,7 +300,7 @@ class MoE(nnx.Module):
         def block_specs(kernel_spec):
             names = quantize.PARAMS.get(quantization, ())
             params = tuple(P(*quantize.param_spec(kernel_spec, quantization)) for _ in names)
-            return [(P(*kernel_spec), params)] * len(self.w1)
+            return [(P(*self._stored_spec(kernel_spec)), params)] * len(self.w1)
 
         replicated = P()
         out = jax.shard_map(

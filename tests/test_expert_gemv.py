@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.expert_gemv import expert_gemv, supported
+from model.expert_gemv import expert_gemv, stores_out_major, supported
 
 E, D, I = 4, 256, 96  # 96 columns: tiles of 32
 
@@ -26,12 +26,15 @@ def test_matches_einsum_on_chosen_experts(dtype, experts):
     ref = jnp.einsum("kd,kdi->ki", x.astype(jnp.float32), kernel[chosen].astype(jnp.float32))
     if scale is not None:
         ref = ref * scale[chosen]
-    out = expert_gemv(x, chosen, kernel, scale, interpret=True)
+    stored = jnp.swapaxes(kernel, 1, 2) if stores_out_major(kernel.dtype) else kernel  # int8: [E, out, in]
+    out = expert_gemv(x, chosen, stored, scale, interpret=True)
     assert out.shape == (len(experts), I) and out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5 * float(jnp.abs(ref).max()))
 
 
-def test_supported_shapes():
-    assert supported(4096, 14336) and supported(14336, 4096)  # Mixtral-8x7B
-    assert supported(64, 96)
-    assert not supported(4096, 100)  # no power-of-two tile divides 100 columns
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_supported_shapes(dtype):
+    assert supported(4096, 14336, dtype) and supported(14336, 4096, dtype)  # Mixtral-8x7B
+    assert supported(64, 96, dtype)
+    assert not supported(4096, 100, dtype)  # no tile divides 100 outputs
+    assert not supported(100, 4096, dtype)  # nor 100 inputs

@@ -105,16 +105,7 @@ def test_greedy_generation_matches_transformers(pair):
     with torch.no_grad():
         ref = hf.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=32, do_sample=False,
                           min_new_tokens=32, pad_token_id=0)[0, 12:].tolist()
-    gen = Generator(model.load(ckpt, one_device()))
-    cache = gen.new_cache(64)
-    greedy = SamplingArrays.of(SamplingParams(temperature=0))
-    seen = gen.seen_mask([])
-    key = jax.random.key(0)
-    token, cache = gen.prefill(cache, prompt[0].tolist(), seen, key, greedy)
-    ours = [int(token[0])]
-    while len(ours) < 32:
-        token, cache, seen = gen.decode(cache, token, seen, key, greedy)
-        ours.append(int(token[0]))
+    ours = Generator(model.load(ckpt, one_device())).greedy(prompt[0].tolist(), 32, capacity=64)
     assert ours == ref
 
 

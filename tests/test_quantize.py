@@ -10,6 +10,7 @@ import pytest
 import model
 import model.safetensors_io
 from model import quantize
+from tiny_model import greedy_tokens
 
 IDS = np.random.default_rng(7).integers(3, 32000, (1, 24)).astype(np.int32)
 
@@ -55,9 +56,13 @@ def test_quantized_checkpoint_is_smaller_and_close(tiny_hf, tiny_ckpt, reference
     error = np.abs(logits - reference).max() / np.abs(reference).max()
     assert error < max_error
     assert (logits.argmax(-1) == reference.argmax(-1)).mean() >= 0.75
-    # sharded over 8 devices: the same numbers
-    sharded = np.asarray(model.load(ckpt, model.make_mesh((2, 4)))(IDS))
-    np.testing.assert_allclose(sharded, logits, atol=1e-5)
+    # sharded over 8 devices, and the GPU's layout (int8 experts stored [out, in]): the same numbers
+    for mesh, branchless in (((2, 4), False), ((1, 1), True), ((2, 4), True)):
+        other = model.load(ckpt, model.make_mesh(mesh), branchless=branchless)
+        np.testing.assert_allclose(np.asarray(other(IDS)), logits, atol=1e-5)
+    # the GPU's decode path (the expert_gemv kernel, interpreted) decodes the CPU path's tokens
+    cpu_tokens = greedy_tokens(model.load(ckpt, model.make_mesh((1, 1))), IDS[0].tolist())
+    assert greedy_tokens(model.load(ckpt, model.make_mesh((1, 1)), branchless=True), IDS[0].tolist()) == cpu_tokens
     # export writes the dequantized weights
     exported = model.export_hf(ckpt, tmp_path / f"{mode}-hf")
     assert json.loads((exported / "config.json").read_text())["torch_dtype"] == "float32"

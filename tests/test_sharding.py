@@ -10,7 +10,7 @@ import model
 from model.engine_api import SamplingParams
 from model.generate import Generator, _decode_step
 from model.sampling import SamplingArrays
-from tiny_model import build_hf_mixtral
+from tiny_model import build_hf_mixtral, greedy_tokens
 
 MESHES = [(1, 8), (2, 4), (8, 1)]
 def forward(m, ids):
@@ -31,19 +31,6 @@ def single(ckpt):
     ids = np.random.default_rng(0).integers(3, 32000, (2, 20)).astype(np.int32)
     m = model.load(ckpt, model.make_mesh((1, 1)))
     return ids, np.asarray(forward(m, ids)), greedy_tokens(m, ids[0].tolist())
-
-
-def greedy_tokens(m, prompt: list[int], n: int = 8) -> list[int]:
-    gen = Generator(m)
-    cache = gen.new_cache(64)
-    greedy = SamplingArrays.of(SamplingParams(temperature=0))
-    seen, key = gen.seen_mask([]), jax.random.key(0)
-    token, cache = gen.prefill(cache, prompt, seen, key, greedy)
-    out = [int(token[0])]
-    while len(out) < n:
-        token, cache, seen = gen.decode(cache, token, seen, key, greedy)
-        out.append(int(token[0]))
-    return out
 
 
 def device0_bytes(arrays) -> int:

@@ -74,3 +74,11 @@ def endless_ckpt(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("endless")
     hf = build_hf_mixtral(root / "hf", endless=True, max_position_embeddings=32768)
     return build_tiny_checkpoint(root / "endless-mixtral", hf)
+
+
+
+def greedy_tokens(m, prompt: list[int], n: int = 8) -> list[int]:
+    """n greedy tokens after `prompt` through the engine's own programs (prefill, then decode steps)."""
+    from model.generate import Generator
+
+    return Generator(m).greedy(prompt, n, capacity=64)
