@@ -1,10 +1,12 @@
-"""Speed of our engine against Hugging Face transformers on the same weights, in one run.
+"""Speed of our engine against Hugging Face transformers and llama.cpp on the same weights, in one run.
 
     python -m bench.run                      # demo + mini-mixtral, float32: a table, and bench/results/latest.json
     python -m bench.run --configs mini --dtype bfloat16
 
-For each config and framework a fresh worker process measures (batch 1, greedy):
-- decode tokens/s (128 tokens after a 32-token prompt),
+llama.cpp runs through llama-cpp-python when it is installed (bench/gguf_peer.py). For each config and
+engine a fresh worker process measures (batch 1, greedy):
+- decode tokens/s (128 tokens after a 32-token prompt; the best of 2-3 runs: this machine's memory
+  speed drifts),
 - prefill tokens/s of a 512-token prompt,
 - time to first token of a 64-token prompt,
 - compile time of a new conversation (ours: the 64-token prefill bucket and the decode step, cold),
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 import model
+from bench import gguf_peer
 from bench.bandwidth import read_bandwidth
 
 CACHE = Path(os.environ.get("MIXTRAL_CHAT_BENCH_CACHE", Path.home() / ".cache" / "mixtral-chat-bench"))
@@ -109,15 +112,18 @@ def worker_ours(hf_dir: Path, ckpt: Path) -> dict:
     prefill_s = _best(lambda: prefill(PREFILL))
 
     bandwidth = read_bandwidth()  # this machine's memory speed varies: measured next to the decode
-    token, cache, seen = prefill(PROMPT)
-    for _ in range(3):
-        token, cache, seen = gen.decode(cache, token, seen, key, greedy)
-    token.block_until_ready()
-    start = time.perf_counter()
-    for _ in range(DECODE):
-        token, cache, seen = gen.decode(cache, token, seen, key, greedy)
-    token.block_until_ready()
-    decode_tps = DECODE / (time.perf_counter() - start)
+    state = prefill(PROMPT)
+
+    def decode(steps: int):
+        nonlocal state
+        token, cache, seen = state
+        for _ in range(steps):
+            token, cache, seen = gen.decode(cache, token, seen, key, greedy)
+        token.block_until_ready()
+        state = token, cache, seen
+
+    decode(3)
+    decode_tps = DECODE / _best(lambda: decode(DECODE))  # the conversation goes on: up to 3 x DECODE tokens
 
     # time to first token along a conversation: kept cache vs re-prefilling the history
     engine.warm_up()
@@ -157,12 +163,42 @@ def worker_hf(hf_dir: Path, ckpt: Path) -> dict:
     ttft = _best(lambda: generate(TTFT_PROMPT, 1))
     bandwidth = read_bandwidth()
     one = _best(lambda: generate(PROMPT, 1), repeats=2)
-    many = _best(lambda: generate(PROMPT, DECODE + 1), repeats=1)
+    many = _best(lambda: generate(PROMPT, DECODE + 1), repeats=2)
     return {"decode_tok_s": DECODE / (many - one), "prefill_tok_s": PREFILL / prefill_s, "ttft_s": ttft,
             "bandwidth_bytes_per_s": bandwidth}
 
 
-WORKERS = {"ours": worker_ours, "transformers": worker_hf}
+def worker_llama_cpp(hf_dir: Path, ckpt: Path) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    gguf = gguf_peer.gguf_for(hf_dir, model.verify(ckpt).dtype, CACHE)
+    llm = Llama(model_path=str(gguf), n_ctx=2 * PREFILL, n_batch=PREFILL, n_threads=os.cpu_count(),
+                n_threads_batch=os.cpu_count(), verbose=False)
+    ids = np.random.default_rng(0).integers(3, llm.n_vocab(), PREFILL).tolist()
+
+    def generate(prompt: int, new: int):
+        llm.reset()  # no prefix reuse between runs
+        for n, _ in enumerate(llm.generate(ids[:prompt], temp=0.0), start=1):  # greedy
+            if n == new:
+                return
+
+    def prefill():
+        llm.reset()
+        llm.eval(ids)
+
+    generate(PROMPT, 4)  # warm up
+    prefill_s = _best(prefill)
+    ttft = _best(lambda: generate(TTFT_PROMPT, 1))
+    bandwidth = read_bandwidth()
+    one = _best(lambda: generate(PROMPT, 1), repeats=2)
+    many = _best(lambda: generate(PROMPT, DECODE + 1), repeats=2)
+    return {"decode_tok_s": DECODE / (many - one), "prefill_tok_s": PREFILL / prefill_s, "ttft_s": ttft,
+            "bandwidth_bytes_per_s": bandwidth}
+
+
+WORKERS = {"ours": worker_ours, "transformers": worker_hf, "llama.cpp": worker_llama_cpp}
+PEERS = ("transformers", "llama.cpp")  # rows after ours, measured against the first
 
 
 def run_worker(kind: str, config: str, dtype: str) -> dict:
@@ -184,17 +220,17 @@ def table(results: dict) -> str:
              "| compile, new conversation (s) | peak RSS (GB) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for config, r in results["configs"].items():
-        ours, hf = r["ours"], r["transformers"]
-        for row in (ours, hf):
+        hf = r["transformers"]
+        for engine in ("ours", *PEERS):
+            if engine not in r:
+                continue
+            row = r[engine]
             row["ceiling_tok_s"] = row["bandwidth_bytes_per_s"] / r["bytes_per_token"]
-        lines.append(f"| {config} | ours | {ours['decode_tok_s']:.1f} | {ours['decode_tok_s'] / hf['decode_tok_s']:.2f} "
-                     f"| {ours['decode_tok_s'] / ours['ceiling_tok_s']:.2f} | {ours['prefill_tok_s']:.0f} "
-                     f"| {ours['ttft_s']:.3f} | {ours['compile_new_conversation_s']:.1f} "
-                     f"| {ours['peak_rss_bytes'] / 1e9:.2f} |")
-        lines.append(f"| {config} | transformers | {hf['decode_tok_s']:.1f} | 1.00 "
-                     f"| {hf['decode_tok_s'] / hf['ceiling_tok_s']:.2f} | {hf['prefill_tok_s']:.0f} | {hf['ttft_s']:.3f} "
-                     f"| - | {hf['peak_rss_bytes'] / 1e9:.2f} |")
-        lines.append(f"| {config} | ceiling | {ours['ceiling_tok_s']:.1f} | | 1.00 | | | | |")
+            compile_s = f"{row['compile_new_conversation_s']:.1f}" if "compile_new_conversation_s" in row else "-"
+            lines.append(f"| {config} | {engine} | {row['decode_tok_s']:.1f} | {row['decode_tok_s'] / hf['decode_tok_s']:.2f} "
+                         f"| {row['decode_tok_s'] / row['ceiling_tok_s']:.2f} | {row['prefill_tok_s']:.0f} "
+                         f"| {row['ttft_s']:.3f} | {compile_s} | {row['peak_rss_bytes'] / 1e9:.2f} |")
+        lines.append(f"| {config} | ceiling | {r['ours']['ceiling_tok_s']:.1f} | | 1.00 | | | | |")
     lines += ["", "time to first token along a conversation (equal-length turns):", "",
               "| config | turn 1 (s) | turn 20 (s) | turn 20 / turn 1 | re-prefill: turn 20 / turn 1 |", "|---|---|---|---|---|"]
     for config, r in results["configs"].items():
@@ -222,8 +258,9 @@ def main(argv=None) -> int:
     results = {"dtype": args.dtype, "configs": {}}
     for config in configs:
         _, ckpt = prepare(config, args.dtype)
+        engines = [kind for kind in WORKERS if kind != "llama.cpp" or gguf_peer.available()]
         results["configs"][config] = {"bytes_per_token": model.verify(ckpt).decode_bytes(PROMPT + DECODE // 2),
-                                      **{kind: run_worker(kind, config, args.dtype) for kind in WORKERS}}
+                                      **{kind: run_worker(kind, config, args.dtype) for kind in engines}}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
