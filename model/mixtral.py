@@ -22,7 +22,7 @@ from .config import MixtralConfig
 from .kv_cache import KVCache
 from .sharding import EXPERT, MODEL, check_mesh_fits, weight_specs
 
-DECODE_BLOCKS = 4  # decode attention visits the cache in this many blocks (those in use)
+DECODE_FIRST_BLOCK = 256  # decode attention's first block of cache slots; each next one is twice as long
 MASKED = -1e30  # score of a key a query must not see (finite: no inf - inf in the online softmax)
 MOE_TILE = 64  # tokens per expert matmul in prefill; up to this many tokens take the cond path (MoE)
 
@@ -81,6 +81,16 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def decode_blocks(capacity: int) -> list[tuple[int, int]]:
+    """(first slot, size) of the blocks decode attention visits: 256, 512, 1024, ... slots, the last cut
+    at the capacity."""
+    blocks, first, size = [], 0, DECODE_FIRST_BLOCK
+    while first < capacity:
+        blocks.append((first, min(size, capacity - first)))
+        first, size = first + size, 2 * size
+    return blocks
+
+
 def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Array, start: jax.Array,
            block: int, sliding_window: int | None, branchless: bool) -> jax.Array:
     """Causal attention of new queries over the cache, block by block with an online softmax.
@@ -93,18 +103,16 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
     B, KV, G, T, Dh = q.shape
     S = v_cache.shape[2]
 
-    def step(j, carry, block=block):
-        """Fold slots [j*block, (j+1)*block) into the running softmax. A last block that would run past
-        the cache is read from S - block instead, and masks the slots the previous block covered."""
+    def fold(carry, first, size: int, fresh_from):
+        """Fold slots [first, first + size) into the running softmax, those before `fresh_from` masked."""
         m, l, acc = carry
-        first = jnp.minimum(j * block, S - block)
-        k = jax.lax.dynamic_slice_in_dim(k_cache, first, block, axis=3)  # [B, KV, Dh, blk]
-        v = jax.lax.dynamic_slice_in_dim(v_cache, first, block, axis=2)
-        k_slots = first + jnp.arange(block)
-        visible = (k_slots[None, :] <= q_slots[:, None]) & (k_slots >= j * block)[None, :]
+        k = jax.lax.dynamic_slice_in_dim(k_cache, first, size, axis=3)  # [B, KV, Dh, size]
+        v = jax.lax.dynamic_slice_in_dim(v_cache, first, size, axis=2)
+        k_slots = first + jnp.arange(size)
+        visible = (k_slots[None, :] <= q_slots[:, None]) & (k_slots >= fresh_from)[None, :]
         if sliding_window is not None:
             visible &= q_slots[:, None] - k_slots[None, :] < sliding_window
-        visible = visible[None] & (k_slots[None, None, :] >= start[:, None, None])  # [B, T, blk]
+        visible = visible[None] & (k_slots[None, None, :] >= start[:, None, None])  # [B, T, size]
         s = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
         s = jnp.where(visible[:, None, None], s, MASKED)
         m_new = jnp.maximum(m, s.max(axis=-1))
@@ -114,17 +122,22 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
         acc = acc * correction[..., None] + jnp.einsum("bkgts,bksd->bkgtd", p, v.astype(jnp.float32))
         return m_new, l, acc
 
+    def step(j, carry):
+        """Block j of `block` slots; a last block that would run past the cache is read from S - block
+        instead, and masks the slots the previous block covered."""
+        return fold(carry, jnp.minimum(j * block, S - block), block, j * block)
+
     carry = (jnp.full((B, KV, G, T), MASKED, jnp.float32), jnp.zeros((B, KV, G, T), jnp.float32),
              jnp.zeros((B, KV, G, T, Dh), jnp.float32))
     if T == 1 and branchless:
-        carry = step(0, carry, block=S)
+        carry = fold(carry, 0, S, 0)
     elif T == 1:
-        # Decode: a few big blocks, each under a cond. (On XLA:CPU a while loop first copies every
-        # array it reads, here the whole cache; a cond reads its operands in place. Few blocks keep
-        # the program small: each is compiled once per layer.)
-        block = min(S, -(-S // DECODE_BLOCKS // 128) * 128)
-        for j in range(-(-S // block)):
-            carry = jax.lax.cond(j * block <= q_slots[-1], functools.partial(step, j, block=block),
+        # Decode: a few blocks, each under a cond that skips it past the last written slot. (On XLA:CPU
+        # a while loop first copies every array it reads, here the whole cache; a cond reads its
+        # operands in place, but copies each block of K and V it slices for the matmuls.) Blocks double
+        # in size, so a short conversation copies a short block; few blocks keep the program small.
+        for first, size in decode_blocks(S):
+            carry = jax.lax.cond(first <= q_slots[-1], functools.partial(fold, first=first, size=size, fresh_from=first),
                                  lambda c: c, carry)
     else:
         carry = jax.lax.fori_loop(0, (q_slots[-1] + block) // block, step, carry)

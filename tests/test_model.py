@@ -127,7 +127,7 @@ def test_left_padded_batch(pair):
 
 def test_long_context_decode_crosses_attention_blocks(tiny_ckpt):
     """700 tokens prefilled in two chunks (512 + 188), then decoded one by one in a 1024-slot cache:
-    the decode step walks its blocks (4 of 256 slots here) and agrees with the full forward."""
+    the decode step walks its blocks (256 + 512 + 256 slots here) and agrees with the full forward."""
     m = model.load(tiny_ckpt, one_device())
     ids = random_ids(1, 720, seed=9)
     full = np.asarray(forward(m, ids, None))[0]
