@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 
-def _best_time(fn, *args, repeats: int) -> float:
+def best_time(fn, *args, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls of a jitted fn, after one warm-up call."""
     fn(*args).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -27,7 +28,7 @@ def read_bandwidth(total_bytes: int = 1 << 30, repeats: int = 5) -> float:
     matvec = jax.jit(lambda x, ms: sum(jnp.sum(x @ m) for m in ms))
     reduction = jax.jit(lambda ms: sum(jnp.sum(m) for m in ms))
     nbytes = sum(m.nbytes for m in matrices)
-    seconds = min(_best_time(matvec, x, matrices, repeats=repeats), _best_time(reduction, matrices, repeats=repeats))
+    seconds = min(best_time(matvec, x, matrices, repeats=repeats), best_time(reduction, matrices, repeats=repeats))
     return nbytes / seconds
 
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bench.bandwidth import best_time
 from bench.run import MINI_MIXTRAL
 from model import quantize
 from model.config import MixtralConfig
@@ -100,15 +101,7 @@ class RandomWeights:
 def read_bandwidth(nbytes: int = 4 << 30, repeats: int = 20) -> float:
     """Bytes/s the device reads: the best of `repeats` sums over an nbytes bfloat16 array."""
     x = jnp.ones((nbytes // 2 // 4096, 4096), jnp.bfloat16)
-    total = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
-    total(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        total(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    del x
-    return nbytes / best
+    return nbytes / best_time(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), x, repeats=repeats)
 
 
 def _timed(fn):

@@ -25,6 +25,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import model
@@ -144,6 +145,20 @@ def worker_ours(hf_dir: Path, ckpt: Path) -> dict:
             "bandwidth_bytes_per_s": bandwidth}
 
 
+def _peer_timings(generate: Callable[[int, int], None], prefill: Callable[[], None]) -> dict:
+    """A peer engine's figures, from `generate(prompt_tokens, new_tokens)` (greedy, fresh each call) and
+    `prefill()` (the PREFILL-token prompt): decode tok/s is the time of DECODE + 1 new tokens minus that
+    of 1, over DECODE."""
+    generate(PROMPT, 4)  # warm up
+    prefill_s = _best(prefill)
+    ttft = _best(lambda: generate(TTFT_PROMPT, 1))
+    bandwidth = read_bandwidth()
+    one = _best(lambda: generate(PROMPT, 1), repeats=2)
+    many = _best(lambda: generate(PROMPT, DECODE + 1), repeats=2)
+    return {"decode_tok_s": DECODE / (many - one), "prefill_tok_s": PREFILL / prefill_s, "ttft_s": ttft,
+            "bandwidth_bytes_per_s": bandwidth}
+
+
 def worker_hf(hf_dir: Path, ckpt: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -157,15 +172,11 @@ def worker_hf(hf_dir: Path, ckpt: Path) -> dict:
         with torch.no_grad():
             hf.generate(ids[:, :prompt], max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
 
-    generate(PROMPT, 4)  # warm up
-    with torch.no_grad():
-        prefill_s = _best(lambda: hf(ids))
-    ttft = _best(lambda: generate(TTFT_PROMPT, 1))
-    bandwidth = read_bandwidth()
-    one = _best(lambda: generate(PROMPT, 1), repeats=2)
-    many = _best(lambda: generate(PROMPT, DECODE + 1), repeats=2)
-    return {"decode_tok_s": DECODE / (many - one), "prefill_tok_s": PREFILL / prefill_s, "ttft_s": ttft,
-            "bandwidth_bytes_per_s": bandwidth}
+    def prefill():
+        with torch.no_grad():
+            hf(ids)
+
+    return _peer_timings(generate, prefill)
 
 
 def worker_llama_cpp(hf_dir: Path, ckpt: Path) -> dict:
@@ -187,14 +198,7 @@ def worker_llama_cpp(hf_dir: Path, ckpt: Path) -> dict:
         llm.reset()
         llm.eval(ids)
 
-    generate(PROMPT, 4)  # warm up
-    prefill_s = _best(prefill)
-    ttft = _best(lambda: generate(TTFT_PROMPT, 1))
-    bandwidth = read_bandwidth()
-    one = _best(lambda: generate(PROMPT, 1), repeats=2)
-    many = _best(lambda: generate(PROMPT, DECODE + 1), repeats=2)
-    return {"decode_tok_s": DECODE / (many - one), "prefill_tok_s": PREFILL / prefill_s, "ttft_s": ttft,
-            "bandwidth_bytes_per_s": bandwidth}
+    return _peer_timings(generate, prefill)
 
 
 WORKERS = {"ours": worker_ours, "transformers": worker_hf, "llama.cpp": worker_llama_cpp}

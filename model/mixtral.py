@@ -201,8 +201,8 @@ class MoE(nnx.Module):
         self.group_size = config.num_experts if branchless else mesh.shape[EXPERT]
         groups = [slice(g, g + self.group_size) for g in range(0, config.num_experts, self.group_size)]
         self.ffn_split = specs["w1"][-1] is not None  # is the intermediate dim split over the model axis?
-        kernel_dtype = {"int8": jnp.int8, "int4": jnp.uint4}.get(config.quantization, config.dtype)
-        self.out_major = branchless and expert_gemv.stores_out_major(kernel_dtype)  # kernels [.., out, in]
+        self.kernel_dtype = {"int8": jnp.int8, "int4": jnp.uint4}.get(config.quantization, config.dtype)
+        self.out_major = branchless and expert_gemv.stores_out_major(self.kernel_dtype)  # kernels [.., out, in]
 
         def linears(name: str) -> nnx.List:
             return nnx.List([Linear(self._layout(weights.linear(f"{prefix}.{name}", specs[name], rows=r), specs[name]),
@@ -225,8 +225,7 @@ class MoE(nnx.Module):
         if not (self.branchless and n_tokens == 1 and c.quantization in (None, "int8")):
             return False
         D, I = c.hidden_size, c.intermediate_size // (self.mesh.shape[MODEL] if self.ffn_split else 1)
-        dtype = jnp.int8 if c.quantization == "int8" else c.dtype
-        return expert_gemv.supported(D, I, dtype) and expert_gemv.supported(I, D, dtype)
+        return expert_gemv.supported(D, I, self.kernel_dtype) and expert_gemv.supported(I, D, self.kernel_dtype)
 
     def __call__(self, x: jax.Array, live: jax.Array) -> jax.Array:
         """x [B, T, D]; live [T] marks real tokens (bucket padding is not routed). -> [B, T, D]."""
