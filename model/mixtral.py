@@ -70,8 +70,8 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
 
     q [B, KV, G, T, Dh] (already scaled); k_cache [B, KV, Dh, S]; v_cache [B, KV, S, Dh]; q_slots [T]
     the slot of each query; start [B] each row's first slot. Only the blocks up to the last query's
-    slot are visited, except in a `branchless` decode, which reads the whole cache in one block (see
-    `Mixtral`). Returns [B, KV, G, T, Dh] float32.
+    slot are visited, except `branchless` (see `Mixtral`), which reads the whole cache in one block.
+    Returns [B, KV, G, T, Dh] float32.
     """
     B, KV, G, T, Dh = q.shape
     S = v_cache.shape[2]
@@ -102,7 +102,7 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
 
     carry = (jnp.full((B, KV, G, T), MASKED, jnp.float32), jnp.zeros((B, KV, G, T), jnp.float32),
              jnp.zeros((B, KV, G, T, Dh), jnp.float32))
-    if T == 1 and branchless:
+    if branchless:
         carry = fold(carry, 0, S, 0)
     elif T == 1:
         # Decode: a few blocks, each under a cond that skips it past the last written slot. (On XLA:CPU
@@ -162,10 +162,11 @@ class Block(nnx.Module):
 
 
 class Mixtral(nnx.Module):
-    """`branchless` (default: on GPUs) keeps data-dependent control flow out of batch-1 decode: XLA on a
-    GPU runs each cond by copying its predicate to the host and waiting (~40 us; 384 per token of
-    Mixtral-8x7B), so decode attention reads the whole cache at once and the experts run in the
-    expert_gemv kernel. On the CPU a cond costs nothing and skips work."""
+    """`branchless` (default: on GPUs) keeps data-dependent control flow out of the programs: XLA on a
+    GPU runs each cond or loop iteration by copying its predicate to the host and waiting (~40 us; 384
+    per token of Mixtral-8x7B), so attention reads the whole cache at once and the experts run in Pallas
+    kernels (expert_gemv for decode, grouped_matmul for prefill). On the CPU a cond costs nothing and
+    skips work."""
 
     def __init__(self, config: MixtralConfig, weights: Weights, mesh: Mesh, branchless: bool | None = None):
         check_mesh_fits(mesh, config)

@@ -15,9 +15,13 @@ its own experts; a psum adds the devices' partial sums):
   in place (no cond: a GPU cond waits for the host).
 - `few_tokens_cond`: up to MOE_TILE tokens on the CPU; each expert under a cond, skipped unless a token
   chose it, run on all the tokens with the others weighted 0 (batch-1 decode reads just k experts).
-- `sorted_tiles`: more tokens; assignments sorted by expert, and a loop per expert over the tiles of
-  tokens routed to it (data-dependent trip count: N * k rows in all instead of N * E). XLA:CPU copies an
-  expert's weights into its loop first: ~7% of a 512-token prefill.
+- `sorted_tiles`: more tokens on the CPU; assignments sorted by expert, and a loop per expert over the
+  tiles of tokens routed to it (data-dependent trip count: N * k rows in all instead of N * E). XLA:CPU
+  copies an expert's weights into its loop first: ~7% of a 512-token prefill.
+- `grouped_rows`: more than one token on a GPU; the rows grouped by expert go through the
+  grouped_matmul kernel, every expert in one static grid (no loop, no host round trip).
+On a GPU quantized experts are stored out-major ([.., out, in]; int4 packed two per byte along the
+inputs, its scales and offsets [.., out, in/group]), as both kernels read them.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import expert_gemv, quantize
+from . import expert_gemv, grouped_matmul, quantize
 from .config import MixtralConfig
+from .grouped_matmul import GroupedRows
 from .linear import Linear, Weights
 from .sharding import EXPERT, MODEL
 
@@ -113,11 +118,10 @@ class ExpertLayout:
             out_specs=P(), check_vma=False)
 
     def ffn(self, x: jax.Array, w1: Matrix, w3: Matrix, w2: Matrix) -> jax.Array:
-        """One expert's SwiGLU on x [n, D] -> float32 [n, D]; kernels [D, I] (or [I, D] out_major)."""
+        """One expert's SwiGLU on x [n, D] -> float32 [n, D]; kernels [D, I] (or stored out-major)."""
         def matmul(h, matrix):
-            kernel, params = matrix
-            return quantize.matmul(h, kernel.T if self.out_major else kernel, params, self.quantization,
-                                   self.quant_group)
+            kernel, params = expert_gemv.as_matmul_operands(*matrix) if self.out_major else matrix
+            return quantize.matmul(h, kernel, params, self.quantization, self.quant_group)
 
         h = jax.nn.silu(matmul(x, w1)) * matmul(x, w3)
         return matmul(h, w2).astype(jnp.float32)
@@ -189,21 +193,49 @@ def sorted_tiles(layout: ExpertLayout, xs: jax.Array, routing: SortedAssignments
     return layout.shard_map(local, SortedAssignments(P(), P(), P(), P()))(xs, routing, w1, w3, w2)
 
 
+def grouped_rows(layout: ExpertLayout, xs: jax.Array, routing: GroupedRows, w1, w3, w2) -> jax.Array:
+    """xs [N, D]: the rows of every expert (one group of all E) through the grouped_matmul kernel.
+    -> float32 [N, D]."""
+    N, D = xs.shape
+    block_rows = routing.token_of.shape[0] // routing.tile_expert.shape[0]
+    interpret = layout.mesh.devices.flat[0].platform == "cpu"  # the kernel's tests run it interpreted
+
+    def local(xs, routing, w1, w3, w2):
+        mine = routing.tile_expert - jax.lax.axis_index(EXPERT) * layout.per_device  # tiles of this device's experts
+        mine = jnp.where((routing.tile_expert >= 0) & (mine >= 0) & (mine < layout.per_device), mine, -1)
+
+        def gmm(rows, matrices):
+            (kernel, params), = matrices
+            return grouped_matmul.grouped_matmul(rows, mine, kernel, *params, block_rows=block_rows,
+                                                 interpret=interpret)
+
+        rows = jnp.concatenate([xs, jnp.zeros((1, D), xs.dtype)])[routing.token_of]  # [R, D]; token N: zeros
+        h = (jax.nn.silu(gmm(rows, w1)) * gmm(rows, w3)).astype(xs.dtype)  # [R, I/M]
+        out = gmm(h, w2) * routing.weight_of[:, None]  # [R, D]
+        return jnp.zeros((N + 1, D), jnp.float32).at[routing.token_of].add(out)[:N]
+
+    return layout.shard_map(local, GroupedRows(P(), P(), P()))(xs, routing, w1, w3, w2)
+
+
 class MoE(nnx.Module):
     """Top-k of E SwiGLU experts per token (see the module docstring for the strategies)."""
 
     def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict, mesh: Mesh, branchless: bool):
         self.config, self.branchless = config, branchless
         self.router = nnx.Param(weights.dense(f"{prefix}.router", specs["router"]))
-        kernel_dtype = {"int8": jnp.int8, "int4": jnp.uint4}.get(config.quantization, config.dtype)
+        # the kernels' dtype for the weights (int4: packed two per byte)
+        kernel_dtype = {"int8": jnp.int8, "int4": jnp.uint8}.get(config.quantization, config.dtype)
         group_size = config.num_experts if branchless else mesh.shape[EXPERT]
         self.layout = ExpertLayout(
             mesh=mesh, num_experts=config.num_experts, group_size=group_size,
             out_major=branchless and expert_gemv.stores_out_major(kernel_dtype),
             ffn_split=specs["w1"][-1] is not None, quantization=config.quantization,
             quant_group=config.quant_group_size, specs=(specs["w1"], specs["w3"], specs["w2"]))
-        self.in_place_decode = branchless and config.quantization in (None, "int8") and all(
-            expert_gemv.supported(n_in, n_out, kernel_dtype) for n_in, n_out in self._expert_dims())
+        group = config.quant_group_size
+        self.in_place_decode = branchless and all(
+            expert_gemv.supported(n_in, n_out, kernel_dtype, group) for n_in, n_out in self._expert_dims())
+        self.grouped_prefill = branchless and all(
+            grouped_matmul.tiling_for(n_in, n_out, kernel_dtype, group) for n_in, n_out in self._expert_dims())
 
         def stored(name: str) -> nnx.List:
             groups = [slice(g, g + group_size) for g in range(0, config.num_experts, group_size)]
@@ -219,10 +251,15 @@ class MoE(nnx.Module):
         return [(c.hidden_size, ffn), (ffn, c.hidden_size)]
 
     def _stored(self, matrix: Matrix, spec: tuple) -> Matrix:
+        """The [.., in, out] (kernel, params) a Weights source hands out -> the layout kept in memory."""
         kernel, params = matrix
-        if self.layout.out_major:
-            kernel = _transposer(NamedSharding(self.layout.mesh, P(*self.layout.stored_spec(spec))))(kernel)
-        return kernel, params
+        if not self.layout.out_major:
+            return kernel, params
+        stored = NamedSharding(self.layout.mesh, P(*self.layout.stored_spec(spec)))
+        if self.config.quantization == "int4":
+            return (_relayout(expert_gemv.pack_int4, stored)(kernel),
+                    tuple(_relayout(_swap_last, stored)(p) for p in params))
+        return _relayout(_swap_last, stored)(kernel), params
 
     def __call__(self, x: jax.Array, live: jax.Array) -> jax.Array:
         """x [B, T, D]; live [T] marks real tokens (bucket padding is not routed). -> [B, T, D]."""
@@ -234,6 +271,9 @@ class MoE(nnx.Module):
         matrices = tuple([lin.arrays() for lin in linears] for linears in (self.w1, self.w3, self.w2))
         if N == 1 and self.in_place_decode:
             out = decode_in_place(self.layout, xs, ChosenExperts(top_e[0], top_w[0]), *matrices)
+        elif self.grouped_prefill:
+            block_rows = grouped_matmul.TILING.block_rows if N * c.experts_per_token >= 256 else grouped_matmul.SMALL.block_rows
+            out = grouped_rows(self.layout, xs, GroupedRows.of(top_w, top_e, E, block_rows), *matrices)
         elif N <= MOE_TILE:
             weights = jnp.zeros((N, E + 1), jnp.float32).at[jnp.arange(N)[:, None], top_e].add(top_w)[:, :E]
             out = few_tokens_cond(self.layout, xs, TokenWeights(weights, expert_counts(top_e, E)), *matrices)
@@ -246,7 +286,11 @@ class MoE(nnx.Module):
         return out.astype(x.dtype).reshape(B, T, D)
 
 
+def _swap_last(a: jax.Array) -> jax.Array:
+    return jnp.swapaxes(a, -1, -2)
+
+
 @functools.cache
-def _transposer(sharding: NamedSharding):
-    """Compiled once per placement: swaps an array's last two dims."""
-    return jax.jit(lambda a: jnp.swapaxes(a, -1, -2), out_shardings=sharding)
+def _relayout(fn, sharding: NamedSharding):
+    """fn compiled once per placement of its result."""
+    return jax.jit(fn, out_shardings=sharding)
