@@ -22,17 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from chat_app import model_registry, paths
+from chat_app.errors import EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED, UserError
 from chat_app.personas import DEFAULT_PERSONA, Persona, PersonaLibrary
 from chat_app.store import Conversation, Store, title_from
 
 if TYPE_CHECKING:
     from model.engine import Engine
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
-EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE, as shells report a reader that went away
-
-
-class HeadlessError(Exception):
+class HeadlessError(UserError):
     """Bad input or set-up (a bad stdin line, no model to use, a checkpoint that does not load),
     in words fit for the user."""
 
@@ -73,16 +70,11 @@ def run_headless(*, data_dir: Path, model_dir: Path | None, persona_name: str | 
 
 def load_engine(model_dir: Path, mesh_shape: tuple[int, int] | None, context_length: int | None,
                 on_progress: Callable[[float, str], None] | None = None) -> Engine:
-    """The engine on `model_dir`; HeadlessError for a checkpoint or mesh the user has to fix."""
+    """The engine on `model_dir` (a checkpoint or mesh the user has to fix raises a `UserError`)."""
     paths.enable_jax_compilation_cache()
-    from model.checkpoint import CheckpointError
     from model.engine import Engine
-    from model.sharding import MeshError
 
-    try:
-        return Engine(model_dir, mesh_shape=mesh_shape, context_length=context_length, on_progress=on_progress)
-    except (CheckpointError, MeshError) as e:
-        raise HeadlessError(str(e)) from None
+    return Engine(model_dir, mesh_shape=mesh_shape, context_length=context_length, on_progress=on_progress)
 
 
 class HeadlessChat:

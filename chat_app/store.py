@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from chat_app.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 MESSAGE_STATUSES = ("complete", "streaming", "cancelled", "error")
 APPLICATION_ID = 0x4D584348  # "MXCH" in the SQLite header: marks the file as ours
@@ -89,7 +91,7 @@ TITLE_LENGTH = 48  # characters of a title made from the first message
 _MATCH_START, _MATCH_END = "\ue000", "\ue001"
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A history problem, in words fit for the user (which file, what is wrong, what to do)."""
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from pathlib import Path
 from textual.message import Message
 
 from chat_app import paths
+from chat_app.errors import UserError
 from model.engine_api import Compiling, ContextTrimmed, FinishReason, SamplingParams, TextDelta, TurnDone
 
 DELTA_BATCH_S = 0.05
@@ -118,23 +118,9 @@ class TokensCounted(Message):
     tokens: int
 
 
-USER_FACING_ERRORS = (
-    ("model.checkpoint", "CheckpointError"),  # a checkpoint that cannot be loaded
-    ("model.sharding", "MeshError"),  # a --mesh that does not fit the devices
-    ("model.engine", "EngineError"),  # a turn that cannot run (its message alone overflows the context)
-)
-"""The model's exceptions whose messages are written for users."""
-
-
 def describe_error(error: Exception) -> str:
-    """A message for the user: a `USER_FACING_ERRORS` message as it is, anything else with its type
-    for context. (The modules are looked up, not imported: if one was never imported, the error
-    cannot be one of its.)"""
-    for module_name, class_name in USER_FACING_ERRORS:
-        module = sys.modules.get(module_name)
-        if module is not None and isinstance(error, getattr(module, class_name)):
-            return str(error)
-    return f"{type(error).__name__}: {error}"
+    """A message for the user: a `UserError`'s as it is, anything else (a bug) with its type for context."""
+    return str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
 
 
 @dataclass

@@ -7,13 +7,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 DEFAULT_CONTEXT = 4096  # tokens of conversation the engine keeps unless told otherwise
 QUANTIZATIONS = (None, "int8", "int4")
 DTYPES = ("float32", "bfloat16", "float16")
 CHAT_FORMATS = ("mixtral-instruct", "template")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config.json we cannot run, with the reason in words."""
 
 
