@@ -36,11 +36,14 @@ WORKER_STOP_TIMEOUT_S = 10.0
 """How long quitting waits for the engine thread (a turn stops within one token)."""
 
 REMAPPABLE = (ChatScreen, PromptInput, PersonaScreen, PersonaEditorScreen, ConfirmScreen, TextPromptScreen)
-"""The classes whose bindings have ids, i.e. what settings.toml's [keys] table can remap."""
+"""The classes whose bindings have ids, i.e. what settings.toml's [keys] table can remap (and the
+wizard's screen, imported only when there is a [keys] table to check: it imports huggingface_hub)."""
 
 
 def binding_ids() -> list[str]:
-    return [b.id for cls in REMAPPABLE for b in cls.BINDINGS if isinstance(b, Binding) and b.id]
+    from chat_app.wizard import WizardScreen
+
+    return [b.id for cls in (*REMAPPABLE, WizardScreen) for b in cls.BINDINGS if isinstance(b, Binding) and b.id]
 
 
 def load_keymap(settings_file: Path) -> tuple[dict[str, str], list[str]]:

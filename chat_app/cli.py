@@ -30,9 +30,12 @@ from chat_app.personas import (
     check_setting,
 )
 from chat_app.terminal import StderrProgress, format_bytes, format_count
+from model.config import QUANTIZATIONS
 
 if TYPE_CHECKING:
     from chat_app.setup_flow import SetupPlan
+
+QUANTIZE_CHOICES = tuple(q or "none" for q in QUANTIZATIONS)
 
 
 class CliError(UserError):
@@ -92,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--local", metavar="HF_DIR", type=Path, help="an HF model folder already on disk")
     source.add_argument("--demo", action="store_true", help="build the small demo model")
     setup.add_argument("--revision", metavar="REV", help="hub branch, tag or commit (default: main)")
-    setup.add_argument("--quantize", choices=("none", "int8", "int4"), default="none")
+    setup.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none")
     setup.add_argument("--dtype", choices=("bfloat16", "float32"),
                        help="default: bfloat16 on GPU/TPU, float32 on CPU (faster there)")
     setup.add_argument("--name", help="the installed model's name (default: from the repo or folder)")
@@ -110,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("hf_dir", type=Path, metavar="HF_DIR")
     convert.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     convert.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    convert.add_argument("--quantize", choices=("none", "int8", "int4"), default="none")
+    convert.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none")
     convert.add_argument("--upcycle-experts", type=_positive_int, metavar="N",
                          help="turn a dense model's MLP into N identical experts")
     convert.set_defaults(handler=_convert)

@@ -33,11 +33,10 @@ from huggingface_hub import get_token
 from chat_app import hub, paths
 from chat_app.errors import PROG, UserError
 from chat_app.terminal import format_bytes, format_duration
-from model.config import DEFAULT_CONTEXT, ConfigError, MixtralConfig
+from model.config import DEFAULT_CONTEXT, QUANTIZATIONS, ConfigError, MixtralConfig
 
 DEFAULT_REPO = hub.EXAMPLE_REPO
 MEMORY_HEADROOM = 0.10  # activations, compiled programs, the allocator's slack
-QUANTIZATIONS = (None, "int8", "int4")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
 _SNAPSHOT = re.compile(r"models--(?P<org>[^/]+)--(?P<name>[^/]+)/snapshots/[0-9a-f]{40}$")
 

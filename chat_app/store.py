@@ -1,7 +1,9 @@
 """Chat history in SQLite: conversations, their messages, and the persona settings each one uses.
 
-One `Store` is shared by the UI thread and the worker thread that runs the engine, so every call
-takes a lock around the single connection. The file is in WAL mode: a committed write survives the
+The app uses its `Store` from the UI thread only: the engine's worker thread never touches it (the
+chat screen saves a reply as the worker's messages arrive), and headless mode is one thread. Every call
+still takes a lock around the single connection, so a `Store` may be shared between threads (a slow
+export or search could move to a thread without a second connection). The file is in WAL mode: a committed write survives the
 process being killed, so a reply saved while it streams (see `ReplyRecorder`) loses at most its
 last unsaved second, and a conversation once created is never lost.
 
@@ -141,7 +143,7 @@ class SearchHit:
 
 
 class Store:
-    """The chat history database at `path` (created if missing). Safe to share between threads."""
+    """The chat history database at `path` (created if missing). Safe to share between threads (see above)."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)

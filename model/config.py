@@ -10,9 +10,9 @@ from pathlib import Path
 from .errors import UserError
 
 DEFAULT_CONTEXT = 4096  # tokens of conversation the engine keeps unless told otherwise
-QUANTIZATIONS = (None, "int8", "int4")
+QUANTIZATIONS = (None, "int8", "int4")  # weight-only, see quantize.py; None: the dtype as it is
 DTYPES = ("float32", "bfloat16", "float16")
-CHAT_FORMATS = ("mixtral-instruct", "template")
+CHAT_FORMATS = ("mixtral-instruct", "template")  # see chat_format.py
 
 
 class ConfigError(UserError, ValueError):

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import sentencepiece
 import tokenizers
 
-from model.chat_format import CHAT_FORMATS
+from model.config import CHAT_FORMATS
 from model.errors import UserError
 
 
