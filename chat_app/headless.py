@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, TextIO
 from chat_app import model_registry, paths
 from chat_app.errors import EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED, UserError
 from chat_app.personas import DEFAULT_PERSONA, Persona, PersonaLibrary
-from chat_app.store import Conversation, Store, title_from
+from chat_app.store import Conversation, Store, title_from, turn_outcome
 
 if TYPE_CHECKING:
     from model.engine import Engine
+    from model.engine_api import ChatEngine
 
 class HeadlessError(UserError):
     """Bad input or set-up (a bad stdin line, no model to use, a checkpoint that does not load),
@@ -80,7 +81,7 @@ def load_engine(model_dir: Path, mesh_shape: tuple[int, int] | None, context_len
 class HeadlessChat:
     """The turn loop, on an engine that is already loaded (tests drive it with a real tiny model)."""
 
-    def __init__(self, engine: Engine, store: Store, persona: Persona, model_label: str, *,
+    def __init__(self, engine: ChatEngine, store: Store, persona: Persona, model_label: str, *,
                  conversation: Conversation | None = None, seed: int | None = None, jsonl: bool = False,
                  stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr):
         self.engine = engine
@@ -114,7 +115,6 @@ class HeadlessChat:
 
     def turn(self, text: str) -> None:
         """Send one user message, stream the reply to stdout and save it as it streams."""
-        from model.engine import EngineError
         from model.engine_api import ContextTrimmed, TextDelta, TurnDone
 
         if self.conversation is None:
@@ -140,7 +140,7 @@ class HeadlessChat:
         except KeyboardInterrupt:  # a second Ctrl-C: the user does not want to wait for the token
             reply.finish("cancelled")
             raise
-        except EngineError as e:  # e.g. the message alone does not fit the context
+        except UserError as e:  # e.g. the message alone does not fit the context
             reply.finish("error")
             raise HeadlessError(str(e)) from None
         except Exception:
@@ -148,11 +148,9 @@ class HeadlessChat:
             raise
         finally:
             self._generating = False
-        record = dataclasses.asdict(done)
-        reply.finish("cancelled" if done.finish_reason == "cancelled" else "complete",
-                     stats={k: v for k, v in record.items() if k != "text"}, text=done.text)
-        self._write(json.dumps({"conversation_id": conversation_id, **record}, ensure_ascii=False) + "\n"
-                    if self.jsonl else "\n")
+        reply.finish(*turn_outcome(done), text=done.text)
+        self._write(json.dumps({"conversation_id": conversation_id, **dataclasses.asdict(done)}, ensure_ascii=False)
+                    + "\n" if self.jsonl else "\n")
 
     def _user_text(self, line: str, line_number: int) -> str | None:
         """The user message on one stdin line; None for a blank line."""

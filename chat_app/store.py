@@ -14,6 +14,7 @@ message that names the file and says what to do; it is never modified or replace
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,8 +26,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chat_app.errors import UserError
+
+if TYPE_CHECKING:
+    from model.engine_api import TurnDone
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_STATUSES = ("complete", "streaming", "cancelled", "error")
@@ -410,7 +415,13 @@ class Store:
 
 
 class ReplyRecorder:
-    """A reply being generated, saved as it grows.
+    """A reply being generated, saved as it grows; the one record of a turn's life for the chat screen
+    and headless mode alike:
+
+        reply = store.start_reply(conversation_id)  # an empty "streaming" message
+        reply.append(delta.text)                    # each TextDelta
+        reply.finish(*turn_outcome(done), text=done.text)   # the engine's TurnDone
+        reply.finish("error") / reply.finish("cancelled")   # failed, or stopped before the engine ended it
 
     Saving every token would cost a commit per token; saving at most every `save_interval_s` bounds
     both the cost and what a killed process loses (the text added since the last save).
@@ -450,6 +461,13 @@ class ReplyRecorder:
         self.store.update_message(self.message_id, self._text, status=status, stats=stats)
         self._saved_chars = len(self._text)
         self._last_save = self._clock()
+
+
+def turn_outcome(done: TurnDone) -> tuple[str, dict]:
+    """How a reply the engine finished is saved: its status ("cancelled" if the user stopped it, else
+    "complete") and its stats (the turn's finish reason, token counts and timings)."""
+    status = "cancelled" if done.finish_reason == "cancelled" else "complete"
+    return status, {name: value for name, value in dataclasses.asdict(done).items() if name != "text"}
 
 
 def title_from(text: str) -> str:
