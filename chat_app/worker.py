@@ -230,7 +230,15 @@ class EngineWorker:
             self._post(EngineFailed(load_error))
         else:
             self._post(EngineReady(engine.model_name, engine.context_limit, engine.device_summary))
-        while (request := self._requests.get()) is not _STOP:
+        preparing = engine is not None  # while idle, the engine gets the programs of later turns ready
+        while True:
+            try:
+                request = self._requests.get(block=not preparing)
+            except queue.Empty:
+                preparing = engine.prepare_next()
+                continue
+            if request is _STOP:
+                break
             if isinstance(request, _Generate):
                 self._serve(engine, load_error, request)
             elif engine is not None and isinstance(request, _CountTokens):

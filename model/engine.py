@@ -77,6 +77,7 @@ class Engine:
         self.max_cached_conversations = max(1, cache_budget_bytes // KVCache.bytes_for(self.config, self.capacity))
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()  # least recently used first
         self._busy = threading.Lock()
+        self._preparing: Iterator[str] | None = None  # programs being prepared in idle time (prepare_next)
         if warm_up:
             report(0.8, "compiling")
             self.warm_up()
@@ -89,6 +90,13 @@ class Engine:
         for _ in self.generate("__warm_up__", [{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=2)):
             pass
         self.forget("__warm_up__")
+
+    def prepare_next(self) -> bool:
+        """Compile (or load from the executable cache) the next program a turn may need, smallest first;
+        False once every one is ready. The app calls it while idle, so later turns never wait."""
+        if self._preparing is None:
+            self._preparing = self.generator.warm_up_steps(self.capacity)
+        return next(self._preparing, None) is not None
 
     # --- public API ---------------------------------------------------------------------------
     def count_tokens(self, messages: list[dict]) -> int:

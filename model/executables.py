@@ -7,6 +7,11 @@ the program (`fingerprint`: the model's config, each parameter's shape, dtype an
 its devices, the CPU's features, jax and jaxlib, the source of `model/` and of its native kernels) plus
 the program's name and shapes. A file that is stale never matches a key; one that is corrupt or fails to
 load is deleted and rebuilt, silently.
+
+Do not combine it with JAX's persistent compilation cache: an executable that XLA:CPU took from that cache
+serializes without some of its functions ("Function ... not found" when the copy runs). The small
+programs around the model's (a zeroed cache, a random key) compile in well under a second, which is
+below what that cache keeps by default anyway.
 """
 
 from __future__ import annotations

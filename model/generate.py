@@ -8,7 +8,7 @@ in `PREFILL_BUCKETS`, one decode step; a conversation that grows never compiles 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -143,12 +143,26 @@ class Generator:
         return any((self.model_def, p) not in _compiled for p in programs)
 
     def warm_up(self, capacity: int) -> None:
-        """Compile every program now (prefill buckets, decode) so no turn waits for the compiler."""
+        """Compile (or load) every program now, so no turn waits for the compiler."""
+        for _ in self.warm_up_steps(capacity):
+            pass
+
+    def warm_up_steps(self, capacity: int) -> Iterator[str]:
+        """Compile (or load) the programs one at a time, yielding after each: the smallest prefill bucket
+        and the decode step first (what a short first message needs), then the bigger buckets. A caller
+        can serve a turn between two steps."""
         sampling = SamplingArrays.of(SamplingParams())
         key = jax.random.key(0)
-        for bucket in PREFILL_BUCKETS:
-            cache = self.new_cache(capacity)
-            seen = self.seen_mask([])
-            token, cache = self.prefill(cache, [0] * bucket, seen, key, sampling)
-        token, cache, seen = self.decode(cache, token, seen, key, sampling)
-        token.block_until_ready()
+
+        def prefill(bucket: int):
+            return self.prefill(self.new_cache(capacity), [0] * bucket, self.seen_mask([]), key, sampling)
+
+        first, *rest = PREFILL_BUCKETS
+        token, cache = prefill(first)
+        yield f"prefill {first}"
+        self.decode(cache, token, self.seen_mask([]), key, sampling)[0].block_until_ready()
+        del token, cache  # no cache kept alive between steps
+        yield "decode"
+        for bucket in rest:
+            prefill(bucket)[0].block_until_ready()
+            yield f"prefill {bucket}"

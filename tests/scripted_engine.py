@@ -77,6 +77,9 @@ class ScriptedEngine:
     def forget(self, conversation_id: str) -> None:
         self.forgotten.append(conversation_id)
 
+    def prepare_next(self) -> bool:
+        return False  # no programs to get ready
+
     def generate(self, conversation_id: str, messages: list[dict], sampling: SamplingParams,
                  should_stop: Callable[[], bool] = lambda: False) -> Iterator[Event]:
         self.requests.append((conversation_id, list(messages)))

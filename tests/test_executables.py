@@ -61,3 +61,21 @@ def test_warm_start_loads_programs_instead_of_tracing_them(tiny_ckpt, tmp_path):
     assert again["text"] == cold["text"]
     assert len([name for name in again["turn"]["compile"] if "step" in name]) == 2
     assert run_turn(tiny_ckpt, tmp_path)["turn"]["compile"] == warm["turn"]["compile"]  # and saved again
+
+
+def test_idle_preparation_readies_every_program_smallest_first(tiny_ckpt, tmp_path):
+    """What the app's worker does while idle: one program per call, until a turn of any length compiles
+    nothing; the programs land in the executable cache."""
+    from model.engine import Engine
+    from model.generate import PREFILL_BUCKETS
+
+    engine = Engine(tiny_ckpt, mesh_shape=(1, 1), context_length=600, executable_cache=tmp_path)
+    assert engine.generator.will_compile(10, engine.capacity)
+    assert engine.prepare_next()  # the smallest prefill bucket
+    assert engine.prepare_next()  # the decode step: a short first message compiles nothing now
+    assert not engine.generator.will_compile(10, engine.capacity)
+    assert engine.generator.will_compile(100, engine.capacity)
+    while engine.prepare_next():
+        pass
+    assert not engine.generator.will_compile(600, engine.capacity)
+    assert len(list(tmp_path.glob("*.executable"))) == len(PREFILL_BUCKETS) + 1
