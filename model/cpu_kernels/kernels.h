@@ -1,0 +1,31 @@
+// Matmuls y[M, N] = x[M, K] @ W[N, K]^T with float32 activations in and out and weights in one of four
+// types, laid out [out, in] (one contiguous row of W per output) by model/cpu_matmul.py at load time:
+//   F32   float32 [N, K]
+//   BF16  bfloat16 [N, K] (as uint16)
+//   INT8  int8 [N, K], one float32 scale per output row:            W[n, k] = q * scale[n]
+//   INT4  uint8 [N, K/2], groups of `group` (a multiple of 32) inputs, W[n, k] = q * scale[n, g] + offset[n, g]
+//         float32 scale and offset [N, K/group] per group; each 32 inputs take 16 bytes,
+//         byte j holding input j in its low nibble and input 16 + j in its high nibble.
+// Every weight type has a scalar reference (matmul.cc) and SIMD kernels (simd.inc) compiled once per
+// instruction set; which set runs is chosen at run time from what the CPU reports.
+#pragma once
+
+#include <cstdint>
+
+namespace mixtral_cpu {
+
+enum class WeightType { F32, BF16, INT8, INT4 };
+
+struct Weights {
+  WeightType type;
+  const void* data;
+  const float* scale;   // INT8 [N], INT4 [N, K / group]; else null
+  const float* offset;  // INT4 [N, K / group]; else null
+  int64_t N, K, group;
+};
+
+// y rows [m0, m1) x columns [n0, n1). `xsum` [M, K / group]: the sums of x over each INT4 group.
+using MatmulFn = void (*)(const Weights& w, const float* x, const float* xsum, int64_t M, int64_t m0, int64_t m1,
+                          int64_t n0, int64_t n1, float* y);
+
+}  // namespace mixtral_cpu

@@ -1,0 +1,113 @@
+"""Matmuls on the CPU through our native kernels (model/cpu_kernels), called by XLA inside the jitted
+programs through its FFI: weights in float32, bfloat16, int8 or int4 stream at memory speed, where
+XLA:CPU runs only float32 near it (bfloat16 ~1 GB/s, int8 ~0.3, int4 ~0.1 on one GEMV).
+
+The kernels want each weight as [out, in] rows (`layout` does it once, at load):
+    float32 / bfloat16  [..., out, in]
+    int8                int8 [..., out, in], scale float32 [..., out]
+    int4                uint8 [..., out, in/2], each 32 inputs in 16 bytes (byte j: input j in the low
+                        nibble, 16 + j in the high one); scale, offset float32 [..., out, in/group]
+`matmul(x, kernel, params, mode, group)` multiplies float activations by such a weight, inside jit and
+inside shard_map (each device calls the kernel on its own shard).
+
+The kernels come as a shared library built by `pip install` (setup.py; a C++ compiler is needed). If it is
+missing or fails to load, `available()` is False, the model stays on XLA's matmuls, and `warn_once` says
+so: quantized and bfloat16 models then run several times slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LIBRARY = "_cpu_kernels"  # model/_cpu_kernels<EXTENSION_SUFFIX>, built by setup.py
+TARGETS = {"float32": "mixtral_matmul_f32", "bfloat16": "mixtral_matmul_bf16", "int8": "mixtral_matmul_int8",
+           "int4": "mixtral_matmul_int4"}
+ISAS = ("scalar", "avx2", "avx512")  # mixtral_cpu_isa()'s values
+INT4_BLOCK = 32  # inputs per 16 bytes in the int4 layout; int4 groups must be a multiple of it
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded library with its FFI targets registered, or None and why not)."""
+    here = Path(__file__).parent
+    paths = [here / f"{LIBRARY}{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        return None, (f"the native CPU kernels were not built (no {LIBRARY}*.so in {here}); reinstall with "
+                      "`pip install .` on a machine with a C++ compiler (g++ or clang++)")
+    try:
+        lib = ctypes.CDLL(str(path))
+        for target in TARGETS.values():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
+    except (OSError, AttributeError) as e:
+        return None, f"the native CPU kernels in {path} failed to load ({e}); reinstall with `pip install .`"
+    return lib, ""
+
+
+def available() -> bool:
+    return _library()[0] is not None
+
+
+def unavailable_reason() -> str:
+    return _library()[1]
+
+
+@functools.cache
+def warn_once() -> None:
+    """Say once, on stderr, that quantized / bfloat16 models will be slow on this CPU, and why."""
+    if not available():
+        print(f"mixtral-chat: warning: {unavailable_reason()}. Until then int8, int4 and bfloat16 models run "
+              "on XLA's matmuls, several times slower than float32.", file=sys.stderr, flush=True)
+
+
+def isa() -> str:
+    """The instruction set the kernels run with (the best this CPU has, unless `set_isa` changed it)."""
+    return ISAS[_library()[0].mixtral_cpu_isa()]
+
+
+def set_isa(name: str) -> bool:
+    """Run the kernels with `name` (one of ISAS) from now on, if this CPU has it; for tests and benchmarks."""
+    return bool(_library()[0].mixtral_cpu_set_isa(ISAS.index(name)))
+
+
+def supports(mode: str | None, n_in: int, group: int) -> bool:
+    """Whether the kernels take a weight of this quantization with `n_in` inputs (int4: whole 32-blocks)."""
+    return mode != "int4" or (group % INT4_BLOCK == 0 and n_in % group == 0)
+
+
+def layout(values: np.ndarray, mode: str | None) -> np.ndarray:
+    """A weight's values as stored in a checkpoint ([..., in, out]; int4 packed [..., in/2, out], even rows in
+    the low nibble, see quantize.py) -> the kernel's layout (module docstring)."""
+    if mode != "int4":
+        return np.ascontiguousarray(np.swapaxes(values, -1, -2))
+    q = np.empty((*values.shape[:-2], 2 * values.shape[-2], values.shape[-1]), np.uint8)
+    q[..., 0::2, :], q[..., 1::2, :] = values & 0x0F, values >> 4
+    q = np.swapaxes(q, -1, -2)  # [..., out, in]
+    blocks = q.reshape(*q.shape[:-1], -1, 2, INT4_BLOCK // 2)  # [..., out, in/32, 2, 16]
+    return (blocks[..., 0, :] | (blocks[..., 1, :] << 4)).reshape(*q.shape[:-1], -1)
+
+
+def layout_param(values: np.ndarray, mode: str) -> np.ndarray:
+    """A quantization parameter from the checkpoint (int8 [..., out]; int4 [..., in/group, out]) -> the kernel's."""
+    return values if mode == "int8" else np.ascontiguousarray(np.swapaxes(values, -1, -2))
+
+
+def matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], mode: str | None,
+           group: int) -> jax.Array:
+    """x [..., in] @ the weight (kernel in the kernel's layout, params per `mode`) -> [..., out], x.dtype."""
+    *lead, n_in = x.shape
+    n_out = kernel.shape[-2]
+    target = TARGETS[mode or jnp.dtype(kernel.dtype).name]
+    attrs = {"group": np.int64(group)} if mode == "int4" else {}
+    rows = x.reshape(-1, n_in).astype(jnp.float32)
+    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], n_out), jnp.float32))(
+        rows, kernel, *(p.astype(jnp.float32) for p in params), **attrs)
+    return y.reshape(*lead, n_out).astype(x.dtype)
