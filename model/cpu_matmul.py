@@ -103,6 +103,8 @@ def layout_param(values: np.ndarray, mode: str) -> np.ndarray:
 def matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], mode: str | None,
            group: int) -> jax.Array:
     """x [..., in] @ the weight (kernel in the kernel's layout, params per `mode`) -> [..., out], x.dtype."""
+    if not available():
+        raise RuntimeError(unavailable_reason())
     *lead, n_in = x.shape
     n_out = kernel.shape[-2]
     target = TARGETS[mode or jnp.dtype(kernel.dtype).name]

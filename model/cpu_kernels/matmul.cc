@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -51,6 +52,8 @@ static void matmul_reference(const Weights& w, const float* x, const float*, int
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MIXTRAL_X86 1
+#include <immintrin.h>
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #ifdef __clang__
@@ -58,7 +61,9 @@ static void matmul_reference(const Weights& w, const float* x, const float*, int
 #endif
 namespace avx2 {
 constexpr int W = 8;
+#define SIMD_WIDTH 8
 #include "simd.inc"
+#undef SIMD_WIDTH
 }  // namespace avx2
 #ifdef __clang__
 #pragma clang attribute pop
@@ -72,7 +77,9 @@ constexpr int W = 8;
 #endif
 namespace avx512 {
 constexpr int W = 16;
+#define SIMD_WIDTH 16
 #include "simd.inc"
+#undef SIMD_WIDTH
 }  // namespace avx512
 #ifdef __clang__
 #pragma clang attribute pop
