@@ -63,7 +63,7 @@ def _drawer(kind: str, shape: tuple[int, ...], dtype, sharding: NamedSharding):
 
 
 class RandomWeights:
-    """A `model.mixtral.Weights` source of random arrays, made on the devices in their shards."""
+    """A `model.linear.Weights` source of random arrays, made on the devices in their shards."""
 
     def __init__(self, config: MixtralConfig, mesh, seed: int = 0):
         self.config, self.mesh = config, mesh
