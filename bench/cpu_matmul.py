@@ -25,11 +25,12 @@ def weights(n_in: int, n_out: int, dtype: str, mode: str | None, seed: int):
     w = np.random.default_rng(seed).standard_normal((n_in, n_out), np.float32)
     if mode is None:
         w = w.astype(jnp.dtype(dtype))
-        return (jnp.asarray(w), ()), (jnp.asarray(cpu_matmul.layout(w, None)), ())
+        return (jnp.asarray(w), ()), (jnp.asarray(cpu_matmul.layout(w, (), None)[0]), ())
     q, params = quantize.quantize(w, mode, GROUP)
     xla_kernel = quantize.unpack_int4(q) if mode == "int4" else q
+    kernel, kernel_params = cpu_matmul.layout(q, params, mode)
     return ((jnp.asarray(xla_kernel), tuple(map(jnp.asarray, params))),
-            (jnp.asarray(cpu_matmul.layout(q, mode)), tuple(jnp.asarray(cpu_matmul.layout_param(p, mode)) for p in params)))
+            (jnp.asarray(kernel), tuple(map(jnp.asarray, kernel_params))))
 
 
 def main(argv=None) -> None:

@@ -5,8 +5,9 @@ XLA:CPU runs only float32 near it (bfloat16 ~1 GB/s, int8 ~0.3, int4 ~0.1 on one
 The kernels want each weight as [out, in] rows (`layout` does it once, at load):
     float32 / bfloat16  [..., out, in]
     int8                int8 [..., out, in], scale float32 [..., out]
-    int4                uint8 [..., out, in/2], each 32 inputs in 16 bytes (byte j: input j in the low
-                        nibble, 16 + j in the high one); scale, offset float32 [..., out, in/group]
+    int4                uint8 [..., out, in/2] (input 2j in the low nibble of byte j, 2j + 1 in the high
+                        one); scale, offset float32 [..., out, in/group]
+(the layouts of the GPU kernels for quantized weights, model/expert_gemv.py).
 `matmul(x, kernel, params, mode, group)` multiplies float activations by such a weight, inside jit and
 inside shard_map (each device calls the kernel on its own shard).
 
@@ -31,7 +32,7 @@ LIBRARY = "_cpu_kernels"  # model/_cpu_kernels<EXTENSION_SUFFIX>, built by setup
 TARGETS = {"float32": "mixtral_matmul_f32", "bfloat16": "mixtral_matmul_bf16", "int8": "mixtral_matmul_int8",
            "int4": "mixtral_matmul_int4"}
 ISAS = ("scalar", "avx2", "avx512")  # mixtral_cpu_isa()'s values
-INT4_BLOCK = 32  # inputs per 16 bytes in the int4 layout; int4 groups must be a multiple of it
+INT4_BLOCK = 32  # int4 groups must be a multiple of it (the kernels unpack 32 inputs at a time)
 
 
 @functools.cache
@@ -83,21 +84,13 @@ def supports(mode: str | None, n_in: int, group: int) -> bool:
     return mode != "int4" or (group % INT4_BLOCK == 0 and n_in % group == 0)
 
 
-def layout(values: np.ndarray, mode: str | None) -> np.ndarray:
-    """A weight's values as stored in a checkpoint ([..., in, out]; int4 packed [..., in/2, out], even rows in
-    the low nibble, see quantize.py) -> the kernel's layout (module docstring)."""
-    if mode != "int4":
-        return np.ascontiguousarray(np.swapaxes(values, -1, -2))
-    q = np.empty((*values.shape[:-2], 2 * values.shape[-2], values.shape[-1]), np.uint8)
-    q[..., 0::2, :], q[..., 1::2, :] = values & 0x0F, values >> 4
-    q = np.swapaxes(q, -1, -2)  # [..., out, in]
-    blocks = q.reshape(*q.shape[:-1], -1, 2, INT4_BLOCK // 2)  # [..., out, in/32, 2, 16]
-    return (blocks[..., 0, :] | (blocks[..., 1, :] << 4)).reshape(*q.shape[:-1], -1)
+def layout(kernel: np.ndarray, params: tuple[np.ndarray, ...], mode: str | None) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """A weight as stored in a checkpoint (kernel [..., in, out], int4 packed along `in`; params: int8 scale
+    [..., out], int4 scale and offset [..., in/group, out]) -> the kernels' layout (module docstring)."""
+    def swap(a):
+        return np.ascontiguousarray(np.swapaxes(a, -1, -2))
 
-
-def layout_param(values: np.ndarray, mode: str) -> np.ndarray:
-    """A quantization parameter from the checkpoint (int8 [..., out]; int4 [..., in/group, out]) -> the kernel's."""
-    return values if mode == "int8" else np.ascontiguousarray(np.swapaxes(values, -1, -2))
+    return swap(kernel), tuple(map(swap, params)) if mode == "int4" else params
 
 
 def matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], mode: str | None,

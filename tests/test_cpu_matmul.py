@@ -40,10 +40,11 @@ def weight(kind: str, n_in: int, n_out: int, seed: int = 0):
     w = np.random.default_rng(seed).standard_normal((n_in, n_out), np.float32)
     if kind in ("float32", "bfloat16"):
         w = w.astype(ml_dtypes.bfloat16 if kind == "bfloat16" else np.float32)
-        return w.astype(np.float32), jnp.asarray(cpu_matmul.layout(w, None)), (), None
+        return w.astype(np.float32), jnp.asarray(cpu_matmul.layout(w, (), None)[0]), (), None
     q, params = quantize.quantize(w, kind, GROUP)
-    return (quantize.dequantize_numpy(q, params, kind, GROUP), jnp.asarray(cpu_matmul.layout(q, kind)),
-            tuple(jnp.asarray(cpu_matmul.layout_param(p, kind)) for p in params), kind)
+    kernel, kernel_params = cpu_matmul.layout(q, params, kind)
+    return (quantize.dequantize_numpy(q, params, kind, GROUP), jnp.asarray(kernel),
+            tuple(map(jnp.asarray, kernel_params)), kind)
 
 
 def close(got, want):

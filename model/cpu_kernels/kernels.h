@@ -3,9 +3,9 @@
 //   F32   float32 [N, K]
 //   BF16  bfloat16 [N, K] (as uint16)
 //   INT8  int8 [N, K], one float32 scale per output row:            W[n, k] = q * scale[n]
-//   INT4  uint8 [N, K/2], groups of `group` (a multiple of 32) inputs, W[n, k] = q * scale[n, g] + offset[n, g]
-//         float32 scale and offset [N, K/group] per group; each 32 inputs take 16 bytes,
-//         byte j holding input j in its low nibble and input 16 + j in its high nibble.
+//   INT4  uint8 [N, K/2], two inputs per byte (input 2j in the low nibble of byte j, 2j + 1 in the high),
+//         groups of `group` inputs (a multiple of 32), W[n, k] = q * scale[n, g] + offset[n, g],
+//         float32 scale and offset [N, K/group]. (The layout of the GPU kernels, model/expert_gemv.py.)
 // Every weight type has a scalar reference (matmul.cc) and SIMD kernels (simd.inc) compiled once per
 // instruction set; which set runs is chosen at run time from what the CPU reports.
 #pragma once
@@ -24,8 +24,14 @@ struct Weights {
   int64_t N, K, group;
 };
 
-// y rows [m0, m1) x columns [n0, n1). `xsum` [M, K / group]: the sums of x over each INT4 group.
-using MatmulFn = void (*)(const Weights& w, const float* x, const float* xsum, int64_t M, int64_t m0, int64_t m1,
-                          int64_t n0, int64_t n1, float* y);
+// What the INT4 kernels want of x besides x, prepared once per call.
+struct Int4Inputs {
+  const float* sums;   // [M, K / group]: x summed over each group
+  const float* split;  // [M, K]: each 32 inputs of x reordered, the 16 even ones first (the low nibbles' order)
+};
+
+// y rows [m0, m1) x columns [n0, n1) of y [M, N].
+using MatmulFn = void (*)(const Weights& w, const float* x, const Int4Inputs& int4, int64_t M, int64_t m0,
+                          int64_t m1, int64_t n0, int64_t n1, float* y);
 
 }  // namespace mixtral_cpu

@@ -32,15 +32,15 @@ static float weight(const Weights& w, int64_t n, int64_t k) {
     case WeightType::BF16: return bf16_to_float(((const uint16_t*)w.data)[n * w.K + k]);
     case WeightType::INT8: return ((const int8_t*)w.data)[n * w.K + k] * w.scale[n];
     case WeightType::INT4: {
-      const uint8_t byte = ((const uint8_t*)w.data)[n * (w.K / 2) + k / 32 * 16 + k % 16];
+      const uint8_t byte = ((const uint8_t*)w.data)[n * (w.K / 2) + k / 2];
       const int64_t g = n * (w.K / w.group) + k / w.group;
-      return (k % 32 < 16 ? byte & 15 : byte >> 4) * w.scale[g] + w.offset[g];
+      return (k % 2 ? byte >> 4 : byte & 15) * w.scale[g] + w.offset[g];
     }
   }
   return 0;
 }
 
-static void matmul_reference(const Weights& w, const float* x, const float*, int64_t, int64_t m0, int64_t m1,
+static void matmul_reference(const Weights& w, const float* x, const Int4Inputs&, int64_t, int64_t m0, int64_t m1,
                              int64_t n0, int64_t n1, float* y) {
   for (int64_t m = m0; m < m1; m++)
     for (int64_t n = n0; n < n1; n++) {
@@ -160,26 +160,31 @@ static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> 
   const int64_t M = x_dims[0];
   const float* xs = x.typed_data();
   float* ys = y->typed_data();
-  std::vector<float> xsum;
+  std::vector<float> sums, split;
   if (w.type == WeightType::INT4) {
     const int64_t G = w.K / w.group;
-    xsum.assign(M * G, 0.0f);
+    sums.assign(M * G, 0.0f);
+    split.resize(M * w.K);
     for (int64_t m = 0; m < M; m++)
-      for (int64_t k = 0; k < w.K; k++) xsum[m * G + k / w.group] += xs[m * w.K + k];
+      for (int64_t k = 0; k < w.K; k++) {
+        sums[m * G + k / w.group] += xs[m * w.K + k];
+        split[m * w.K + k / 32 * 32 + k % 32 / 2 + k % 2 * 16] = xs[m * w.K + k];
+      }
   }
+  const Int4Inputs int4{sums.data(), split.data()};
   const Kernels& kernels = KERNELS[current_isa.load(std::memory_order_relaxed)];
   const int64_t threads = pool.num_threads() + 1;
   if (M <= GEMV_MAX_ROWS) {
     // ~4 chunks per thread, of a multiple of 4 rows, at least 16
     int64_t rows = std::max<int64_t>(16, (w.N / (4 * threads) + 3) / 4 * 4);
     parallel_for(pool, (w.N + rows - 1) / rows, [&](int64_t i) {
-      kernels.gemv(w, xs, xsum.data(), M, 0, M, i * rows, std::min(w.N, (i + 1) * rows), ys);
+      kernels.gemv(w, xs, int4, M, 0, M, i * rows, std::min(w.N, (i + 1) * rows), ys);
     });
   } else {
     const int64_t row_blocks = (M + GEMM_ROWS - 1) / GEMM_ROWS, col_blocks = (w.N + GEMM_COLS - 1) / GEMM_COLS;
     parallel_for(pool, row_blocks * col_blocks, [&](int64_t i) {
       const int64_t m0 = i / col_blocks * GEMM_ROWS, n0 = i % col_blocks * GEMM_COLS;
-      kernels.gemm(w, xs, xsum.data(), M, m0, std::min(M, m0 + GEMM_ROWS), n0, std::min(w.N, n0 + GEMM_COLS), ys);
+      kernels.gemm(w, xs, int4, M, m0, std::min(M, m0 + GEMM_ROWS), n0, std::min(w.N, n0 + GEMM_COLS), ys);
     });
   }
   return ffi::Error::Success();
