@@ -32,6 +32,7 @@ LIBRARY = "_cpu_kernels"  # model/_cpu_kernels<EXTENSION_SUFFIX>, built by setup
 TARGETS = {"float32": "mixtral_matmul_f32", "bfloat16": "mixtral_matmul_bf16", "int8": "mixtral_matmul_int8",
            "int4": "mixtral_matmul_int4"}
 ISAS = ("scalar", "avx2", "avx512")  # mixtral_cpu_isa()'s values
+GEMV_MAX_ROWS = 4  # as in matmul.cc: more rows take the blocked GEMM kernel
 INT4_BLOCK = 32  # int4 groups must be a multiple of it (the kernels unpack 32 inputs at a time)
 
 
@@ -79,9 +80,9 @@ def set_isa(name: str) -> bool:
     return bool(_library()[0].mixtral_cpu_set_isa(ISAS.index(name)))
 
 
-def supports(mode: str | None, n_in: int, group: int) -> bool:
-    """Whether the kernels take a weight of this quantization with `n_in` inputs (int4: whole 32-blocks)."""
-    return mode != "int4" or (group % INT4_BLOCK == 0 and n_in % group == 0)
+def supports(mode: str | None, group: int) -> bool:
+    """Whether the kernels take weights of this quantization (int4: groups of whole 32-input blocks)."""
+    return mode != "int4" or group % INT4_BLOCK == 0
 
 
 def layout(kernel: np.ndarray, params: tuple[np.ndarray, ...], mode: str | None) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
@@ -95,14 +96,14 @@ def layout(kernel: np.ndarray, params: tuple[np.ndarray, ...], mode: str | None)
 
 def matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], mode: str | None,
            group: int) -> jax.Array:
-    """x [..., in] @ the weight (kernel in the kernel's layout, params per `mode`) -> [..., out], x.dtype."""
+    """x [..., in] @ the weight (kernel in the kernels' layout, params per `mode`) -> float32 [..., out]."""
     if not available():
         raise RuntimeError(unavailable_reason())
     *lead, n_in = x.shape
     n_out = kernel.shape[-2]
+    rows = x.reshape(-1, n_in).astype(jnp.float32)
     target = TARGETS[mode or jnp.dtype(kernel.dtype).name]
     attrs = {"group": np.int64(group)} if mode == "int4" else {}
-    rows = x.reshape(-1, n_in).astype(jnp.float32)
     y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], n_out), jnp.float32))(
         rows, kernel, *(p.astype(jnp.float32) for p in params), **attrs)
-    return y.reshape(*lead, n_out).astype(x.dtype)
+    return y.reshape(*lead, n_out)

@@ -3,17 +3,96 @@
 `Weights` is a source of weights already placed in their shards (checkpoint.CheckpointWeights reads
 them from disk, bench/full_size.RandomWeights draws them on the devices); `Linear` holds one weight,
 dense or weight-only quantized (quantize.py).
+
+On a CPU with the native kernels (cpu_matmul.py) a Linear keeps its weight out-major ([out, in], int4
+packed along `in`), laid out once at load by `out_major`, and multiplies through the kernels, each device
+on its own shard (`CpuKernels`); elsewhere it keeps the checkpoint's [in, out] and runs on XLA's matmuls.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from typing import Protocol
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import quantize
+from . import cpu_matmul, expert_gemv, quantize
 from .config import MixtralConfig
+
+# A weight as a Weights source hands it out: (kernel [..., in, out], quantization parameters).
+Matrix = tuple[jax.Array, tuple[jax.Array, ...]]
+
+
+def use_cpu_kernels(mesh: Mesh, config: MixtralConfig) -> bool:
+    """Whether a model on `mesh` runs its matmuls through the native CPU kernels. Where it cannot (they
+    were not built, or failed to load), a quantized or bfloat16 model says once why it will be slow."""
+    if mesh.devices.flat[0].platform != "cpu":
+        return False
+    if not cpu_matmul.available() and (config.quantization or config.dtype != "float32"):
+        cpu_matmul.warn_once()
+    return cpu_matmul.available() and cpu_matmul.supports(config.quantization, config.quant_group_size)
+
+
+def out_major(matrix: Matrix, quantization: str | None, sharding: NamedSharding) -> Matrix:
+    """[..., in, out] (int4 as uint4) -> [..., out, in] (int4 packed two per byte along `in`, its
+    scales and offsets [..., out, in/group]; int8 scales unchanged), placed by `sharding`: the layout of
+    the CPU kernels and of the GPU's quantized expert kernels."""
+    kernel, params = matrix
+    if quantization == "int4":
+        return (_relayout(expert_gemv.pack_int4, sharding)(kernel),
+                tuple(_relayout(_swap_last, sharding)(p) for p in params))
+    return _relayout(_swap_last, sharding)(kernel), params
+
+
+def swap_spec(spec: tuple) -> tuple:
+    """The partition spec of an array with its last two dims swapped."""
+    return spec[:-2] + (spec[-1], spec[-2])
+
+
+def _swap_last(a: jax.Array) -> jax.Array:
+    return jnp.swapaxes(a, -1, -2)
+
+
+@functools.cache
+def _relayout(fn, sharding: NamedSharding):
+    """fn compiled once per placement of its result."""
+    return jax.jit(fn, out_shardings=sharding)
+
+
+def out_major_matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], quantization: str | None,
+                     group: int) -> jax.Array:
+    """x [..., in] @ an out-major weight on one device, through the CPU kernels -> float32 [..., out];
+    float32 weights times more than a few rows through XLA's matmul instead (faster than ours there)."""
+    if kernel.dtype == jnp.float32 and math.prod(x.shape[:-1]) > cpu_matmul.GEMV_MAX_ROWS:
+        return jnp.einsum("...i,oi->...o", x, kernel, preferred_element_type=jnp.float32)
+    return cpu_matmul.matmul(x, kernel, params, quantization, group)
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuKernels:
+    """Where an out-major weight lives, for the CPU kernels: static, hashable (an NNX static attribute)."""
+    mesh: Mesh
+    spec: tuple  # the checkpoint layout's [in, out] partition spec
+
+    def matmul(self, x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], quantization: str | None,
+               group: int) -> jax.Array:
+        """x [..., in] @ the out-major weight -> float32 [..., out]: each device multiplies its shard of
+        x by its shard of the weight; shards of the inputs are summed."""
+        split_in, split_out = self.spec[-2], self.spec[-1]
+        lead = (None,) * (x.ndim - 1)
+        param_specs = tuple(P(split_out) if quantization == "int8" else P(split_out, split_in) for _ in params)
+
+        def local(x, kernel, params):
+            y = out_major_matmul(x, kernel, params, quantization, group)
+            return y if split_in is None else jax.lax.psum(y, split_in)
+
+        return jax.shard_map(local, mesh=self.mesh, in_specs=(P(*lead, split_in), P(split_out, split_in), param_specs),
+                             out_specs=P(*lead, split_out), check_vma=False)(x, kernel, params)
 
 
 class Weights(Protocol):
@@ -25,18 +104,24 @@ class Weights(Protocol):
 
 
 class Linear(nnx.Module):
-    """y = x @ W, W [in, out] dense or weight-only quantized (quantize.py)."""
+    """y = x @ W, W dense or weight-only quantized (quantize.py): [in, out] for XLA's matmuls, or
+    out-major for the CPU kernels (`cpu` given: laid out here, once)."""
 
-    def __init__(self, weights: tuple[jax.Array, tuple[jax.Array, ...]], config: MixtralConfig):
+    def __init__(self, weights: Matrix, config: MixtralConfig, cpu: CpuKernels | None = None):
         kernel, params = weights
+        self.quantization = config.quantization if params else None  # a dense weight has no parameters
+        self.group = config.quant_group_size
+        self.cpu = cpu
+        if cpu is not None:
+            kernel, params = out_major(weights, self.quantization, NamedSharding(cpu.mesh, P(*swap_spec(cpu.spec))))
         self.kernel = nnx.Param(kernel)
         self.qparams = nnx.List([nnx.Param(p) for p in params])
-        self.quantization = config.quantization
-        self.group = config.quant_group_size
 
     def arrays(self) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         return self.kernel[...], tuple(p[...] for p in self.qparams)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel, params = self.arrays()
+        if self.cpu is not None:
+            return self.cpu.matmul(x, kernel, params, self.quantization, self.group).astype(x.dtype)
         return quantize.matmul(x, kernel, params, self.quantization, self.group)

@@ -1,5 +1,6 @@
 """The native CPU matmul kernels (model/cpu_matmul.py): every weight type and instruction set against a
-numpy reference, odd shapes, inside jit and shard_map, and the message when they cannot load."""
+numpy reference, odd shapes, inside jit and shard_map, the message when they cannot load; and models
+running through them: the same numbers as on XLA's matmuls, the demo's greedy replies in int4."""
 
 from __future__ import annotations
 
@@ -17,8 +18,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import model
+from chat_app.demo import UPCYCLE_EXPERTS
 from model import cpu_matmul, quantize
 from model.sharding import make_mesh
+from tiny_model import greedy_tokens
+
+pytest_plugins = ["demo_gguf"]
 
 TYPES = ["float32", "bfloat16", "int8", "int4"]
 # (rows, inputs, outputs): 1 row and a few (gemv), many (gemm, with a partial block of rows); inputs
@@ -75,11 +81,11 @@ def test_each_kernel_matches_numpy(kind):
         cpu_matmul.set_isa(original)
 
 
-def test_leading_dims_and_activation_dtype_are_kept():
+def test_leading_dims_are_kept_and_bfloat16_activations_taken():
     w, kernel, params, mode = weight("int8", 64, 48)
     x = np.random.default_rng(2).standard_normal((2, 3, 64)).astype(np.float32)
     y = jax.jit(lambda x: cpu_matmul.matmul(x.astype(jnp.bfloat16), kernel, params, mode, GROUP))(x)
-    assert y.shape == (2, 3, 48) and y.dtype == jnp.bfloat16
+    assert y.shape == (2, 3, 48) and y.dtype == jnp.float32
     want = x.astype(ml_dtypes.bfloat16).astype(np.float64) @ w
     np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=0, atol=0.02 * np.abs(want).max())
 
@@ -130,3 +136,57 @@ def test_says_once_why_when_the_kernels_cannot_load(tmp_path):
     broken = run()
     assert broken.returncode == 0, broken.stderr
     assert broken.stderr.count("warning:") == 1 and "failed to load" in broken.stderr
+
+
+def uses_kernels(m) -> bool:
+    layer = m.layers[0]
+    return layer.attn.wq.cpu is not None and layer.moe.layout.cpu_kernels and m.cpu_lm_head is not None
+
+
+IDS = np.random.default_rng(5).integers(3, 32000, (2, 12)).astype(np.int32)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_model_computes_what_its_dequantized_float32_does_on_xla(tiny_hf, tmp_path, mode):
+    """Attention projections, experts (decode, few-token and sorted prefill paths) and the LM head go
+    through the kernels, on one device and split over 8."""
+    ckpt = model.convert_hf(tiny_hf, tmp_path / mode, quantize=mode)
+    dequantized = model.convert_hf(model.export_hf(ckpt, tmp_path / "hf"), tmp_path / "float32")
+    xla = model.load(dequantized, make_mesh((1, 1)), cpu_kernels=False)
+    assert not uses_kernels(xla)
+    want = np.asarray(xla(IDS))
+    long_ids = np.random.default_rng(6).integers(3, 32000, (1, 80)).astype(np.int32)  # > MOE_TILE tokens
+    want_long = np.asarray(xla(long_ids))
+    for mesh in ((1, 1), (2, 4)):
+        ours = model.load(ckpt, make_mesh(mesh))
+        assert uses_kernels(ours)
+        close(ours(IDS), want)
+        close(ours(long_ids), want_long)
+    assert greedy_tokens(ours, IDS[0].tolist()) == greedy_tokens(xla, IDS[0].tolist())
+
+
+def test_a_bfloat16_model_through_the_kernels_is_close_to_xla(tiny_hf, tmp_path):
+    ckpt = model.convert_hf(tiny_hf, tmp_path / "bf16", dtype="bfloat16")
+    want = np.asarray(model.load(ckpt, make_mesh((1, 1)), cpu_kernels=False)(IDS))
+    ours = model.load(ckpt, make_mesh((1, 1)))
+    assert uses_kernels(ours) and ours.layers[0].attn.wq.kernel[...].dtype == jnp.bfloat16
+    got = np.asarray(ours(IDS))
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()  # bfloat16 activations, summed in another order
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.slow
+def test_the_demo_in_int4_replies_as_in_float32(demo_files, tmp_path):
+    """The demo's weights are Q4_1 (groups of 32, scale + minimum): int4 holds them exactly."""
+    tok = None
+    replies = {}
+    for mode in ("int4", None):
+        ckpt = model.convert_hf(demo_files.hf_dir, tmp_path / str(mode), quantize=mode, upcycle_experts=UPCYCLE_EXPERTS)
+        tok = tok or model.load_tokenizer(ckpt)
+        prompt = model.encode_chat(tok, [{"role": "user", "content": "What is the capital of France?"}],
+                                   chat_format=tok.chat_format)
+        m = model.load(ckpt, make_mesh((1, 1)))
+        assert uses_kernels(m)
+        replies[mode] = greedy_tokens(m, prompt, n=24)
+    assert replies["int4"] == replies[None]
+    assert "Paris" in tok.decode(replies["int4"])
