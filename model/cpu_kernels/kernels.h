@@ -24,14 +24,15 @@ struct Weights {
   int64_t N, K, group;
 };
 
-// What the INT4 kernels want of x besides x, prepared once per call.
-struct Int4Inputs {
-  const float* sums;   // [M, K / group]: x summed over each group
-  const float* split;  // [M, K]: each 32 inputs of x reordered, the 16 even ones first (the low nibbles' order)
+// What the kernels want of x besides x, prepared once per call (matmul.cc).
+struct Prepared {
+  const float* group_sums;  // INT4 [M, K / group]: x summed over each group
+  const float* split;       // INT4 [M, K]: each 32 inputs of x reordered, the 16 even ones first (the low nibbles' order)
+  const float* tiles;       // SIMD gemm [M / tile_rows][K][tile_rows]: x (INT4: split) in tiles of rows, zero-padded
 };
 
 // y rows [m0, m1) x columns [n0, n1) of y [M, N].
-using MatmulFn = void (*)(const Weights& w, const float* x, const Int4Inputs& int4, int64_t M, int64_t m0,
+using MatmulFn = void (*)(const Weights& w, const float* x, const Prepared& prepared, int64_t M, int64_t m0,
                           int64_t m1, int64_t n0, int64_t n1, float* y);
 
 }  // namespace mixtral_cpu

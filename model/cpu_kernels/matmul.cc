@@ -40,7 +40,7 @@ static float weight(const Weights& w, int64_t n, int64_t k) {
   return 0;
 }
 
-static void matmul_reference(const Weights& w, const float* x, const Int4Inputs&, int64_t, int64_t m0, int64_t m1,
+static void matmul_reference(const Weights& w, const float* x, const Prepared&, int64_t, int64_t m0, int64_t m1,
                              int64_t n0, int64_t n1, float* y) {
   for (int64_t m = m0; m < m1; m++)
     for (int64_t n = n0; n < n1; n++) {
@@ -87,16 +87,18 @@ constexpr int W = 16;
 #pragma GCC pop_options
 #endif
 
-// Instruction sets, best last. A kernel set per entry: gemv (few rows), gemm (many rows).
+// Instruction sets, best last. A kernel set per entry: gemv (few rows), gemm (many rows), and the rows per
+// tile the gemm wants x packed in (Prepared::tiles; 0: it reads x as it is).
 enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
 struct Kernels {
   MatmulFn gemv, gemm;
+  int64_t tile_rows;
 };
 static const Kernels KERNELS[] = {
-    {matmul_reference, matmul_reference},
+    {matmul_reference, matmul_reference, 0},
 #ifdef MIXTRAL_X86
-    {avx2::gemv, avx2::gemm_any},
-    {avx512::gemv, avx512::gemm_any},
+    {avx2::gemv, avx2::gemm_any, avx2::TILE_ROWS},
+    {avx512::gemv, avx512::gemm_any, avx512::TILE_ROWS},
 #endif
 };
 
@@ -123,8 +125,8 @@ static Isa best_isa() {
 static std::atomic<int> current_isa{best_isa()};
 
 constexpr int64_t GEMV_MAX_ROWS = 4;  // more activation rows than this take the gemm kernel
-constexpr int64_t GEMM_ROWS = 96;     // activation rows per gemm chunk (a multiple of both MR)
-constexpr int64_t GEMM_COLS = 128;    // outputs per gemm chunk (a multiple of both NR)
+constexpr int64_t GEMM_ROWS = 192;    // activation rows per gemm chunk (a multiple of every tile_rows)
+constexpr int64_t GEMM_COLS = 96;     // outputs per gemm chunk (a multiple of every NB)
 
 // Runs fn(0) .. fn(n - 1) on the pool's threads and the calling one. Tasks claim chunks from a shared
 // counter, so a busy pool (other devices' calls under shard_map) leaves the work to the caller; the caller
@@ -160,7 +162,7 @@ static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> 
   const int64_t M = x_dims[0];
   const float* xs = x.typed_data();
   float* ys = y->typed_data();
-  std::vector<float> sums, split;
+  std::vector<float> sums, split, tiles;
   if (w.type == WeightType::INT4) {
     const int64_t G = w.K / w.group;
     sums.assign(M * G, 0.0f);
@@ -171,20 +173,30 @@ static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> 
         split[m * w.K + k / 32 * 32 + k % 32 / 2 + k % 2 * 16] = xs[m * w.K + k];
       }
   }
-  const Int4Inputs int4{sums.data(), split.data()};
   const Kernels& kernels = KERNELS[current_isa.load(std::memory_order_relaxed)];
+  const int64_t tile = kernels.tile_rows;
+  if (M > GEMV_MAX_ROWS && tile) {  // x (INT4: split) in tiles of rows, input-major
+    const float* rows = split.empty() ? xs : split.data();
+    tiles.resize((M + tile - 1) / tile * tile * w.K);
+    parallel_for(pool, (M + tile - 1) / tile, [&](int64_t t) {
+      float* out = tiles.data() + t * tile * w.K;
+      for (int64_t r = 0; r < tile; r++)
+        for (int64_t k = 0; k < w.K; k++) out[k * tile + r] = t * tile + r < M ? rows[(t * tile + r) * w.K + k] : 0.0f;
+    });
+  }
+  const Prepared prepared{sums.data(), split.data(), tiles.data()};
   const int64_t threads = pool.num_threads() + 1;
   if (M <= GEMV_MAX_ROWS) {
     // ~4 chunks per thread, of a multiple of 4 rows, at least 16
     int64_t rows = std::max<int64_t>(16, (w.N / (4 * threads) + 3) / 4 * 4);
     parallel_for(pool, (w.N + rows - 1) / rows, [&](int64_t i) {
-      kernels.gemv(w, xs, int4, M, 0, M, i * rows, std::min(w.N, (i + 1) * rows), ys);
+      kernels.gemv(w, xs, prepared, M, 0, M, i * rows, std::min(w.N, (i + 1) * rows), ys);
     });
   } else {
     const int64_t row_blocks = (M + GEMM_ROWS - 1) / GEMM_ROWS, col_blocks = (w.N + GEMM_COLS - 1) / GEMM_COLS;
     parallel_for(pool, row_blocks * col_blocks, [&](int64_t i) {
       const int64_t m0 = i / col_blocks * GEMM_ROWS, n0 = i % col_blocks * GEMM_COLS;
-      kernels.gemm(w, xs, int4, M, m0, std::min(M, m0 + GEMM_ROWS), n0, std::min(w.N, n0 + GEMM_COLS), ys);
+      kernels.gemm(w, xs, prepared, M, m0, std::min(M, m0 + GEMM_ROWS), n0, std::min(w.N, n0 + GEMM_COLS), ys);
     });
   }
   return ffi::Error::Success();
