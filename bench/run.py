@@ -86,7 +86,7 @@ def _best(fn, repeats: int = 3) -> float:
     return best
 
 
-def worker_ours(hf_dir: Path, ckpt: Path) -> dict:
+def worker_ours(hf_dir: Path, ckpt: Path, turns: bool = True) -> dict:
     import jax
     import numpy as np
 
@@ -137,7 +137,7 @@ def worker_ours(hf_dir: Path, ckpt: Path) -> dict:
     # time to first token along a conversation: kept cache vs re-prefilling the history
     engine.warm_up()
     ttft_turns = {}
-    for mode in ("kept cache", "re-prefill"):
+    for mode in ("kept cache", "re-prefill") if turns else ():
         messages, firsts = [], []
         for turn in range(TURNS):
             messages.append({"role": "user", "content": f"Turn {turn}: " + "tell me about the sea " * 6})
@@ -214,11 +214,11 @@ WORKERS = {"ours": worker_ours, "transformers": worker_hf, "llama.cpp": worker_l
 PEERS = ("transformers", "llama.cpp")  # rows after ours, measured against the first
 
 
-def run_worker(kind: str, config: str, dtype: str, quantize: str | None) -> dict:
+def run_worker(kind: str, config: str, dtype: str, quantize: str | None, turns: bool) -> dict:
     """One measurement in a fresh process (clean memory numbers, no shared caches)."""
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
     out = subprocess.run([sys.executable, "-m", "bench.run", "--worker", kind, "--configs", config, "--dtype", dtype,
-                          "--quantize", quantize or "none"],
+                          "--quantize", quantize or "none"] + ([] if turns else ["--no-turns"]),
                          capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
     if out.returncode != 0:
         raise RuntimeError(f"{kind} worker failed on {config}:\n{out.stderr[-3000:]}")
@@ -249,6 +249,8 @@ def table(results: dict) -> str:
     lines += ["", "time to first token along a conversation (equal-length turns):", "",
               "| config | turn 1 (s) | turn 20 (s) | turn 20 / turn 1 | re-prefill: turn 20 / turn 1 |", "|---|---|---|---|---|"]
     for config, r in results["configs"].items():
+        if not r["ours"]["ttft_by_turn"]:
+            continue
         kept, again = r["ours"]["ttft_by_turn"]["kept cache"], r["ours"]["ttft_by_turn"]["re-prefill"]
         lines.append(f"| {config} | {kept['turn_1_s']:.3f} | {kept['turn_20_s']:.3f} | {kept['ratio']:.2f} "
                      f"| {again['ratio']:.2f} ({again['turn_20_s']:.3f} s) |")
@@ -260,6 +262,8 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", default="demo,mini", help="comma-separated: demo, mini")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"])
+    parser.add_argument("--no-turns", dest="turns", action="store_false",
+                        help="skip the time-to-first-token-along-a-conversation measurement (minutes)")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     configs = args.configs.split(",")
@@ -267,7 +271,7 @@ def main(argv=None) -> int:
 
     if args.worker:
         hf_dir, ckpt = prepare(configs[0], args.dtype, quantize)
-        result = WORKERS[args.worker](hf_dir, ckpt)
+        result = worker_ours(hf_dir, ckpt, args.turns) if args.worker == "ours" else WORKERS[args.worker](hf_dir, ckpt)
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(json.dumps(result))
         return 0
@@ -279,7 +283,7 @@ def main(argv=None) -> int:
     for config in configs:
         _, ckpt = prepare(config, args.dtype, quantize)
         results["configs"][config] = {"bytes_per_token": model.verify(ckpt).decode_bytes(PROMPT + DECODE // 2),
-                                      **{kind: run_worker(kind, config, args.dtype, quantize) for kind in engines}}
+                                      **{kind: run_worker(kind, config, args.dtype, quantize, args.turns) for kind in engines}}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"latest-{weights}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
