@@ -1,9 +1,11 @@
 """Speed of our engine against Hugging Face transformers and llama.cpp on the same weights, in one run.
 
-    python -m bench.run                      # demo + mini-mixtral, float32: a table, and bench/results/latest.json
+    python -m bench.run                      # demo + mini-mixtral, float32: a table, and bench/results/latest-float32.json
     python -m bench.run --configs mini --dtype bfloat16
+    python -m bench.run --configs mini --quantize int4     # against llama.cpp's Q4_1 (int8: Q8_0)
 
-llama.cpp runs through llama-cpp-python when it is installed (bench/gguf_peer.py). For each config and
+llama.cpp runs through llama-cpp-python when it is installed (bench/gguf_peer.py), on the matching type
+(F32, BF16, Q8_0, Q4_1); transformers only unquantized. For each config and
 engine a fresh worker process measures (batch 1, greedy):
 - decode tokens/s (128 tokens after a 32-token prompt; the best of 2-3 runs: this machine's memory
   speed drifts),
@@ -41,10 +43,16 @@ PROMPT, DECODE, PREFILL, TTFT_PROMPT, TURNS = 32, 128, 512, 64, 20
 
 # --- models ----------------------------------------------------------------------------------------
 
-def prepare(config: str, dtype: str) -> tuple[Path, Path]:
+def weights_name(dtype: str, quantize: str | None) -> str:
+    """float32, bfloat16, int8 or int4: what a run measures (quantized weights keep the model dtype's
+    activations)."""
+    return quantize or dtype
+
+
+def prepare(config: str, dtype: str, quantize: str | None) -> tuple[Path, Path]:
     """(HF folder, our checkpoint) of a bench config, built once and kept in CACHE."""
     root = CACHE / config
-    hf_dir, ours = root / "hf", root / f"ours-{dtype}"
+    hf_dir, ours = root / "hf", root / (f"ours-{dtype}" + (f"-{quantize}" if quantize else ""))
     if config == "mini":
         if not (hf_dir / "config.json").exists():
             sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -52,7 +60,7 @@ def prepare(config: str, dtype: str) -> tuple[Path, Path]:
 
             build_hf_mixtral(hf_dir, seed=0, max_shard_size="4GB", **MINI_MIXTRAL)
         if not ours.exists():
-            model.convert_hf(hf_dir, ours, dtype=dtype)
+            model.convert_hf(hf_dir, ours, dtype=dtype, quantize=quantize)
     else:  # the demo: SmolLM2 upcycled to 4 experts; transformers runs our weights exported back to HF
         from chat_app.demo import ensure_demo
 
@@ -60,10 +68,10 @@ def prepare(config: str, dtype: str) -> tuple[Path, Path]:
         hf_dir = root / "exported"
         if not (hf_dir / "config.json").exists():
             model.export_hf(demo, hf_dir)
-        if dtype == "float32":
+        if dtype == "float32" and quantize is None:
             return hf_dir, demo
         if not ours.exists():
-            model.convert_hf(hf_dir, ours, dtype=dtype)
+            model.convert_hf(hf_dir, ours, dtype=dtype, quantize=quantize)
     return hf_dir, ours
 
 
@@ -78,7 +86,7 @@ def _best(fn, repeats: int = 3) -> float:
     return best
 
 
-def worker_ours(hf_dir: Path, ckpt: Path) -> dict:
+def worker_ours(hf_dir: Path, ckpt: Path, turns: bool = True) -> dict:
     import jax
     import numpy as np
 
@@ -129,7 +137,7 @@ def worker_ours(hf_dir: Path, ckpt: Path) -> dict:
     # time to first token along a conversation: kept cache vs re-prefilling the history
     engine.warm_up()
     ttft_turns = {}
-    for mode in ("kept cache", "re-prefill"):
+    for mode in ("kept cache", "re-prefill") if turns else ():
         messages, firsts = [], []
         for turn in range(TURNS):
             messages.append({"role": "user", "content": f"Turn {turn}: " + "tell me about the sea " * 6})
@@ -183,7 +191,8 @@ def worker_llama_cpp(hf_dir: Path, ckpt: Path) -> dict:
     import numpy as np
     from llama_cpp import Llama
 
-    gguf = gguf_peer.gguf_for(hf_dir, model.verify(ckpt).dtype, CACHE)
+    config = model.verify(ckpt)
+    gguf = gguf_peer.gguf_for(hf_dir, weights_name(config.dtype, config.quantization), CACHE)
     llm = Llama(model_path=str(gguf), n_ctx=2 * PREFILL, n_batch=PREFILL, n_threads=os.cpu_count(),
                 n_threads_batch=os.cpu_count(), verbose=False)
     ids = np.random.default_rng(0).integers(3, llm.n_vocab(), PREFILL).tolist()
@@ -205,10 +214,11 @@ WORKERS = {"ours": worker_ours, "transformers": worker_hf, "llama.cpp": worker_l
 PEERS = ("transformers", "llama.cpp")  # rows after ours, measured against the first
 
 
-def run_worker(kind: str, config: str, dtype: str) -> dict:
+def run_worker(kind: str, config: str, dtype: str, quantize: str | None, turns: bool) -> dict:
     """One measurement in a fresh process (clean memory numbers, no shared caches)."""
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    out = subprocess.run([sys.executable, "-m", "bench.run", "--worker", kind, "--configs", config, "--dtype", dtype],
+    out = subprocess.run([sys.executable, "-m", "bench.run", "--worker", kind, "--configs", config, "--dtype", dtype,
+                          "--quantize", quantize or "none"] + ([] if turns else ["--no-turns"]),
                          capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
     if out.returncode != 0:
         raise RuntimeError(f"{kind} worker failed on {config}:\n{out.stderr[-3000:]}")
@@ -218,26 +228,29 @@ def run_worker(kind: str, config: str, dtype: str) -> dict:
 # --- report ----------------------------------------------------------------------------------------
 
 def table(results: dict) -> str:
-    lines = [f"dtype {results['dtype']}; batch 1, greedy; the ceiling uses the read bandwidth measured in each "
-             "worker just before its decode", "",
+    lines = [f"weights {results['weights']} (llama.cpp: {gguf_peer.PEER_TYPES[results['weights']]}); batch 1, greedy; "
+             "the ceiling uses the read bandwidth measured in each worker just before its decode", "",
              "| config | engine | decode tok/s | x HF | of ceiling | prefill 512 tok/s | TTFT 64 (s) "
              "| compile, new conversation (s) | peak RSS (GB) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for config, r in results["configs"].items():
-        hf = r["transformers"]
+        hf = r.get("transformers")
         for engine in ("ours", *PEERS):
             if engine not in r:
                 continue
             row = r[engine]
             row["ceiling_tok_s"] = row["bandwidth_bytes_per_s"] / r["bytes_per_token"]
             compile_s = f"{row['compile_new_conversation_s']:.1f}" if "compile_new_conversation_s" in row else "-"
-            lines.append(f"| {config} | {engine} | {row['decode_tok_s']:.1f} | {row['decode_tok_s'] / hf['decode_tok_s']:.2f} "
+            x_hf = f"{row['decode_tok_s'] / hf['decode_tok_s']:.2f}" if hf else "-"
+            lines.append(f"| {config} | {engine} | {row['decode_tok_s']:.1f} | {x_hf} "
                          f"| {row['decode_tok_s'] / row['ceiling_tok_s']:.2f} | {row['prefill_tok_s']:.0f} "
                          f"| {row['ttft_s']:.3f} | {compile_s} | {row['peak_rss_bytes'] / 1e9:.2f} |")
         lines.append(f"| {config} | ceiling | {r['ours']['ceiling_tok_s']:.1f} | | 1.00 | | | | |")
     lines += ["", "time to first token along a conversation (equal-length turns):", "",
               "| config | turn 1 (s) | turn 20 (s) | turn 20 / turn 1 | re-prefill: turn 20 / turn 1 |", "|---|---|---|---|---|"]
     for config, r in results["configs"].items():
+        if not r["ours"]["ttft_by_turn"]:
+            continue
         kept, again = r["ours"]["ttft_by_turn"]["kept cache"], r["ours"]["ttft_by_turn"]["re-prefill"]
         lines.append(f"| {config} | {kept['turn_1_s']:.3f} | {kept['turn_20_s']:.3f} | {kept['ratio']:.2f} "
                      f"| {again['ratio']:.2f} ({again['turn_20_s']:.3f} s) |")
@@ -248,25 +261,31 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="demo,mini", help="comma-separated: demo, mini")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"])
+    parser.add_argument("--no-turns", dest="turns", action="store_false",
+                        help="skip the time-to-first-token-along-a-conversation measurement (minutes)")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     configs = args.configs.split(",")
+    quantize = None if args.quantize == "none" else args.quantize
 
     if args.worker:
-        hf_dir, ckpt = prepare(configs[0], args.dtype)
-        result = WORKERS[args.worker](hf_dir, ckpt)
+        hf_dir, ckpt = prepare(configs[0], args.dtype, quantize)
+        result = worker_ours(hf_dir, ckpt, args.turns) if args.worker == "ours" else WORKERS[args.worker](hf_dir, ckpt)
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(json.dumps(result))
         return 0
 
-    results = {"dtype": args.dtype, "configs": {}}
+    weights = weights_name(args.dtype, quantize)
+    results = {"weights": weights, "configs": {}}
+    engines = [kind for kind in WORKERS if (kind != "llama.cpp" or gguf_peer.available())
+               and (kind != "transformers" or quantize is None)]
     for config in configs:
-        _, ckpt = prepare(config, args.dtype)
-        engines = [kind for kind in WORKERS if kind != "llama.cpp" or gguf_peer.available()]
+        _, ckpt = prepare(config, args.dtype, quantize)
         results["configs"][config] = {"bytes_per_token": model.verify(ckpt).decode_bytes(PROMPT + DECODE // 2),
-                                      **{kind: run_worker(kind, config, args.dtype) for kind in engines}}
+                                      **{kind: run_worker(kind, config, args.dtype, quantize, args.turns) for kind in engines}}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"latest-{weights}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     return 0
 

@@ -164,10 +164,11 @@ class CheckpointWeights:
 
 
 def load(ckpt_dir: str | Path, mesh: Mesh | None = None, *, dtype: str | None = None,
-         on_progress: Callable[[float, str], None] | None = None, branchless: bool | None = None) -> Mixtral:
+         on_progress: Callable[[float, str], None] | None = None, branchless: bool | None = None,
+         cpu_kernels: bool | None = None) -> Mixtral:
     """Our converted checkpoint -> a Mixtral NNX module with its weights sharded over `mesh`
     (default: every device on the tensor-parallel axis). `dtype` overrides the checkpoint's;
-    `branchless` the backend's choice of decode path (see `Mixtral`)."""
+    `branchless` the backend's choice of decode path, `cpu_kernels` of matmuls (see `Mixtral`)."""
     ckpt_dir = Path(ckpt_dir)
     config = verify(ckpt_dir)
     if dtype is not None:
@@ -178,4 +179,4 @@ def load(ckpt_dir: str | Path, mesh: Mesh | None = None, *, dtype: str | None = 
     except SafetensorsError as e:
         raise CheckpointError(f"{e}; convert the model again") from None
     with jax.set_mesh(mesh):
-        return Mixtral(config, CheckpointWeights(files, config, mesh, on_progress), mesh, branchless)
+        return Mixtral(config, CheckpointWeights(files, config, mesh, on_progress), mesh, branchless, cpu_kernels)

@@ -3,18 +3,123 @@
 `Weights` is a source of weights already placed in their shards (checkpoint.CheckpointWeights reads
 them from disk, bench/full_size.RandomWeights draws them on the devices); `Linear` holds one weight,
 dense or weight-only quantized (quantize.py).
+
+Our kernels read weights out-major ([out, in], int4 packed along `in`): on a CPU with the native kernels
+(cpu_matmul.py) every Linear, on a GPU the quantized ones (gpu_linear.py). Such a Linear lays its weight
+out once at load (`out_major`) and multiplies through its `kernels` (`CpuKernels` here, `GpuKernels`
+there), each device on its own shard; any other keeps the checkpoint's [in, out] for XLA's matmuls.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from typing import Protocol
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import gpu_linear, quantize
+from . import cpu_matmul, expert_gemv, quantize
 from .config import MixtralConfig
+
+# A weight as a Weights source hands it out: (kernel [..., in, out], quantization parameters).
+Matrix = tuple[jax.Array, tuple[jax.Array, ...]]
+
+
+def use_cpu_kernels(mesh: Mesh, config: MixtralConfig) -> bool:
+    """Whether a model on `mesh` runs its matmuls through the native CPU kernels. Where it cannot (they
+    were not built, or failed to load), a quantized or bfloat16 model says once why it will be slow."""
+    if mesh.devices.flat[0].platform != "cpu":
+        return False
+    if not cpu_matmul.available() and (config.quantization or config.dtype != "float32"):
+        cpu_matmul.warn_once()
+    return cpu_matmul.available() and cpu_matmul.supports(config.quantization, config.quant_group_size)
+
+
+def out_major(matrix: Matrix, quantization: str | None, sharding: NamedSharding) -> Matrix:
+    """[..., in, out] (int4 as uint4) -> [..., out, in] (int4 packed two per byte along `in`, its
+    scales and offsets [..., out, in/group]; int8 scales unchanged), placed by `sharding`: the layout of
+    the CPU kernels and of the GPU's quantized expert kernels."""
+    kernel, params = matrix
+    if quantization == "int4":
+        return (_relayout(expert_gemv.pack_int4, sharding)(kernel),
+                tuple(_relayout(_swap_last, sharding)(p) for p in params))
+    return _relayout(_swap_last, sharding)(kernel), params
+
+
+def swap_spec(spec: tuple) -> tuple:
+    """The partition spec of an array with its last two dims swapped."""
+    return spec[:-2] + (spec[-1], spec[-2])
+
+
+def out_major_specs(spec: tuple, quantization: str | None) -> tuple[P, tuple[P, ...]]:
+    """Partition specs of an out-major weight and of its quantization parameters, from the checkpoint
+    layout's [.., in, out] spec (int8 scales [.., out]; int4 scales and offsets [.., out, in/group])."""
+    kernel = P(*swap_spec(spec))
+    if quantization is None:
+        return kernel, ()
+    return kernel, (kernel, kernel) if quantization == "int4" else (P(*quantize.param_spec(spec, quantization)),)
+
+
+def _swap_last(a: jax.Array) -> jax.Array:
+    return jnp.swapaxes(a, -1, -2)
+
+
+@functools.cache
+def _relayout(fn, sharding: NamedSharding):
+    """fn compiled once per placement of its result."""
+    return jax.jit(fn, out_shardings=sharding)
+
+
+def out_major_matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], quantization: str | None,
+                     group: int) -> jax.Array:
+    """x [..., in] @ an out-major weight on one device, through the CPU kernels -> float32 [..., out];
+    float32 weights times more than a few rows through XLA's matmul instead (faster than ours there)."""
+    if kernel.dtype == jnp.float32 and math.prod(x.shape[:-1]) > cpu_matmul.GEMV_MAX_ROWS:
+        return jnp.einsum("...i,oi->...o", x, kernel, preferred_element_type=jnp.float32)
+    return cpu_matmul.matmul(x, kernel, params, quantization, group)
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuKernels:
+    """Where an out-major weight lives, for the CPU kernels: static, hashable (an NNX static attribute)."""
+    mesh: Mesh
+    spec: tuple  # the checkpoint layout's [in, out] partition spec
+
+    def matmul(self, x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], quantization: str | None,
+               group: int) -> jax.Array:
+        """x [..., in] @ the out-major weight -> float32 [..., out]: each device multiplies its shard of
+        x by its shard of the weight; shards of the inputs are summed."""
+        split_in, split_out = self.spec[-2], self.spec[-1]
+        lead = (None,) * (x.ndim - 1)
+
+        def local(x, kernel, params):
+            y = out_major_matmul(x, kernel, params, quantization, group)
+            return y if split_in is None else jax.lax.psum(y, split_in)
+
+        return jax.shard_map(local, mesh=self.mesh, in_specs=(P(*lead, split_in), *out_major_specs(self.spec, quantization)),
+                             out_specs=P(*lead, split_out), check_vma=False)(x, kernel, params)
+
+    def supports(self, shape: tuple[int, ...], quantization: str | None, group: int) -> bool:
+        return True
+
+
+class Kernels(Protocol):
+    """Our matmul kernels for one out-major weight (`CpuKernels`, gpu_linear.GpuKernels): static, hashable."""
+    mesh: Mesh
+    spec: tuple  # the checkpoint layout's [in, out] partition spec
+
+    def supports(self, shape: tuple[int, ...], quantization: str | None, group: int) -> bool:
+        """Whether they can multiply by a weight of this [in, out] shape (each device by its block)."""
+        ...
+
+    def matmul(self, x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], quantization: str | None,
+               group: int) -> jax.Array:
+        """x [..., in] @ the weight -> float32 [..., out]."""
+        ...
 
 
 class Weights(Protocol):
@@ -26,20 +131,18 @@ class Weights(Protocol):
 
 
 class Linear(nnx.Module):
-    """y = x @ W, W [in, out] dense or weight-only quantized (quantize.py).
+    """y = x @ W, W dense or weight-only quantized (quantize.py): [in, out] for XLA's matmuls, or
+    out-major for our kernels (`kernels` given and able to tile W: laid out here, once)."""
 
-    `gpu_kernels` (a quantized weight on a GPU, given its mesh and [in, out] partition spec): W is kept
-    in the layout of our Pallas kernels and multiplied through them (gpu_linear.py)."""
-
-    def __init__(self, weights: tuple[jax.Array, tuple[jax.Array, ...]], config: MixtralConfig,
-                 gpu_kernels: tuple[Mesh, tuple] | None = None):
+    def __init__(self, weights: Matrix, config: MixtralConfig, kernels: Kernels | None = None):
         kernel, params = weights
-        self.quantization = config.quantization
+        self.quantization = config.quantization if params else None  # a dense weight has no parameters
         self.group = config.quant_group_size
-        self.gpu_kernels = gpu_kernels if gpu_kernels and self.quantization and gpu_linear.supported(
-            *kernel.shape[-2:], self.quantization, self.group, *gpu_kernels) else None
-        if self.gpu_kernels:
-            kernel, params = gpu_linear.kernel_layout((kernel, params), self.quantization, *self.gpu_kernels)
+        if kernels is not None and not kernels.supports(kernel.shape, self.quantization, self.group):
+            kernels = None
+        self.kernels = kernels
+        if kernels is not None:
+            kernel, params = out_major(weights, self.quantization, NamedSharding(kernels.mesh, P(*swap_spec(kernels.spec))))
         self.kernel = nnx.Param(kernel)
         self.qparams = nnx.List([nnx.Param(p) for p in params])
 
@@ -47,7 +150,7 @@ class Linear(nnx.Module):
         return self.kernel[...], tuple(p[...] for p in self.qparams)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.gpu_kernels:
-            return gpu_linear.matmul(x, self.arrays(), self.quantization, *self.gpu_kernels).astype(x.dtype)
         kernel, params = self.arrays()
+        if self.kernels is not None:
+            return self.kernels.matmul(x, kernel, params, self.quantization, self.group).astype(x.dtype)
         return quantize.matmul(x, kernel, params, self.quantization, self.group)

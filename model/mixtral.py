@@ -14,11 +14,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .config import MixtralConfig
+from .gpu_linear import GpuKernels
 from .kv_cache import KVCache
-from .linear import Linear, Weights
+from .linear import CpuKernels, Linear, Weights, out_major, swap_spec, use_cpu_kernels
 from .moe import MoE
 from .sharding import check_mesh_fits, weight_specs
 
@@ -120,12 +121,14 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
 
 class Attention(nnx.Module):
     def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict, mesh: Mesh,
-                 branchless: bool):
+                 branchless: bool, cpu_kernels: bool):
         self.config, self.branchless = config, branchless
 
         def linear(name: str) -> Linear:
-            return Linear(weights.linear(f"{prefix}.{name}", specs[name]), config,
-                          gpu_kernels=(mesh, specs[name]) if branchless else None)
+            spec = specs[name]
+            kernels = CpuKernels(mesh, spec) if cpu_kernels else GpuKernels(mesh, spec) if branchless else None
+            return Linear(weights.linear(f"{prefix}.{name}", spec), config, kernels)
+
 
         self.wq, self.wk, self.wv, self.wo = linear("wq"), linear("wk"), linear("wv"), linear("wo")
 
@@ -148,12 +151,13 @@ class Attention(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, config: MixtralConfig, weights: Weights, layer: int, specs: dict, mesh: Mesh, branchless: bool):
+    def __init__(self, config: MixtralConfig, weights: Weights, layer: int, specs: dict, mesh: Mesh, branchless: bool,
+                 cpu_kernels: bool):
         prefix = f"layers.{layer}"
         self.attn_norm = RMSNorm(weights.dense(f"{prefix}.attn_norm", specs["attn_norm"]), config.rms_norm_eps)
-        self.attn = Attention(config, weights, prefix, specs, mesh, branchless)
+        self.attn = Attention(config, weights, prefix, specs, mesh, branchless, cpu_kernels)
         self.ffn_norm = RMSNorm(weights.dense(f"{prefix}.ffn_norm", specs["ffn_norm"]), config.rms_norm_eps)
-        self.moe = MoE(config, weights, prefix, specs, mesh, branchless)
+        self.moe = MoE(config, weights, prefix, specs, mesh, branchless, cpu_kernels)
 
     def __call__(self, x, cos, sin, k_cache, v_cache, q_slots, start, block, live):
         with jax.named_scope("attention"):
@@ -169,17 +173,33 @@ class Mixtral(nnx.Module):
     GPU runs each cond or loop iteration by copying its predicate to the host and waiting (~40 us; 384
     per token of Mixtral-8x7B), so attention reads the whole cache at once and the experts run in Pallas
     kernels (expert_gemv for decode, grouped_matmul for prefill). On the CPU a cond costs nothing and
-    skips work."""
+    skips work.
 
-    def __init__(self, config: MixtralConfig, weights: Weights, mesh: Mesh, branchless: bool | None = None):
+    `cpu_kernels` (default: on CPUs where they loaded, unless branchless) runs the matmuls of the
+    attention projections, the experts and the LM head through the native CPU kernels (cpu_matmul.py),
+    their weights laid out for them at load; otherwise through XLA's."""
+
+    def __init__(self, config: MixtralConfig, weights: Weights, mesh: Mesh, branchless: bool | None = None,
+                 cpu_kernels: bool | None = None):
         check_mesh_fits(mesh, config)
         self.config, self.mesh = config, mesh
         branchless = mesh.devices.flat[0].platform == "gpu" if branchless is None else branchless
+        if cpu_kernels is None:
+            cpu_kernels = not branchless and use_cpu_kernels(mesh, config)
         specs = weight_specs(config, mesh)
         self.embed = nnx.Param(weights.dense("embed", specs["embed"]))
-        self.layers = nnx.List([Block(config, weights, i, specs, mesh, branchless) for i in range(config.num_layers)])
+        self.layers = nnx.List([Block(config, weights, i, specs, mesh, branchless, cpu_kernels)
+                                for i in range(config.num_layers)])
         self.final_norm = RMSNorm(weights.dense("final_norm", specs["final_norm"]), config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nnx.Param(weights.dense("lm_head", specs["lm_head"]))
+        # the LM head's weight: [D, V], or [V, D] for the CPU kernels (as the embedding it may be tied to)
+        lm_head_spec = swap_spec(specs["embed"])
+        self.cpu_lm_head = CpuKernels(mesh, lm_head_spec) if cpu_kernels else None
+        lm_head = None
+        if not config.tie_word_embeddings:
+            lm_head = weights.dense("lm_head", lm_head_spec)
+            if cpu_kernels:
+                lm_head, _ = out_major((lm_head, ()), None, NamedSharding(mesh, P(*specs["embed"])))
+        self.lm_head = None if lm_head is None else nnx.Param(lm_head)
 
     def forward(self, tokens: jax.Array, cache: KVCache, num_new: jax.Array | int,
                 last_only: bool = False) -> tuple[jax.Array, KVCache]:
@@ -209,6 +229,9 @@ class Mixtral(nnx.Module):
 
     def _lm_head(self, x: jax.Array) -> jax.Array:
         """x [..., D] -> float32 logits [..., V]."""
+        if self.cpu_lm_head is not None:
+            weight = self.embed if self.lm_head is None else self.lm_head
+            return self.cpu_lm_head.matmul(x, weight[...], (), None, 0)
         if self.lm_head is None:  # tied: contract with the embedding's D without transposing it (a copy)
             return jnp.einsum("...d,vd->...v", x, self.embed[...], preferred_element_type=jnp.float32)
         return jnp.matmul(x, self.lm_head[...], preferred_element_type=jnp.float32)

@@ -21,7 +21,8 @@ its own experts; a psum adds the devices' partial sums):
 - `grouped_rows`: more than one token on a GPU; the rows grouped by expert go through the
   grouped_matmul kernel, every expert in one static grid (no loop, no host round trip).
 On a GPU quantized experts are stored out-major ([.., out, in]; int4 packed two per byte along the
-inputs, its scales and offsets [.., out, in/group]), as both kernels read them.
+inputs, its scales and offsets [.., out, in/group]), as both kernels read them; on a CPU with the native
+kernels (cpu_matmul.py) every expert is, and the CPU strategies multiply through those kernels.
 """
 
 from __future__ import annotations
@@ -32,18 +33,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import expert_gemv, gpu_linear, grouped_matmul, quantize
 from .config import MixtralConfig
 from .grouped_matmul import GroupedRows
-from .linear import Linear, Weights
+from .linear import Linear, Matrix, Weights, out_major, out_major_matmul, out_major_specs, swap_spec
 from .sharding import EXPERT, MODEL
 
 MOE_TILE = 64  # tokens per expert matmul in prefill; up to this many tokens take the cond path
-
-# One expert matrix as the strategies get it: (kernel, quantization parameters), per stored group.
-Matrix = tuple[jax.Array, tuple[jax.Array, ...]]
 
 
 class ChosenExperts(NamedTuple):
@@ -85,6 +83,7 @@ class ExpertLayout:
     num_experts: int
     group_size: int  # experts per stored array
     out_major: bool  # kernels stored [.., out, in]
+    cpu_kernels: bool  # multiplied through the CPU kernels (out_major)
     ffn_split: bool  # is the intermediate dim split over the model axis?
     quantization: str | None
     quant_group: int
@@ -105,7 +104,7 @@ class ExpertLayout:
 
         def matrix_specs(spec):
             if self.out_major:
-                return [gpu_linear.stored_specs(spec, self.quantization)] * self.num_groups
+                return [out_major_specs(spec, self.quantization)] * self.num_groups
             return [(P(*spec), tuple(P(*quantize.param_spec(spec, self.quantization)) for _ in names))] * self.num_groups
 
         sum_axes = (EXPERT, MODEL) if self.ffn_split else (EXPERT,)
@@ -117,6 +116,8 @@ class ExpertLayout:
     def ffn(self, x: jax.Array, w1: Matrix, w3: Matrix, w2: Matrix) -> jax.Array:
         """One expert's SwiGLU on x [n, D] -> float32 [n, D]; kernels [D, I] (or stored out-major)."""
         def matmul(h, matrix):
+            if self.cpu_kernels:
+                return out_major_matmul(h, *matrix, self.quantization, self.quant_group).astype(h.dtype)
             kernel, params = expert_gemv.as_matmul_operands(*matrix) if self.out_major else matrix
             return quantize.matmul(h, kernel, params, self.quantization, self.quant_group)
 
@@ -217,7 +218,8 @@ def grouped_rows(layout: ExpertLayout, xs: jax.Array, routing: GroupedRows, w1, 
 class MoE(nnx.Module):
     """Top-k of E SwiGLU experts per token (see the module docstring for the strategies)."""
 
-    def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict, mesh: Mesh, branchless: bool):
+    def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict, mesh: Mesh, branchless: bool,
+                 cpu_kernels: bool):
         self.config, self.branchless = config, branchless
         self.router = nnx.Param(weights.dense(f"{prefix}.router", specs["router"]))
         # the kernels' dtype for the weights (int4: packed two per byte)
@@ -225,7 +227,7 @@ class MoE(nnx.Module):
         group_size = config.num_experts if branchless else mesh.shape[EXPERT]
         self.layout = ExpertLayout(
             mesh=mesh, num_experts=config.num_experts, group_size=group_size,
-            out_major=branchless and expert_gemv.stores_out_major(kernel_dtype),
+            out_major=cpu_kernels or (branchless and expert_gemv.stores_out_major(kernel_dtype)), cpu_kernels=cpu_kernels,
             ffn_split=specs["w1"][-1] is not None, quantization=config.quantization,
             quant_group=config.quant_group_size, specs=(specs["w1"], specs["w3"], specs["w2"]))
         group = config.quant_group_size
@@ -251,7 +253,7 @@ class MoE(nnx.Module):
         """The [.., in, out] (kernel, params) a Weights source hands out -> the layout kept in memory."""
         if not self.layout.out_major:
             return matrix
-        return gpu_linear.kernel_layout(matrix, self.config.quantization, self.layout.mesh, spec)
+        return out_major(matrix, self.config.quantization, NamedSharding(self.layout.mesh, P(*swap_spec(spec))))
 
     def __call__(self, x: jax.Array, live: jax.Array) -> jax.Array:
         """x [B, T, D]; live [T] marks real tokens (bucket padding is not routed). -> [B, T, D]."""

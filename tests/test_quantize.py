@@ -62,7 +62,7 @@ def test_quantized_checkpoint_is_smaller_and_close(tiny_hf, tiny_ckpt, reference
         np.testing.assert_allclose(np.asarray(other(IDS)), logits, atol=1e-5)
         if branchless:  # the GPU's layout: attention weights [out, in] (int4 packed along in), read by our kernels
             wq = other.layers[0].attn.wq
-            assert wq.gpu_kernels and wq.kernel.shape == (config.num_heads * config.head_dim,
+            assert wq.kernels is not None and wq.kernel.shape == (config.num_heads * config.head_dim,
                                                           config.hidden_size // (2 if mode == "int4" else 1))
     # the GPU's decode path (the expert_gemv kernel, interpreted) decodes the CPU path's tokens
     cpu_tokens = greedy_tokens(model.load(ckpt, model.make_mesh((1, 1))), IDS[0].tolist())

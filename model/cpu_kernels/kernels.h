@@ -1,0 +1,38 @@
+// Matmuls y[M, N] = x[M, K] @ W[N, K]^T with float32 activations in and out and weights in one of four
+// types, laid out [out, in] (one contiguous row of W per output) by model/cpu_matmul.py at load time:
+//   F32   float32 [N, K]
+//   BF16  bfloat16 [N, K] (as uint16)
+//   INT8  int8 [N, K], one float32 scale per output row:            W[n, k] = q * scale[n]
+//   INT4  uint8 [N, K/2], two inputs per byte (input 2j in the low nibble of byte j, 2j + 1 in the high),
+//         groups of `group` inputs (a multiple of 32), W[n, k] = q * scale[n, g] + offset[n, g],
+//         float32 scale and offset [N, K/group]. (The layout of the GPU kernels, model/expert_gemv.py.)
+// Every weight type has a scalar reference (matmul.cc) and SIMD kernels (simd.inc) compiled once per
+// instruction set; which set runs is chosen at run time from what the CPU reports.
+#pragma once
+
+#include <cstdint>
+
+namespace mixtral_cpu {
+
+enum class WeightType { F32, BF16, INT8, INT4 };
+
+struct Weights {
+  WeightType type;
+  const void* data;
+  const float* scale;   // INT8 [N], INT4 [N, K / group]; else null
+  const float* offset;  // INT4 [N, K / group]; else null
+  int64_t N, K, group;
+};
+
+// What the kernels want of x besides x, prepared once per call (matmul.cc).
+struct Prepared {
+  const float* group_sums;  // INT4 [M, K / group]: x summed over each group
+  const float* split;       // INT4 [M, K]: each 32 inputs of x reordered, the 16 even ones first (the low nibbles' order)
+  const float* tiles;       // SIMD gemm [M / tile_rows][K][tile_rows]: x (INT4: split) in tiles of rows, zero-padded
+};
+
+// y rows [m0, m1) x columns [n0, n1) of y [M, N].
+using MatmulFn = void (*)(const Weights& w, const float* x, const Prepared& prepared, int64_t M, int64_t m0,
+                          int64_t m1, int64_t n0, int64_t n1, float* y);
+
+}  // namespace mixtral_cpu

@@ -1,0 +1,261 @@
+// XLA FFI handlers for the CPU matmuls of kernels.h: one target per weight type, called by
+// model/cpu_matmul.py inside the jitted programs. Each call splits its outputs into chunks run on XLA's
+// intra-op thread pool, the calling thread taking chunks too.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace mixtral_cpu {
+
+static inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// The scalar reference: what every SIMD kernel must compute, one weight at a time.
+static float weight(const Weights& w, int64_t n, int64_t k) {
+  switch (w.type) {
+    case WeightType::F32: return ((const float*)w.data)[n * w.K + k];
+    case WeightType::BF16: return bf16_to_float(((const uint16_t*)w.data)[n * w.K + k]);
+    case WeightType::INT8: return ((const int8_t*)w.data)[n * w.K + k] * w.scale[n];
+    case WeightType::INT4: {
+      const uint8_t byte = ((const uint8_t*)w.data)[n * (w.K / 2) + k / 2];
+      const int64_t g = n * (w.K / w.group) + k / w.group;
+      return (k % 2 ? byte >> 4 : byte & 15) * w.scale[g] + w.offset[g];
+    }
+  }
+  return 0;
+}
+
+static void matmul_reference(const Weights& w, const float* x, const Prepared&, int64_t, int64_t m0, int64_t m1,
+                             int64_t n0, int64_t n1, float* y) {
+  for (int64_t m = m0; m < m1; m++)
+    for (int64_t n = n0; n < n1; n++) {
+      float s = 0;
+      for (int64_t k = 0; k < w.K; k++) s += x[m * w.K + k] * weight(w, n, k);
+      y[m * w.N + n] = s;
+    }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MIXTRAL_X86 1
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#endif
+namespace avx2 {
+constexpr int W = 8;
+#define SIMD_WIDTH 8
+#include "simd.inc"
+#undef SIMD_WIDTH
+}  // namespace avx2
+#ifdef __clang__
+#pragma clang attribute pop
+#endif
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))), apply_to = function)
+#endif
+namespace avx512 {
+constexpr int W = 16;
+#define SIMD_WIDTH 16
+#include "simd.inc"
+#undef SIMD_WIDTH
+}  // namespace avx512
+#ifdef __clang__
+#pragma clang attribute pop
+#endif
+#pragma GCC pop_options
+#endif
+
+// Instruction sets, best last. A kernel set per entry: gemv (few rows), gemm (many rows), and the rows per
+// tile the gemm wants x packed in (Prepared::tiles; 0: it reads x as it is).
+enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+struct Kernels {
+  MatmulFn gemv, gemm;
+  int64_t tile_rows;
+};
+static const Kernels KERNELS[] = {
+    {matmul_reference, matmul_reference, 0},
+#ifdef MIXTRAL_X86
+    {avx2::gemv, avx2::gemm_any, avx2::TILE_ROWS},
+    {avx512::gemv, avx512::gemm_any, avx512::TILE_ROWS},
+#endif
+};
+
+static bool cpu_has(Isa isa) {
+#ifdef MIXTRAL_X86
+  __builtin_cpu_init();
+  switch (isa) {
+    case SCALAR: return true;
+    case AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case AVX512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+#endif
+  return isa == SCALAR;
+}
+
+static Isa best_isa() {
+  for (int i = AVX512; i > SCALAR; i--)
+    if (cpu_has(Isa(i))) return Isa(i);
+  return SCALAR;
+}
+
+static std::atomic<int> current_isa{best_isa()};
+
+constexpr int64_t GEMV_MAX_ROWS = 4;  // more activation rows than this take the gemm kernel
+constexpr int64_t GEMM_ROWS = 192;    // activation rows per gemm chunk (a multiple of every tile_rows)
+constexpr int64_t GEMM_COLS = 96;     // outputs per gemm chunk (a multiple of every NB)
+
+// Runs fn(0) .. fn(n - 1) on the pool's threads and the calling one. Tasks claim chunks from a shared
+// counter, so a busy pool (other devices' calls under shard_map) leaves the work to the caller; the caller
+// returns once every chunk has completed; a task that starts late finds no chunk left and touches nothing.
+template <class F>
+static void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t done = 0;
+    std::mutex mu;
+    std::condition_variable all_done;
+  };
+  auto state = std::make_shared<State>();
+  const int64_t total = n;
+  auto work = [total](State& s, const F& fn) {
+    int64_t finished = 0;
+    for (int64_t i; (i = s.next.fetch_add(1)) < total; finished++) fn(i);
+    if (finished == 0) return;
+    std::lock_guard<std::mutex> lock(s.mu);
+    if ((s.done += finished) == total) s.all_done.notify_all();
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  for (int64_t h = 0; h < helpers; h++) pool.Schedule([state, &fn, work] { work(*state, fn); });
+  work(*state, fn);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->all_done.wait(lock, [&] { return state->done == total; });
+}
+
+static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto x_dims = x.dimensions(), y_dims = y->dimensions();
+  if (x_dims.size() != 2 || y_dims.size() != 2 || x_dims[1] != w.K || y_dims[0] != x_dims[0] || y_dims[1] != w.N)
+    return ffi::Error::InvalidArgument("mixtral cpu matmul: expected x [M, K], weights [N, K], y [M, N]");
+  const int64_t M = x_dims[0];
+  const float* xs = x.typed_data();
+  float* ys = y->typed_data();
+  std::vector<float> sums, split, tiles;
+  if (w.type == WeightType::INT4) {
+    const int64_t G = w.K / w.group;
+    sums.assign(M * G, 0.0f);
+    split.resize(M * w.K);
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t k = 0; k < w.K; k++) {
+        sums[m * G + k / w.group] += xs[m * w.K + k];
+        split[m * w.K + k / 32 * 32 + k % 32 / 2 + k % 2 * 16] = xs[m * w.K + k];
+      }
+  }
+  const Kernels& kernels = KERNELS[current_isa.load(std::memory_order_relaxed)];
+  const int64_t tile = kernels.tile_rows;
+  if (M > GEMV_MAX_ROWS && tile) {  // x (INT4: split) in tiles of rows, input-major
+    const float* rows = split.empty() ? xs : split.data();
+    tiles.resize((M + tile - 1) / tile * tile * w.K);
+    parallel_for(pool, (M + tile - 1) / tile, [&](int64_t t) {
+      float* out = tiles.data() + t * tile * w.K;
+      for (int64_t r = 0; r < tile; r++)
+        for (int64_t k = 0; k < w.K; k++) out[k * tile + r] = t * tile + r < M ? rows[(t * tile + r) * w.K + k] : 0.0f;
+    });
+  }
+  const Prepared prepared{sums.data(), split.data(), tiles.data()};
+  const int64_t threads = pool.num_threads() + 1;
+  if (M <= GEMV_MAX_ROWS) {
+    // ~4 chunks per thread, of a multiple of 4 rows, at least 16
+    int64_t rows = std::max<int64_t>(16, (w.N / (4 * threads) + 3) / 4 * 4);
+    parallel_for(pool, (w.N + rows - 1) / rows, [&](int64_t i) {
+      kernels.gemv(w, xs, prepared, M, 0, M, i * rows, std::min(w.N, (i + 1) * rows), ys);
+    });
+  } else {
+    const int64_t row_blocks = (M + GEMM_ROWS - 1) / GEMM_ROWS, col_blocks = (w.N + GEMM_COLS - 1) / GEMM_COLS;
+    parallel_for(pool, row_blocks * col_blocks, [&](int64_t i) {
+      const int64_t m0 = i / col_blocks * GEMM_ROWS, n0 = i % col_blocks * GEMM_COLS;
+      kernels.gemm(w, xs, prepared, M, m0, std::min(M, m0 + GEMM_ROWS), n0, std::min(w.N, n0 + GEMM_COLS), ys);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+static ffi::Error matmul_f32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                             ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto d = w.dimensions();
+  return matmul(pool, {WeightType::F32, w.untyped_data(), nullptr, nullptr, d[0], d[1], 0}, x, y);
+}
+
+static ffi::Error matmul_bf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                              ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto d = w.dimensions();
+  return matmul(pool, {WeightType::BF16, w.untyped_data(), nullptr, nullptr, d[0], d[1], 0}, x, y);
+}
+
+static ffi::Error matmul_int8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                              ffi::Buffer<ffi::F32> scale, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto d = w.dimensions();
+  if (scale.element_count() != size_t(d[0])) return ffi::Error::InvalidArgument("int8 matmul: scale must be [N]");
+  return matmul(pool, {WeightType::INT8, w.untyped_data(), scale.typed_data(), nullptr, d[0], d[1], 0}, x, y);
+}
+
+static ffi::Error matmul_int4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                              ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, int64_t group,
+                              ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto d = w.dimensions();
+  const int64_t N = d[0], K = 2 * d[1];
+  if (group <= 0 || group % 32 || K % group || scale.element_count() != size_t(N * (K / group)) ||
+      offset.element_count() != scale.element_count())
+    return ffi::Error::InvalidArgument("int4 matmul: groups must be a multiple of 32 dividing K, scale and offset [N, K / group]");
+  return matmul(pool, {WeightType::INT4, w.untyped_data(), scale.typed_data(), offset.typed_data(), N, K, group}, x, y);
+}
+
+}  // namespace mixtral_cpu
+
+using namespace mixtral_cpu;
+
+#define BIND_MATMUL ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul_f32, matmul_f32,
+                              BIND_MATMUL.Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul_bf16, matmul_bf16,
+                              BIND_MATMUL.Arg<ffi::Buffer<ffi::BF16>>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul_int8, matmul_int8,
+                              BIND_MATMUL.Arg<ffi::Buffer<ffi::S8>>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul_int4, matmul_int4,
+                              BIND_MATMUL.Arg<ffi::Buffer<ffi::U8>>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>().Attr<int64_t>("group").Ret<ffi::Buffer<ffi::F32>>());
+
+// The instruction set the kernels use: 0 scalar reference, 1 AVX2 + FMA, 2 AVX-512.
+extern "C" int mixtral_cpu_isa() { return current_isa.load(); }
+
+// Switches to `isa` if this CPU has it (tests run every kernel set); returns whether it did.
+extern "C" int mixtral_cpu_set_isa(int isa) {
+  if (isa < SCALAR || isa > AVX512 || isa >= int(sizeof(KERNELS) / sizeof(KERNELS[0])) || !cpu_has(Isa(isa)))
+    return 0;
+  current_isa.store(isa);
+  return 1;
+}

@@ -1,0 +1,109 @@
+"""Matmuls on the CPU through our native kernels (model/cpu_kernels), called by XLA inside the jitted
+programs through its FFI: weights in float32, bfloat16, int8 or int4 stream at memory speed, where
+XLA:CPU runs only float32 near it (bfloat16 ~1 GB/s, int8 ~0.3, int4 ~0.1 on one GEMV).
+
+The kernels want each weight as [out, in] rows (`layout` does it once, at load):
+    float32 / bfloat16  [..., out, in]
+    int8                int8 [..., out, in], scale float32 [..., out]
+    int4                uint8 [..., out, in/2] (input 2j in the low nibble of byte j, 2j + 1 in the high
+                        one); scale, offset float32 [..., out, in/group]
+(the layouts of the GPU kernels for quantized weights, model/expert_gemv.py).
+`matmul(x, kernel, params, mode, group)` multiplies float activations by such a weight, inside jit and
+inside shard_map (each device calls the kernel on its own shard).
+
+The kernels come as a shared library built by `pip install` (setup.py; a C++ compiler is needed). If it is
+missing or fails to load, `available()` is False, the model stays on XLA's matmuls, and `warn_once` says
+so: quantized and bfloat16 models then run several times slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LIBRARY = "_cpu_kernels"  # model/_cpu_kernels<EXTENSION_SUFFIX>, built by setup.py
+TARGETS = {"float32": "mixtral_matmul_f32", "bfloat16": "mixtral_matmul_bf16", "int8": "mixtral_matmul_int8",
+           "int4": "mixtral_matmul_int4"}
+ISAS = ("scalar", "avx2", "avx512")  # mixtral_cpu_isa()'s values
+GEMV_MAX_ROWS = 4  # as in matmul.cc: more rows take the blocked GEMM kernel
+INT4_BLOCK = 32  # int4 groups must be a multiple of it (the kernels unpack 32 inputs at a time)
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded library with its FFI targets registered, or None and why not)."""
+    here = Path(__file__).parent
+    paths = [here / f"{LIBRARY}{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        return None, (f"the native CPU kernels were not built (no {LIBRARY}*.so in {here}); reinstall with "
+                      "`pip install .` on a machine with a C++ compiler (g++ or clang++)")
+    try:
+        lib = ctypes.CDLL(str(path))
+        for target in TARGETS.values():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
+    except (OSError, AttributeError) as e:
+        return None, f"the native CPU kernels in {path} failed to load ({e}); reinstall with `pip install .`"
+    return lib, ""
+
+
+def available() -> bool:
+    return _library()[0] is not None
+
+
+def unavailable_reason() -> str:
+    return _library()[1]
+
+
+@functools.cache
+def warn_once() -> None:
+    """Say once, on stderr, that quantized / bfloat16 models will be slow on this CPU, and why."""
+    if not available():
+        print(f"mixtral-chat: warning: {unavailable_reason()}. Until then int8, int4 and bfloat16 models run "
+              "on XLA's matmuls, several times slower than float32.", file=sys.stderr, flush=True)
+
+
+def isa() -> str:
+    """The instruction set the kernels run with (the best this CPU has, unless `set_isa` changed it)."""
+    return ISAS[_library()[0].mixtral_cpu_isa()]
+
+
+def set_isa(name: str) -> bool:
+    """Run the kernels with `name` (one of ISAS) from now on, if this CPU has it; for tests and benchmarks."""
+    return bool(_library()[0].mixtral_cpu_set_isa(ISAS.index(name)))
+
+
+def supports(mode: str | None, group: int) -> bool:
+    """Whether the kernels take weights of this quantization (int4: groups of whole 32-input blocks)."""
+    return mode != "int4" or group % INT4_BLOCK == 0
+
+
+def layout(kernel: np.ndarray, params: tuple[np.ndarray, ...], mode: str | None) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """A weight as stored in a checkpoint (kernel [..., in, out], int4 packed along `in`; params: int8 scale
+    [..., out], int4 scale and offset [..., in/group, out]) -> the kernels' layout (module docstring)."""
+    def swap(a):
+        return np.ascontiguousarray(np.swapaxes(a, -1, -2))
+
+    return swap(kernel), tuple(map(swap, params)) if mode == "int4" else params
+
+
+def matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], mode: str | None,
+           group: int) -> jax.Array:
+    """x [..., in] @ the weight (kernel in the kernels' layout, params per `mode`) -> float32 [..., out]."""
+    if not available():
+        raise RuntimeError(unavailable_reason())
+    *lead, n_in = x.shape
+    n_out = kernel.shape[-2]
+    rows = x.reshape(-1, n_in).astype(jnp.float32)
+    target = TARGETS[mode or jnp.dtype(kernel.dtype).name]
+    attrs = {"group": np.int64(group)} if mode == "int4" else {}
+    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], n_out), jnp.float32))(
+        rows, kernel, *(p.astype(jnp.float32) for p in params), **attrs)
+    return y.reshape(*lead, n_out)

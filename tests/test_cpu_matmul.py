@@ -1,0 +1,193 @@
+"""The native CPU matmul kernels (model/cpu_matmul.py): every weight type and instruction set against a
+numpy reference, odd shapes, inside jit and shard_map, the message when they cannot load; and models
+running through them: the same numbers as on XLA's matmuls, the demo's greedy replies in int4."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import shutil
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import model
+from chat_app.demo import UPCYCLE_EXPERTS
+from model import cpu_matmul, quantize
+from model.linear import CpuKernels
+from model.sharding import make_mesh
+from tiny_model import greedy_tokens
+
+pytest_plugins = ["demo_gguf"]
+
+TYPES = ["float32", "bfloat16", "int8", "int4"]
+# (rows, inputs, outputs): 1 row and a few (gemv), many (gemm, with a partial block of rows); inputs
+# and outputs that are not multiples of the vector width (int4: of its 32-input blocks)
+SHAPES = [(1, 67, 5), (3, 99, 37), (5, 131, 70), (29, 547, 33), (200, 300, 129)]
+GROUP = 32
+
+
+def isas() -> list[str]:
+    """The instruction sets this CPU can run (the scalar reference always)."""
+    original = cpu_matmul.isa()
+    found = [name for name in cpu_matmul.ISAS if cpu_matmul.set_isa(name)]
+    cpu_matmul.set_isa(original)
+    return found
+
+
+def weight(kind: str, n_in: int, n_out: int, seed: int = 0):
+    """(the float32 weight [in, out] it stands for, the kernel's arrays, mode)."""
+    w = np.random.default_rng(seed).standard_normal((n_in, n_out), np.float32)
+    if kind in ("float32", "bfloat16"):
+        w = w.astype(ml_dtypes.bfloat16 if kind == "bfloat16" else np.float32)
+        return w.astype(np.float32), jnp.asarray(cpu_matmul.layout(w, (), None)[0]), (), None
+    q, params = quantize.quantize(w, kind, GROUP)
+    kernel, kernel_params = cpu_matmul.layout(q, params, kind)
+    return (quantize.dequantize_numpy(q, params, kind, GROUP), jnp.asarray(kernel),
+            tuple(map(jnp.asarray, kernel_params)), kind)
+
+
+def close(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max() * np.sqrt(want.size))
+
+
+def test_the_kernels_are_built():
+    assert cpu_matmul.available(), cpu_matmul.unavailable_reason()
+    assert cpu_matmul.isa() == isas()[-1]  # the best this CPU has
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_each_kernel_matches_numpy(kind):
+    original = cpu_matmul.isa()
+    try:
+        for rows, n_in, n_out in SHAPES:
+            n_in = n_in // GROUP * GROUP if kind == "int4" else n_in
+            w, kernel, params, mode = weight(kind, n_in, n_out)
+            x = np.random.default_rng(1).standard_normal((rows, n_in)).astype(np.float32)
+            matmul = jax.jit(partial(cpu_matmul.matmul, mode=mode, group=GROUP))
+            for isa in isas():
+                cpu_matmul.set_isa(isa)
+                y = matmul(x, kernel, params)
+                assert y.shape == (rows, n_out) and y.dtype == jnp.float32
+                close(y, x.astype(np.float64) @ w)
+    finally:
+        cpu_matmul.set_isa(original)
+
+
+def test_leading_dims_are_kept_and_bfloat16_activations_taken():
+    w, kernel, params, mode = weight("int8", 64, 48)
+    x = np.random.default_rng(2).standard_normal((2, 3, 64)).astype(np.float32)
+    y = jax.jit(lambda x: cpu_matmul.matmul(x.astype(jnp.bfloat16), kernel, params, mode, GROUP))(x)
+    assert y.shape == (2, 3, 48) and y.dtype == jnp.float32
+    want = x.astype(ml_dtypes.bfloat16).astype(np.float64) @ w
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=0, atol=0.02 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("split", ["out", "in"])
+def test_inside_shard_map_on_8_devices(kind, split):
+    """Each device multiplies by its shard of the weight: outputs split, or inputs split and summed."""
+    mesh = make_mesh((1, 8))
+    axis = mesh.axis_names[1]
+    w, kernel, params, mode = weight(kind, 8 * 64, 8 * 24, seed=3)
+    x = np.random.default_rng(4).standard_normal((6, 8 * 64)).astype(np.float32)
+    if split == "out":  # kernel [out, in]: rows split; int8 scale [out], int4 params [out, in/group]
+        w_spec, x_spec, y_spec = P(axis, None), P(), P(None, axis)
+        param_specs = tuple(P(axis, *([None] * (p.ndim - 1))) for p in params)
+        local = partial(cpu_matmul.matmul, mode=mode, group=GROUP)
+    else:
+        w_spec, x_spec, y_spec = P(None, axis), P(None, axis), P()
+        param_specs = tuple(P(None, axis) if kind == "int4" else P() for _ in params)  # int8: scale [out]
+
+        def local(x, kernel, params):
+            return jax.lax.psum(cpu_matmul.matmul(x, kernel, params, mode, GROUP), axis)
+
+    y = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(x_spec, w_spec, param_specs), out_specs=y_spec))(
+        x, kernel, params)
+    close(y, x.astype(np.float64) @ w)
+
+
+def test_says_once_why_when_the_kernels_cannot_load(tmp_path):
+    """A copy of the package without the library, then with a broken one: the model package imports,
+    `available()` is False, and the warning names the cause and the fix, once."""
+    package = tmp_path / "model"
+    shutil.copytree(Path(cpu_matmul.__file__).parent, package, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    script = ("import model.cpu_matmul as c; assert not c.available(); c.warn_once(); c.warn_once(); "
+              "print(c.unavailable_reason())")
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                              env={"PYTHONPATH": str(tmp_path), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+
+    missing = run()
+    assert missing.returncode == 0, missing.stderr
+    assert missing.stderr.count("warning:") == 1
+    assert "were not built" in missing.stderr and "pip install ." in missing.stderr
+    assert "C++ compiler" in missing.stderr and "slower" in missing.stderr
+
+    (package / f"{cpu_matmul.LIBRARY}{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"not a library")
+    broken = run()
+    assert broken.returncode == 0, broken.stderr
+    assert broken.stderr.count("warning:") == 1 and "failed to load" in broken.stderr
+
+
+def uses_kernels(m) -> bool:
+    layer = m.layers[0]
+    return isinstance(layer.attn.wq.kernels, CpuKernels) and layer.moe.layout.cpu_kernels and m.cpu_lm_head is not None
+
+
+IDS = np.random.default_rng(5).integers(3, 32000, (2, 12)).astype(np.int32)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_model_computes_what_its_dequantized_float32_does_on_xla(tiny_hf, tmp_path, mode):
+    """Attention projections, experts (decode, few-token and sorted prefill paths) and the LM head go
+    through the kernels, on one device and split over 8."""
+    ckpt = model.convert_hf(tiny_hf, tmp_path / mode, quantize=mode)
+    dequantized = model.convert_hf(model.export_hf(ckpt, tmp_path / "hf"), tmp_path / "float32")
+    xla = model.load(dequantized, make_mesh((1, 1)), cpu_kernels=False)
+    assert not uses_kernels(xla)
+    want = np.asarray(xla(IDS))
+    long_ids = np.random.default_rng(6).integers(3, 32000, (1, 80)).astype(np.int32)  # > MOE_TILE tokens
+    want_long = np.asarray(xla(long_ids))
+    for mesh in ((1, 1), (2, 4)):
+        ours = model.load(ckpt, make_mesh(mesh))
+        assert uses_kernels(ours)
+        close(ours(IDS), want)
+        close(ours(long_ids), want_long)
+    assert greedy_tokens(ours, IDS[0].tolist()) == greedy_tokens(xla, IDS[0].tolist())
+
+
+def test_a_bfloat16_model_through_the_kernels_is_close_to_xla(tiny_hf, tmp_path):
+    ckpt = model.convert_hf(tiny_hf, tmp_path / "bf16", dtype="bfloat16")
+    want = np.asarray(model.load(ckpt, make_mesh((1, 1)), cpu_kernels=False)(IDS))
+    ours = model.load(ckpt, make_mesh((1, 1)))
+    assert uses_kernels(ours) and ours.layers[0].attn.wq.kernel[...].dtype == jnp.bfloat16
+    got = np.asarray(ours(IDS))
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()  # bfloat16 activations, summed in another order
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.slow
+def test_the_demo_in_int4_replies_as_in_float32(demo_files, tmp_path):
+    """The demo's weights are Q4_1 (groups of 32, scale + minimum): int4 holds them exactly."""
+    tok = None
+    replies = {}
+    for mode in ("int4", None):
+        ckpt = model.convert_hf(demo_files.hf_dir, tmp_path / str(mode), quantize=mode, upcycle_experts=UPCYCLE_EXPERTS)
+        tok = tok or model.load_tokenizer(ckpt)
+        prompt = model.encode_chat(tok, [{"role": "user", "content": "What is the capital of France?"}],
+                                   chat_format=tok.chat_format)
+        m = model.load(ckpt, make_mesh((1, 1)))
+        assert uses_kernels(m)
+        replies[mode] = greedy_tokens(m, prompt, n=24)
+    assert replies["int4"] == replies[None]
+    assert "Paris" in tok.decode(replies["int4"])
