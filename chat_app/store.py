@@ -12,6 +12,7 @@ message that names the file and says what to do; it is never modified or replace
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -23,6 +24,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from model import disk
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_STATUSES = ("complete", "streaming", "cancelled", "error")
@@ -108,6 +111,18 @@ class SchemaTooNew(StoreError):
     """The file was written by a newer mixtral-chat; it is not touched."""
 
 
+class DiskFull(StoreError):
+    """A write failed because the disk is full; nothing of it was kept (SQLite rolled it back)."""
+
+
+class ReadOnly(StoreError):
+    """The history can be read but not written (a read-only disk or file); nothing is changed."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"the history file {path} cannot be written ({reason}): you can read your "
+                         "conversations, but nothing new is saved")
+
+
 @dataclass(frozen=True)
 class Conversation:
     id: str
@@ -142,16 +157,26 @@ class Store:
     """The chat history database at `path` (created if missing). Safe to share between threads."""
 
     def __init__(self, path: Path | str):
+        """Opens the file, or creates it. A file that exists but cannot be written (a read-only disk,
+        folder or file) is opened read-only: `read_only` is True and every write raises `ReadOnly`."""
         self.path = Path(path)
-        in_memory = str(path) == ":memory:"
-        if not in_memory:
+        self.read_only_reason = None if str(path) == ":memory:" else _read_only_reason(self.path)
+        self.read_only = self.read_only_reason is not None
+        if self.read_only and not self.path.is_file():
+            raise StoreError(f"cannot create the history file {self.path}: {self.read_only_reason}; use "
+                             "--no-save or another --data-dir")
+        if str(path) != ":memory:" and not self.read_only:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise StoreError(f"cannot create the folder for the history file {self.path}: {e}") from None
+                disk.make_folder(self.path.parent)
+            except disk.DiskError as e:
+                raise StoreError(f"cannot create the history file {self.path}: {e}") from None
         self._lock = threading.RLock()
+        # Read-only: `immutable` reads the file as it is, without the -shm file that WAL mode would
+        # otherwise have to create next to it.
+        target = f"{self.path.absolute().as_uri()}?immutable=1" if self.read_only else str(path)
         try:
-            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
+            self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=10,
+                                       uri=self.read_only)
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the history file {self.path}: {e}") from None
         try:
@@ -193,6 +218,11 @@ class Store:
                 problems = [str(e)]
             if problems != ["ok"]:
                 raise DatabaseCorrupt(self.path, "; ".join(problems[:3]))
+        if self.read_only:
+            if version < SCHEMA_VERSION:
+                raise ReadOnly(self.path, f"{self.read_only_reason}, and it needs an upgrade to schema version "
+                                          f"{SCHEMA_VERSION} that cannot be written")
+            return
         with self._translating_errors():
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")  # in WAL mode: durable unless the OS crashes
@@ -226,24 +256,33 @@ class Store:
 
     # --- plumbing -------------------------------------------------------------------------------
     @contextmanager
-    def _translating_errors(self) -> Iterator[None]:
+    def _translating_errors(self, needed_bytes: int | None = None) -> Iterator[None]:
+        """sqlite3 errors -> StoreError in words; `needed_bytes`: about what the write needs on disk."""
         try:
             yield
         except sqlite3.Error as e:
-            if getattr(e, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+            name = getattr(e, "sqlite_errorname", "")
+            if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
                 raise DatabaseCorrupt(self.path, str(e)) from None
+            if name == "SQLITE_FULL":
+                raise DiskFull(disk.describe(OSError(errno.ENOSPC, ""), self.path, needed_bytes)) from None
+            if name.startswith("SQLITE_READONLY") or self.read_only:
+                raise ReadOnly(self.path, self.read_only_reason or str(e)) from None
             raise StoreError(f"history file {self.path}: {e}") from None
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, needed_bytes: int | None = None) -> Iterator[sqlite3.Connection]:
         """One write transaction (all or nothing), under the lock."""
-        with self._lock, self._translating_errors():
+        if self.read_only:
+            raise ReadOnly(self.path, self.read_only_reason)
+        with self._lock, self._translating_errors(needed_bytes):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite already rolled back after some errors (a full disk)
+                    self._db.execute("ROLLBACK")
                 raise
 
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
@@ -309,7 +348,7 @@ class Store:
         _check_choice("role", role, ROLES)
         _check_choice("status", status, MESSAGE_STATUSES)
         now = time.time()
-        with self._write() as db:
+        with self._write(needed_bytes=_write_size(content)) as db:
             if db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?",
                           (now, conversation_id)).rowcount == 0:
                 raise StoreError(f"no conversation with id {conversation_id!r} in {self.path}")
@@ -323,7 +362,7 @@ class Store:
         """Replace a message's text (and status / stats when given): a reply saved while it streams."""
         if status is not None:
             _check_choice("status", status, MESSAGE_STATUSES)
-        with self._write() as db:
+        with self._write(needed_bytes=_write_size(content)) as db:
             rows = db.execute("SELECT conversation_id FROM messages WHERE id = ?", (message_id,)).fetchall()
             if not rows:
                 raise StoreError(f"no message with id {message_id} in {self.path}")
@@ -409,18 +448,22 @@ class ReplyRecorder:
     """A reply being generated, saved as it grows.
 
     Saving every token would cost a commit per token; saving at most every `save_interval_s` bounds
-    both the cost and what a killed process loses (the text added since the last save).
+    both the cost and what a killed process loses (the text added since the last save). When a save
+    fails (a full disk), the text is kept in memory and saving is tried again every `retry_interval_s`;
+    `append` says so once when saving stops and once when it works again, never on every token.
     """
 
     def __init__(self, store: Store, message_id: int, save_interval_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, retry_interval_s: float = 5.0):
         self.store = store
         self.message_id = message_id
         self.save_interval_s = save_interval_s
+        self.retry_interval_s = retry_interval_s
         self._clock = clock
         self._text = ""
         self._saved_chars = 0
         self._last_save = clock()
+        self.save_error: StoreError | None = None  # why the last save failed; None when it worked
 
     @property
     def text(self) -> str:
@@ -431,21 +474,37 @@ class ReplyRecorder:
         """How much of `text` is on disk."""
         return self._saved_chars
 
-    def append(self, delta: str) -> None:
+    def append(self, delta: str) -> str | None:
+        """Adds text, saving it when a save is due. Returns news for the user when saving has just
+        stopped working or just started working again, else None."""
         self._text += delta
-        if self._clock() - self._last_save >= self.save_interval_s:
+        interval = self.retry_interval_s if self.save_error else self.save_interval_s
+        if self._clock() - self._last_save < interval:
+            return None
+        failing = self.save_error is not None
+        try:
             self._save("streaming", None)
+        except StoreError as error:
+            return None if failing else (f"The reply is not being saved: {error}. It goes on, and saving "
+                                         f"is retried every {self.retry_interval_s:g} s.")
+        return "The reply is being saved again." if failing else None
 
     def finish(self, status: str, stats: dict | None = None, text: str | None = None) -> None:
-        """Save the final text (`text` if given, e.g. TurnDone.text) with its final status."""
+        """Save the final text (`text` if given, e.g. TurnDone.text) with its final status; StoreError
+        if it cannot be saved (the caller tells the user the reply was not saved)."""
         if text is not None:
             self._text = text
         self._save(status, stats)
 
     def _save(self, status: str, stats: dict | None) -> None:
-        self.store.update_message(self.message_id, self._text, status=status, stats=stats)
-        self._saved_chars = len(self._text)
         self._last_save = self._clock()
+        try:
+            self.store.update_message(self.message_id, self._text, status=status, stats=stats)
+        except StoreError as error:
+            self.save_error = error
+            raise
+        self.save_error = None
+        self._saved_chars = len(self._text)
 
 
 def title_from(text: str) -> str:
@@ -465,6 +524,29 @@ def move_aside(path: Path) -> Path:
         if companion.exists():
             os.replace(companion, target.with_name(target.name + suffix))
     return target
+
+
+def _write_size(text: str) -> int:
+    """About what saving a message of `text` writes: its row and its search index entries (each about
+    the text's size, as whole pages in the WAL), and a few more pages."""
+    return 3 * len(text.encode("utf-8", "replace")) + 16 * 4096
+
+
+def _read_only_reason(path: Path) -> str | None:
+    """Why the history file at `path` cannot be written or created (None: it can)."""
+    folder = next((p for p in path.parents if p.exists()), None)
+    if folder is None or not folder.is_dir():
+        return None  # a file in the way of the folder: making the folder says so
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "it is on a read-only file system"
+    except OSError:
+        pass
+    if path.exists() and not os.access(path, os.W_OK):
+        return "the file is not writable"
+    if not os.access(folder, os.W_OK):
+        return f"its folder {folder} is not writable"
+    return None
 
 
 def _split_sql(script: str) -> list[str]:

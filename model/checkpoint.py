@@ -15,9 +15,11 @@ quantize.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,45 +54,130 @@ def read_config(ckpt_dir: Path) -> MixtralConfig:
 
 
 def read_manifest(ckpt_dir: Path) -> dict:
+    """manifest.json, checked for shape: a JSON object whose "files" maps plain file names to
+    {"bytes": int, "sha256": 64 hex digits}."""
     path = Path(ckpt_dir) / MANIFEST
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{ckpt_dir} is incomplete (no {MANIFEST}): the conversion did not finish; "
                               "convert it again") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is unreadable ({e}); convert the model again") from None
+    if problem := _manifest_problem(manifest):
+        raise CheckpointError(f"{path} is damaged ({problem}); convert the model again")
+    return manifest
 
 
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+def _manifest_problem(manifest: object) -> str | None:
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__} instead of an object"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return '"files" is not a table of file names'
+    for name, entry in files.items():
+        if Path(name).name != name or name in (".", ".."):
+            return f"{name!r} is not a file name of the checkpoint folder"
+        if not isinstance(entry, dict):
+            return f"the entry of {name} is not an object"
+        if not isinstance(entry.get("bytes"), int) or isinstance(entry["bytes"], bool) or entry["bytes"] < 0:
+            return f"the entry of {name} has no valid \"bytes\""
+        if not isinstance(entry.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+            return f"the entry of {name} has no valid \"sha256\""
+    if not any(n.endswith(".safetensors") for n in files):
+        return "it lists no weights"
+    return None
+
+
+def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None, chunk: int = 16 << 20) -> str:
+    """The file's sha256; `on_bytes(n)` after each chunk of n bytes read."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            if on_bytes:
+                on_bytes(len(block))
     return h.hexdigest()
 
 
-def verify(ckpt_dir: Path, deep: bool = False) -> MixtralConfig:
-    """Check that every file the manifest lists is there with its size (and, if `deep`, its sha256)."""
+def verify(ckpt_dir: Path, deep: bool = False,
+           on_progress: Callable[[float, str], None] | None = None) -> MixtralConfig:
+    """Check that every file the manifest lists is there with its size and its sha256.
+
+    Hashing a checkpoint reads all of it (Mixtral-8x7B: ~90 GB, about a minute), so it is done once:
+    `VERIFIED` records each file's size and mtime when its sha256 matched, and a file is hashed again
+    only when its size or mtime changed since (`deep`: hash every file now). `on_progress(fraction,
+    what)` reports the hashing. The config of a checkpoint that passes is returned; CheckpointError
+    names the first damaged file otherwise."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"no checkpoint at {ckpt_dir}")
     config = read_config(ckpt_dir)
-    files = read_manifest(ckpt_dir).get("files", {})
-    problems = []
+    files = read_manifest(ckpt_dir)["files"]
+    stats = {}
     for name, info in files.items():
         path = ckpt_dir / name
         if not path.is_file():
-            problems.append(f"{name} is missing")
-        elif path.stat().st_size != info["bytes"]:
-            problems.append(f"{name} has {path.stat().st_size} bytes, expected {info['bytes']} (partial?)")
-        elif deep and sha256_file(path) != info["sha256"]:
-            problems.append(f"{name} is corrupt (sha256 mismatch)")
-    if not any(n.endswith(".safetensors") for n in files):
-        problems.append("the manifest lists no weights")
-    if problems:
-        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: " + "; ".join(problems))
+            raise _damaged(ckpt_dir, f"{name} is missing")
+        stats[name] = path.stat()
+        if stats[name].st_size != info["bytes"]:
+            raise _damaged(ckpt_dir, f"{name} has {stats[name].st_size} bytes, expected {info['bytes']} (partial?)")
+    record = {} if deep else _read_record(ckpt_dir)
+    stale = [name for name, info in files.items() if record.get(name) != _fingerprint(stats[name], info)]
+    total, done = sum(files[name]["bytes"] for name in stale), 0
+    for name in stale:
+        def hashed(n: int, name=name) -> None:
+            nonlocal done
+            done += n
+            if on_progress:
+                on_progress(done / max(total, 1), f"verifying {name}")
+
+        if sha256_file(ckpt_dir / name, hashed) != files[name]["sha256"]:
+            raise _damaged(ckpt_dir, f"{name} does not match its sha256 in {MANIFEST} (its bytes changed)")
+        record[name] = _fingerprint(stats[name], files[name])
+    if stale:
+        _write_record(ckpt_dir, {name: record[name] for name in files})
     return config
+
+
+VERIFIED = ".verified.json"
+"""In a checkpoint dir: {file name: [size, mtime_ns, sha256]} of each file whose sha256 was checked."""
+
+
+def _fingerprint(stat, info: dict) -> list:
+    return [stat.st_size, stat.st_mtime_ns, info["sha256"]]
+
+
+def _read_record(ckpt_dir: Path) -> dict:
+    try:
+        record = json.loads((ckpt_dir / VERIFIED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _write_record(ckpt_dir: Path, record: dict) -> None:
+    """Best effort: a checkpoint on a read-only disk is verified again on its next use."""
+    temporary = ckpt_dir / f"{VERIFIED}.tmp"
+    try:
+        temporary.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        temporary.replace(ckpt_dir / VERIFIED)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+
+
+def _damaged(ckpt_dir: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {ckpt_dir} is damaged: {problem}; install it again "
+                           "(`mixtral-chat setup`) or convert it again (`mixtral-chat convert`)")
+
+
+def vocabulary_problem(config: MixtralConfig, tokenizer_vocab_size: int, where: Path) -> str | None:
+    """Why the tokenizer in `where` cannot go with the model: it makes ids past the embedding's rows."""
+    if tokenizer_vocab_size > config.vocab_size:
+        return (f"the tokenizer in {where} has {tokenizer_vocab_size} tokens but the model only "
+                f"{config.vocab_size}: they do not belong together (use the model's own tokenizer)")
+    return None
 
 
 def _normalise(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -138,7 +225,7 @@ class CheckpointWeights:
 
         array = jax.make_array_from_callback(tuple(shape), NamedSharding(self.mesh, P(*spec)), read)
         if self.on_progress:
-            self.on_progress(min(1.0, self.done / max(self.total, 1)), name)
+            self.on_progress(min(1.0, self.done / max(self.total, 1)), f"loading weights ({name})")
         return array
 
     def dense(self, name: str, spec: tuple, rows: slice | None = None) -> jax.Array:
@@ -162,9 +249,11 @@ def load(ckpt_dir: str | Path, mesh: Mesh | None = None, *, dtype: str | None = 
          on_progress: Callable[[float, str], None] | None = None, branchless: bool | None = None) -> Mixtral:
     """Our converted checkpoint -> a Mixtral NNX module with its weights sharded over `mesh`
     (default: every device on the tensor-parallel axis). `dtype` overrides the checkpoint's;
-    `branchless` the backend's choice of decode path (see `Mixtral`)."""
+    `branchless` the backend's choice of decode path (see `Mixtral`). The checkpoint is verified
+    first (`verify`: files not hashed since they changed are hashed now). `on_progress(fraction,
+    what)` reports the verifying, then the loading, each from 0 to 1."""
     ckpt_dir = Path(ckpt_dir)
-    config = verify(ckpt_dir)
+    config = verify(ckpt_dir, on_progress=on_progress)
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype)
     mesh = mesh if mesh is not None else make_mesh()
