@@ -23,20 +23,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from chat_app import model_registry, paths
+from chat_app.errors import EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED, UserError
 from chat_app.personas import DEFAULT_PERSONA, Persona, PersonaLibrary
-from chat_app.store import Conversation, Message, Store, StoreError, title_from
+from chat_app.store import Conversation, Message, Store, StoreError, title_from, turn_outcome
 
 if TYPE_CHECKING:
     from model.engine import Engine
+    from model.engine_api import ChatEngine
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 """What cannot be encoded as UTF-8: lone surrogates (stdin turns each undecodable byte into one)."""
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
-EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE, as shells report a reader that went away
 
-
-class HeadlessError(Exception):
+class HeadlessError(UserError):
     """Bad input or set-up (a bad stdin line, no model to use, a checkpoint that does not load),
     in words fit for the user."""
 
@@ -80,22 +79,17 @@ def run_headless(*, data_dir: Path, model_dir: Path | None, persona_name: str | 
 
 def load_engine(model_dir: Path, mesh_shape: tuple[int, int] | None, context_length: int | None,
                 on_progress: Callable[[float, str], None] | None = None) -> Engine:
-    """The engine on `model_dir`; HeadlessError for a checkpoint or mesh the user has to fix."""
+    """The engine on `model_dir` (a checkpoint or mesh the user has to fix raises a `UserError`)."""
     paths.enable_jax_compilation_cache()
-    from model.checkpoint import CheckpointError
     from model.engine import Engine
-    from model.sharding import MeshError
 
-    try:
-        return Engine(model_dir, mesh_shape=mesh_shape, context_length=context_length, on_progress=on_progress)
-    except (CheckpointError, MeshError) as e:
-        raise HeadlessError(str(e)) from None
+    return Engine(model_dir, mesh_shape=mesh_shape, context_length=context_length, on_progress=on_progress)
 
 
 class HeadlessChat:
     """The turn loop, on an engine that is already loaded (tests drive it with a real tiny model)."""
 
-    def __init__(self, engine: Engine, store: Store, persona: Persona, model_label: str, *,
+    def __init__(self, engine: ChatEngine, store: Store, persona: Persona, model_label: str, *,
                  conversation: Conversation | None = None, seed: int | None = None, jsonl: bool = False,
                  stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr):
         self.engine = engine
@@ -130,7 +124,6 @@ class HeadlessChat:
     def turn(self, text: str, line_number: int = 1) -> None:
         """Send one user message, stream the reply to stdout and save it as it streams. A message
         that gets no reply at all (too long for the context) is not kept."""
-        from model.engine import EngineError
         from model.engine_api import ContextTrimmed, TextDelta, TurnDone
 
         new_conversation = self.conversation is None
@@ -158,7 +151,7 @@ class HeadlessChat:
         except KeyboardInterrupt:  # a second Ctrl-C: the user does not want to wait for the token
             reply.finish("cancelled")
             raise
-        except EngineError as e:  # e.g. the message alone does not fit the context
+        except UserError as e:  # e.g. the message alone does not fit the context
             if reply.text:
                 reply.finish("error")
                 raise HeadlessError(f"stdin line {line_number}: {e}") from None
@@ -169,12 +162,10 @@ class HeadlessChat:
             raise
         finally:
             self._generating = False
-        record = dataclasses.asdict(done)
-        self._write(json.dumps({"conversation_id": conversation_id, **record}, ensure_ascii=False) + "\n"
-                    if self.jsonl else "\n")
+        self._write(json.dumps({"conversation_id": conversation_id, **dataclasses.asdict(done)}, ensure_ascii=False)
+                    + "\n" if self.jsonl else "\n")
         try:
-            reply.finish("cancelled" if done.finish_reason == "cancelled" else "complete",
-                         stats={k: v for k, v in record.items() if k != "text"}, text=done.text)
+            reply.finish(*turn_outcome(done), text=done.text)
         except StoreError as e:
             raise HeadlessError(f"the reply to stdin line {line_number} was printed but not saved: {e}") from None
 

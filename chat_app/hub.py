@@ -45,6 +45,7 @@ from huggingface_hub import HfApi, constants, get_token, scan_cache_dir
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
+from chat_app.errors import UserError
 from chat_app.terminal import format_bytes
 
 # The files a checkpoint conversion needs, at the repo root. Not *.bin / *.pt / consolidated.*: the same weights
@@ -82,12 +83,8 @@ _HUB_ERRORS = (
 
 
 # ---- errors ------------------------------------------------------------------------------------------------
-class HubError(Exception):
-    """A hub or download failure. `message` is written for the user and says what to do next."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
+class HubError(UserError):
+    """A hub or download failure. The message says what to do next."""
 
 
 class GatedRepoError(HubError):

@@ -41,6 +41,7 @@ from textual.widgets import (
 )
 
 from chat_app import hub, setup_flow
+from chat_app.errors import UserError
 from chat_app.setup_flow import SetupPlan
 from chat_app.terminal import format_bytes
 
@@ -383,7 +384,7 @@ class WizardScreen(Screen[Path | None]):
             self._devices = self._devices or setup_flow.detect_devices()
             plan = setup_flow.plan_setup(source, data_dir=self.data_dir, devices=self._devices, name=choice.name,
                                          dtype=choice.dtype, quantization=choice.quantization)
-        except setup_flow.USER_ERRORS as error:
+        except UserError as error:
             self.post_message(CheckFailed(error.message))
         except Exception as error:  # a bug: say so rather than leave the wizard waiting
             self.post_message(CheckFailed(f"Unexpected error while checking: {type(error).__name__}: {error}"))
@@ -456,7 +457,7 @@ class WizardScreen(Screen[Path | None]):
                 plan, token=self._token, on_download=lambda p: self.post_message(DownloadUpdate(p)),
                 on_convert=lambda done, total, tensor: self.post_message(ConvertUpdate(done, total, tensor)),
                 should_cancel=self._cancel.is_set)
-        except setup_flow.USER_ERRORS as error:  # cancelled too
+        except UserError as error:  # cancelled too
             self.post_message(InstallStopped(error.message, back_to="plan"))
         except Exception as error:  # a bug: say so rather than leave the wizard waiting
             self.post_message(InstallStopped(f"Unexpected error: {type(error).__name__}: {error}", back_to="plan"))

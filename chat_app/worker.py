@@ -8,6 +8,9 @@ from a queue one at a time. It never touches a widget: it only calls `post`, nor
 `App.call_from_thread`, which blocks the caller until the UI ran the callback). Text is batched into
 one `ReplyDelta` per `DELTA_BATCH_S`, so a fast model does not flood the UI's message queue.
 
+The engine comes from an `EngineFactory` called on the thread: `engine_factory(...)` builds the real
+`model.engine.Engine`; tests pass one that builds a scripted engine (tests/scripted_engine.py).
+
 Nothing raised on the thread escapes it: a checkpoint that fails to load posts `EngineFailed` and
 every later request is answered with `ReplyFailed`; an error during a turn posts `ReplyFailed`.
 """
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,10 +28,40 @@ from pathlib import Path
 from textual.message import Message
 
 from chat_app import paths
-from model.engine_api import Compiling, ContextTrimmed, FinishReason, SamplingParams, TextDelta, TurnDone
+from chat_app.errors import UserError
+from model.engine_api import (
+    ChatEngine,
+    Compiling,
+    ContextTrimmed,
+    FinishReason,
+    SamplingParams,
+    TextDelta,
+    TurnDone,
+)
 
 DELTA_BATCH_S = 0.05
 """How long reply text is gathered before it is posted (20 UI updates a second at most)."""
+
+Progress = Callable[[float, str], None]  # (fraction done, what is happening)
+EngineFactory = Callable[[Path, Progress], ChatEngine]
+"""Builds the engine for a checkpoint dir, reporting progress as it loads (called on the worker thread)."""
+
+
+def engine_factory(*, mesh_shape: tuple[int, int] | None = None, context_length: int | None = None,
+                   compilation_cache: bool = False) -> EngineFactory:
+    """The real engine (`model.engine.Engine`) on `mesh_shape`, seeing `context_length` tokens.
+    `compilation_cache`: use JAX's persistent compilation cache (`paths.jax_cache_dir()`), so the next
+    start on the same model and devices compiles little. It is a process-wide jax setting, so only the
+    real app turns it on, not tests."""
+
+    def open_engine(ckpt_dir: Path, on_progress: Progress) -> ChatEngine:
+        from model.engine import Engine  # imports jax: kept off the UI thread
+
+        if compilation_cache:
+            paths.enable_jax_compilation_cache()
+        return Engine(ckpt_dir, mesh_shape=mesh_shape, context_length=context_length, on_progress=on_progress)
+
+    return open_engine
 
 
 # What the worker posts. (Dataclass messages work: the generated __init__ calls the
@@ -118,23 +150,9 @@ class TokensCounted(Message):
     tokens: int
 
 
-USER_FACING_ERRORS = (
-    ("model.checkpoint", "CheckpointError"),  # a checkpoint that cannot be loaded
-    ("model.sharding", "MeshError"),  # a --mesh that does not fit the devices
-    ("model.engine", "EngineError"),  # a turn that cannot run (its message alone overflows the context)
-)
-"""The model's exceptions whose messages are written for users."""
-
-
 def describe_error(error: Exception) -> str:
-    """A message for the user: a `USER_FACING_ERRORS` message as it is, anything else with its type
-    for context. (The modules are looked up, not imported: if one was never imported, the error
-    cannot be one of its.)"""
-    for module_name, class_name in USER_FACING_ERRORS:
-        module = sys.modules.get(module_name)
-        if module is not None and isinstance(error, getattr(module, class_name)):
-            return str(error)
-    return f"{type(error).__name__}: {error}"
+    """A message for the user: a `UserError`'s as it is, anything else (a bug) with its type for context."""
+    return str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
 
 
 @dataclass
@@ -165,29 +183,17 @@ class _Stopping(Exception):
 
 
 class EngineWorker:
-    """Owns one `model.engine.Engine` on a thread of its own and serves requests one at a time.
+    """Owns one engine (from `open_engine(ckpt_dir, progress)`) on a thread of its own and serves
+    requests one at a time.
 
     `post` receives every message listed above, on the worker thread; it must be thread-safe and
     must not block (`MessagePump.post_message` is both).
     """
 
-    def __init__(
-        self,
-        ckpt_dir: Path,
-        post: Callable[[Message], object],
-        *,
-        mesh_shape: tuple[int, int] | None = None,
-        context_length: int | None = None,
-        compilation_cache: bool = False,
-    ) -> None:
-        """`compilation_cache`: use JAX's persistent compilation cache (`paths.jax_cache_dir()`), so
-        the next start on the same model and devices compiles little. It is a process-wide jax
-        setting, so only the real app turns it on, not tests."""
+    def __init__(self, ckpt_dir: Path, post: Callable[[Message], object], open_engine: EngineFactory) -> None:
         self.ckpt_dir = ckpt_dir
         self._post = post
-        self._mesh_shape = mesh_shape
-        self._context_length = context_length
-        self._compilation_cache = compilation_cache
+        self._open_engine = open_engine
         self._requests: queue.Queue = queue.Queue()
         self._pending: dict[int, _Generate] = {}  # request id -> request not finished yet
         self._pending_lock = threading.Lock()
@@ -237,16 +243,7 @@ class EngineWorker:
         engine = None
         load_error = None
         try:
-            from model.engine import Engine  # imports jax: kept off the UI thread
-
-            if self._compilation_cache:
-                paths.enable_jax_compilation_cache()
-            engine = Engine(
-                self.ckpt_dir,
-                mesh_shape=self._mesh_shape,
-                context_length=self._context_length,
-                on_progress=self._progress,
-            )
+            engine = self._open_engine(self.ckpt_dir, self._progress)
         except _Stopping:
             return
         except Exception as error:  # the app stays usable: the user sees the reason
@@ -268,7 +265,7 @@ class EngineWorker:
             raise _Stopping
         self._post(EngineLoading(fraction, what))
 
-    def _serve(self, engine, load_error: str | None, request: _Generate) -> None:
+    def _serve(self, engine: ChatEngine | None, load_error: str | None, request: _Generate) -> None:
         try:
             if engine is None:
                 self._post(ReplyFailed(request.request_id, f"The model is not loaded: {load_error}"))
@@ -280,7 +277,7 @@ class EngineWorker:
             with self._pending_lock:
                 del self._pending[request.request_id]
 
-    def _stream(self, engine, request: _Generate) -> None:
+    def _stream(self, engine: ChatEngine, request: _Generate) -> None:
         request_id = request.request_id
         self._post(ReplyStarted(request_id))
         unposted: list[str] = []
@@ -316,7 +313,7 @@ class EngineWorker:
             post_text()
             self._post(ReplyFailed(request_id, describe_error(error)))
 
-    def _count(self, engine, request: _CountTokens) -> None:
+    def _count(self, engine: ChatEngine, request: _CountTokens) -> None:
         try:
             tokens = engine.count_tokens(request.messages)
         except Exception:  # a count is only shown in the status bar; a failed one is just not shown

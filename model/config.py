@@ -7,13 +7,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 DEFAULT_CONTEXT = 4096  # tokens of conversation the engine keeps unless told otherwise
-QUANTIZATIONS = (None, "int8", "int4")
+QUANTIZATIONS = (None, "int8", "int4")  # weight-only, see quantize.py; None: the dtype as it is
 DTYPES = ("float32", "bfloat16", "float16")
-CHAT_FORMATS = ("mixtral-instruct", "template")
+CHAT_FORMATS = ("mixtral-instruct", "template")  # see chat_format.py
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config.json we cannot run, with the reason in words."""
 
 

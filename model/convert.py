@@ -25,13 +25,14 @@ import numpy as np
 from . import disk, quantize
 from .checkpoint import CONFIG, MANIFEST, TOKENIZER_FILES, read_config, sha256_file, vocabulary_problem
 from .config import ConfigError, MixtralConfig
+from .errors import UserError
 from .safetensors_io import NUMPY_DTYPES, Producer, SafetensorsError, TensorFiles, TensorSpec, write_sharded
 from .tokenizer import TokenizerError, load_tokenizer
 
 Progress = Callable[[int, int, str], None]  # (tensors done, tensors in all, current tensor)
 
 
-class ConversionError(Exception):
+class ConversionError(UserError):
     """The source cannot be converted, or the destination is in the way; the message says why."""
 
 

@@ -10,8 +10,10 @@ import errno
 import shutil
 from pathlib import Path
 
+from .errors import UserError
 
-class DiskError(Exception):
+
+class DiskError(UserError):
     """A folder or file that cannot be written, in words fit for the user."""
 
 

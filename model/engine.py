@@ -27,6 +27,7 @@ from .chat_format import encode_chat
 from .config import DEFAULT_CONTEXT
 from .detokenize import StreamDecoder
 from .engine_api import Compiling, ContextTrimmed, Event, SamplingParams, TextDelta, TurnDone
+from .errors import UserError
 from .generate import PREFILL_CHUNK, Generator
 from .kv_cache import KVCache
 from .sampling import SamplingArrays, validate
@@ -35,7 +36,7 @@ from .tokenizer import TokenizerError, load_tokenizer
 DEFAULT_CACHE_BUDGET = 2 << 30  # bytes of KV caches kept across conversations
 
 
-class EngineError(Exception):
+class EngineError(UserError):
     """A turn that cannot run (its message alone overflows the context, bad settings); user-facing."""
 
 

@@ -18,11 +18,12 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from .config import MixtralConfig
+from .errors import UserError
 
 EXPERT, MODEL = "expert", "model"
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """A mesh shape that does not fit the devices or the model, with the reason."""
 
 

@@ -108,13 +108,13 @@ def test_the_ui_worker_reports_verifying_then_the_damaged_file(tmp_path, tiny_ck
     """What the TUI shows: progress while hashing, then the one-line reason (chat.py shows both)."""
     import queue
 
-    from chat_app.worker import EngineFailed, EngineLoading, EngineWorker
+    from chat_app.worker import EngineFailed, EngineLoading, EngineWorker, engine_factory
 
     ckpt = shutil.copytree(tiny_ckpt, tmp_path / "tiny")
     (ckpt / VERIFIED).unlink(missing_ok=True)
     flip_byte(ckpt / "tokenizer.model", 1000)
     posted = queue.Queue()
-    worker = EngineWorker(ckpt, posted.put, mesh_shape=(1, 1))
+    worker = EngineWorker(ckpt, posted.put, engine_factory(mesh_shape=(1, 1)))
     worker.start()
     messages = []
     while not isinstance(message := posted.get(timeout=120), EngineFailed):
@@ -244,15 +244,16 @@ def test_headless_on_a_full_disk_prints_the_reply_and_says_it_was_not_saved(engi
         assert (first_user.content, first_reply.status) == ("first", "complete")
 
 
-@pytest.mark.slow
-async def test_the_app_on_a_full_disk_keeps_streaming_says_so_once_and_marks_the_reply_not_saved(
-        tmp_path, endless_ckpt):
+async def test_the_app_on_a_full_disk_keeps_streaming_says_so_once_and_marks_the_reply_not_saved(tmp_path):
+    """On the scripted engine (a reply of ~7 s: several save attempts on the full disk, one retry)."""
     from chat_app.app import ChatApp
     from pilot import wait_until
+    from scripted_engine import ScriptedEngine, endless
 
     with small_tmpfs(tmp_path / "disk", 4 << 20) as data_dir:
-        app = ChatApp(data_dir, endless_ckpt, sampling_overrides={"temperature": 0.0, "max_new_tokens": 3000},
-                      mesh_shape=(1, 1), context_length=4096)
+        engine = ScriptedEngine(then=endless(delay_s=0.005))
+        app = ChatApp(data_dir, Path("scripted"), open_engine=engine.factory(),
+                      sampling_overrides={"max_new_tokens": 1400})
         async with app.run_test(size=(120, 40)) as pilot:
             app.chat.prompt.load_text("Tell me a long story")
             await pilot.press("enter")
