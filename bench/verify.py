@@ -1,4 +1,4 @@
-"""What verifying a checkpoint's sha256s costs (`model.checkpoint.verify`): the first use of a
+"""What verifying a checkpoint's sha256s costs (`model.manifest.verify`): the first use of a
 checkpoint hashes every file; a warm start only compares each file's size and mtime with the record.
 
     python -m bench.verify [--gb 1.5] [--dir DIR]
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.checkpoint import CONFIG, MANIFEST, VERIFIED, verify
+from model.manifest import CONFIG, MANIFEST, VERIFIED, verify
 from model.config import MixtralConfig
 from model.safetensors_io import StreamingWriter, TensorSpec
 

@@ -15,6 +15,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -420,15 +421,14 @@ def _list_models(args: argparse.Namespace) -> int:
 def _verify_models(data_dir: Path, name: str) -> int:
     """Hash every file of one installed model (or of all of them) against its manifest; one line per
     model on stdout, status 1 when one is damaged."""
-    import time
-
     import model
     from chat_app.demo import DEMO_NAME
 
+    installed = {m.name: m.path for m in model_registry.list_installed(data_dir)}  # usable or not
     if name:
-        targets = [(name, model_registry.resolve(data_dir, name))]
+        targets = [(name, installed[name] if name in installed else model_registry.resolve(data_dir, name))]
     else:
-        targets = [(m.name, m.path) for m in model_registry.list_installed(data_dir)]
+        targets = list(installed.items())
         if not targets:
             raise CliError(f"no models installed in {paths.models_dir(data_dir)}")
     damaged = 0

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import disk, quantize
-from .checkpoint import CONFIG, MANIFEST, TOKENIZER_FILES, read_config, sha256_file, vocabulary_problem
+from .manifest import CONFIG, MANIFEST, TOKENIZER_FILES, read_config, sha256_file, vocabulary_problem
 from .config import ConfigError, MixtralConfig
 from .errors import UserError
 from .safetensors_io import NUMPY_DTYPES, Producer, SafetensorsError, TensorFiles, TensorSpec, write_sharded

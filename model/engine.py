@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from . import checkpoint, sharding
+from . import checkpoint, manifest, sharding
 from .chat_format import encode_chat
 from .config import DEFAULT_CONTEXT
 from .detokenize import StreamDecoder
@@ -66,9 +66,9 @@ class Engine:
         try:
             self.tokenizer = load_tokenizer(ckpt_dir)
         except TokenizerError as e:
-            raise checkpoint.CheckpointError(f"{e}; convert the model again") from None
-        if problem := checkpoint.vocabulary_problem(self.config, self.tokenizer.vocab_size, ckpt_dir):
-            raise checkpoint.CheckpointError(problem)
+            raise manifest.CheckpointError(f"{e}; convert the model again") from None
+        if problem := manifest.vocabulary_problem(self.config, self.tokenizer.vocab_size, ckpt_dir):
+            raise manifest.CheckpointError(problem)
         self.generator = Generator(model)
         self.model_name = ckpt_dir.name
         self.device_summary = sharding.describe(mesh)
