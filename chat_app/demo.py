@@ -103,10 +103,10 @@ def ensure_demo(data_dir: Path, *, on_status: Status | None = None,
     try:
         return build_demo(data_dir, on_status=on_status)
     except (model.ConversionError, DiskError) as e:
-        raise DemoError(f"cannot build the demo model: {e}") from None
+        raise DemoError(str(e)) from None
     except OSError as e:
         where = Path(e.filename) if e.filename else paths.downloads_dir(data_dir)
-        raise DemoError(f"cannot build the demo model: {describe(e, where)}") from None
+        raise DemoError(describe(e, where)) from None
 
 
 def _quiet(message: str) -> None:
