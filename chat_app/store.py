@@ -172,17 +172,15 @@ class Store:
         self.read_only_reason = None if str(path) == ":memory:" else _read_only_reason(self.path)
         self.read_only = self.read_only_reason is not None
         if self.read_only and not self.path.is_file():
-            raise StoreError(f"cannot create the history file {self.path}: {self.read_only_reason}; use "
-                             "--no-save or another --data-dir")
+            raise StoreError(f"cannot create the history file {self.path}: {self.read_only_reason}; choose "
+                             "another --data-dir (or chat with --headless --no-save)")
         if str(path) != ":memory:" and not self.read_only:
             try:
                 disk.make_folder(self.path.parent)
             except disk.DiskError as e:
                 raise StoreError(f"cannot create the history file {self.path}: {e}") from None
         self._lock = threading.RLock()
-        # Read-only: `immutable` reads the file as it is, without the -shm file that WAL mode would
-        # otherwise have to create next to it.
-        target = f"{self.path.absolute().as_uri()}?immutable=1" if self.read_only else str(path)
+        target = f"{self.path.absolute().as_uri()}?{_read_only_mode(self.path)}" if self.read_only else str(path)
         try:
             self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=10,
                                        uri=self.read_only)
@@ -552,6 +550,14 @@ def _write_size(text: str) -> int:
     """About what saving a message of `text` writes: its row and its search index entries (each about
     the text's size, as whole pages in the WAL), and a few more pages."""
     return 3 * len(text.encode("utf-8", "replace")) + 16 * 4096
+
+
+def _read_only_mode(path: Path) -> str:
+    """How SQLite opens a history it cannot write: `mode=ro` reads the -wal file too (the last writes of
+    a process that was killed), which needs the -shm file next to it; without them, `immutable` reads
+    the main file as it is (opening WAL mode otherwise wants to create the -shm file)."""
+    companions = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+    return "mode=ro" if all(p.exists() for p in companions) else "immutable=1"
 
 
 def _read_only_reason(path: Path) -> str | None:

@@ -305,6 +305,11 @@ def saved_data_dir(tmp_path, tiny_ckpt):
         conversation = store.create_conversation("Saved chat", "tiny", GREEDY.snapshot())
         store.add_message(conversation.id, "user", "remember this")
     assert run_cli("personas", "add", "Pirate", "--system-prompt", "Arr", data_dir=data_dir).returncode == 0
+    killed_writer = ("import os, sys\nfrom chat_app.store import Store\nstore = Store(sys.argv[1])\n"
+                     "store.create_conversation('Written just before a crash', 'tiny', {})\nos._exit(9)\n")
+    subprocess.run([sys.executable, "-c", killed_writer, str(paths.history_path(data_dir))], check=False,
+                   cwd=Path(__file__).parents[1], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert paths.history_path(data_dir).with_name("history.sqlite3-wal").stat().st_size > 0  # only there
     return data_dir
 
 
@@ -318,7 +323,8 @@ def test_a_read_only_data_dir_is_diagnosed_and_still_readable(saved_data_dir, ja
     before = snapshot_of(data_dir)
     with read_only(data_dir):
         with Store(paths.history_path(data_dir)) as store:  # browsing works
-            assert store.read_only and [c.title for c in store.list_conversations()] == ["Saved chat"]
+            assert store.read_only
+            assert [c.title for c in store.list_conversations()] == ["Written just before a crash", "Saved chat"]
             with pytest.raises(ReadOnly, match="read-only file system"):
                 store.create_conversation("x", "tiny", GREEDY.snapshot())
 
@@ -347,7 +353,8 @@ async def test_the_app_on_a_read_only_data_dir_shows_the_history_and_says_why_it
         app = ChatApp(saved_data_dir)
         async with app.run_test(size=(120, 40)) as pilot:
             await pilot.pause()
-            assert app.chat.conversation.title == "Saved chat"
+            assert app.chat.conversation.title == "Written just before a crash"
+            await app.chat.open_conversation(app.store.list_conversations()[1].id)
             assert [b.text for b in app.chat.chat_view.boxes] == ["remember this"]
             assert any("cannot be written (it is on a read-only file system)" in n.message
                        for n in app._notifications)
