@@ -24,8 +24,8 @@ from pathlib import Path
 
 import model
 from chat_app import paths
-from model.disk import DiskError, describe, make_folder
 from chat_app.errors import UserError
+from model.disk import DiskError, describe, make_folder
 from model.gguf_import import gguf_to_hf
 
 DEMO_NAME = "demo"

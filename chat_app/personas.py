@@ -29,8 +29,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model.disk import DiskError, describe, make_folder
 from chat_app.errors import UserError
+from model.disk import DiskError, describe, make_folder
 
 if TYPE_CHECKING:  # model.engine_api is imported when sampling() is called, keeping start-up light
     from model.engine_api import SamplingParams

@@ -9,13 +9,16 @@ last unsaved second, and a conversation once created is never lost.
 
 The schema is versioned with `PRAGMA user_version`: `MIGRATIONS[i]` turns version i into i + 1, each
 in one transaction. A file from a newer mixtral-chat, or one SQLite cannot read, is refused with a
-message that names the file and says what to do; it is never modified or replaced.
+message that names the file and says what to do; it is never modified or replaced. A file that
+cannot be written (a read-only disk) is opened read-only: it can be browsed, and every write raises
+`ReadOnly`. A write on a full disk raises `DiskFull` (which file, about how much it needed), and
+nothing of it is kept.
 """
 
 from __future__ import annotations
 
-import errno
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -30,11 +33,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chat_app.errors import UserError
+from model import disk
 
 if TYPE_CHECKING:
     from model.engine_api import TurnDone
-
-from model import disk
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_STATUSES = ("complete", "streaming", "cancelled", "error")
