@@ -37,6 +37,7 @@ from model.generate import Generator
 from model.mixtral import Mixtral
 from model.sampling import SamplingArrays
 from model.sharding import make_mesh, parse_mesh_shape
+from model.weight_table import info_of, weight_table
 
 MIXTRAL_8X7B = dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                     num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
@@ -63,36 +64,33 @@ def _drawer(kind: str, shape: tuple[int, ...], dtype, sharding: NamedSharding):
 
 
 class RandomWeights:
-    """A `model.mixtral.Weights` source of random arrays, made on the devices in their shards."""
+    """A `model.linear.Weights` source of random arrays (shapes, norms and what is quantized from
+    model.weight_table), made on the devices in their shards."""
 
     def __init__(self, config: MixtralConfig, mesh, seed: int = 0):
         self.config, self.mesh = config, mesh
-        self.shapes = config.tensor_shapes()
+        self.table = weight_table(config)
         self.key, self.drawn = jax.random.key(seed), 0
 
     def _draw(self, kind: str, shape: tuple[int, ...], dtype, spec: tuple) -> jax.Array:
         self.drawn += 1
         return _drawer(kind, tuple(shape), dtype, NamedSharding(self.mesh, P(*spec)))(jax.random.fold_in(self.key, self.drawn))
 
-    def _shape(self, name: str, rows: slice | None) -> list[int]:
-        shape = list(self.shapes[name.rsplit(".", 1)[-1]])
-        if rows is not None:
-            shape[0] = rows.stop - rows.start
-        return shape
+    def _shape(self, name: str, rows: slice | None) -> tuple[int, ...]:
+        shape = info_of(self.table, name).shape
+        return shape if rows is None else (rows.stop - rows.start, *shape[1:])
 
     def dense(self, name: str, spec: tuple, rows: slice | None = None) -> jax.Array:
-        kind = "ones" if name.endswith("norm") else "normal"
-        return self._draw(kind, self._shape(name, rows), self.config.dtype, spec)
+        return self._draw(info_of(self.table, name).init, self._shape(name, rows), self.config.dtype, spec)
 
     def linear(self, name: str, spec: tuple, rows: slice | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         mode, group = self.config.quantization, self.config.quant_group_size
-        if mode is None:
+        if mode is None or not info_of(self.table, name).quantizable:
             return self.dense(name, spec, rows), ()
         shape = self._shape(name, rows)
-        param_spec = quantize.param_spec(spec, mode)
+        param_spec, param_shape = quantize.param_spec(spec, mode), quantize.param_shape(shape, mode, group)
         if mode == "int8":
-            return self._draw("int8", shape, jnp.int8, spec), (self._draw("scale", shape[:-2] + shape[-1:], jnp.float32, param_spec),)
-        param_shape = shape[:-2] + [shape[-2] // group, shape[-1]]
+            return self._draw("int8", shape, jnp.int8, spec), (self._draw("scale", param_shape, jnp.float32, param_spec),)
         scale = self._draw("scale", param_shape, jnp.float32, param_spec)
         offset = -8 * scale  # values 0..15 centred on 0
         return self._draw("uint4", shape, jnp.uint4, spec), (scale, offset)

@@ -19,6 +19,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from chat_app import paths
+from chat_app.engine_factory import EngineFactory, engine_factory
 from chat_app.personas import DEFAULT_PERSONA, Persona, PersonaLibrary
 from chat_app.screens.chat import ChatScreen
 from chat_app.screens.confirm import ConfirmScreen
@@ -27,7 +28,7 @@ from chat_app.screens.personas import PersonaScreen
 from chat_app.screens.text_prompt import TextPromptScreen
 from chat_app.store import Store
 from chat_app.widgets.prompt_input import PromptInput
-from chat_app.worker import EngineFactory, EngineWorker, engine_factory
+from chat_app.worker import EngineWorker
 
 if TYPE_CHECKING:
     from model.engine_api import SamplingParams
@@ -101,7 +102,7 @@ class ChatApp(App[None]):
     ) -> None:
         """Opens the history and the persona library (StoreError, PersonaError: the caller reports
         them before any screen is drawn). With `model_dir`, the engine loads once the screen is up
-        (`open_engine`: the real engine on all devices by default, see `chat_app.worker.engine_factory`);
+        (`open_engine`: the real engine on all devices by default, see `chat_app.engine_factory`);
         without, the app can still browse and search the history, and `open_wizard` starts the
         first-run wizard, which gives back the model to open."""
         super().__init__()

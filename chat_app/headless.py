@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from chat_app import model_registry, paths
+from chat_app.engine_factory import engine_factory
 from chat_app.errors import EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED, UserError
 from chat_app.personas import DEFAULT_PERSONA, Persona, PersonaLibrary
 from chat_app.store import Conversation, Message, Store, StoreError, title_from, turn_outcome
 
 if TYPE_CHECKING:
-    from model.engine import Engine
     from model.engine_api import ChatEngine
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
@@ -68,22 +68,14 @@ def run_headless(*, data_dir: Path, model_dir: Path | None, persona_name: str | 
                                 "(installed models: `mixtral-chat models`)")
         if conversation and persona.snapshot() != conversation.persona:
             store.set_persona(conversation.id, persona.snapshot())
-        engine = load_engine(model_dir, mesh_shape, context_length, on_progress)
+        open_engine = engine_factory(mesh_shape=mesh_shape, context_length=context_length, compilation_cache=True)
+        engine = open_engine(model_dir, on_progress or (lambda fraction, what: None))
         chat = HeadlessChat(engine, store, persona, model_registry.model_label(data_dir, model_dir),
                             conversation=conversation, seed=seed, jsonl=jsonl, stdout=stdout, stderr=stderr)
         status = chat.run(stdin)
         if save and chat.conversation and not jsonl:
             print(f"saved as conversation {chat.conversation.id}", file=stderr)
         return status
-
-
-def load_engine(model_dir: Path, mesh_shape: tuple[int, int] | None, context_length: int | None,
-                on_progress: Callable[[float, str], None] | None = None) -> Engine:
-    """The engine on `model_dir` (a checkpoint or mesh the user has to fix raises a `UserError`)."""
-    paths.enable_jax_compilation_cache()
-    from model.engine import Engine
-
-    return Engine(model_dir, mesh_shape=mesh_shape, context_length=context_length, on_progress=on_progress)
 
 
 class HeadlessChat:

@@ -8,8 +8,8 @@ from a queue one at a time. It never touches a widget: it only calls `post`, nor
 `App.call_from_thread`, which blocks the caller until the UI ran the callback). Text is batched into
 one `ReplyDelta` per `DELTA_BATCH_S`, so a fast model does not flood the UI's message queue.
 
-The engine comes from an `EngineFactory` called on the thread: `engine_factory(...)` builds the real
-`model.engine.Engine`; tests pass one that builds a scripted engine (tests/scripted_engine.py).
+The engine comes from an `EngineFactory` (chat_app.engine_factory) called on the thread: the real
+`model.engine.Engine`, or in tests a scripted engine (tests/scripted_engine.py).
 
 Nothing raised on the thread escapes it: a checkpoint that fails to load posts `EngineFailed` and
 every later request is answered with `ReplyFailed`; an error during a turn posts `ReplyFailed`.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from textual.message import Message
 
-from chat_app import paths
+from chat_app.engine_factory import EngineFactory
 from chat_app.errors import UserError
 from model.engine_api import (
     ChatEngine,
@@ -41,28 +41,6 @@ from model.engine_api import (
 
 DELTA_BATCH_S = 0.05
 """How long reply text is gathered before it is posted (20 UI updates a second at most)."""
-
-Progress = Callable[[float, str], None]  # (fraction done, what is happening)
-EngineFactory = Callable[[Path, Progress], ChatEngine]
-"""Builds the engine for a checkpoint dir, reporting progress as it loads (called on the worker thread)."""
-
-
-def engine_factory(*, mesh_shape: tuple[int, int] | None = None, context_length: int | None = None,
-                   compilation_cache: bool = False) -> EngineFactory:
-    """The real engine (`model.engine.Engine`) on `mesh_shape`, seeing `context_length` tokens.
-    `compilation_cache`: use JAX's persistent compilation cache (`paths.jax_cache_dir()`), so the next
-    start on the same model and devices compiles little. It is a process-wide jax setting, so only the
-    real app turns it on, not tests."""
-
-    def open_engine(ckpt_dir: Path, on_progress: Progress) -> ChatEngine:
-        from model.engine import Engine  # imports jax: kept off the UI thread
-
-        if compilation_cache:
-            paths.enable_jax_compilation_cache()
-        return Engine(ckpt_dir, mesh_shape=mesh_shape, context_length=context_length, on_progress=on_progress)
-
-    return open_engine
-
 
 # What the worker posts. (Dataclass messages work: the generated __init__ calls the
 # `Message.__post_init__` that sets a message up.)

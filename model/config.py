@@ -65,15 +65,6 @@ class MixtralConfig:
         per_layer = attn + D * E + 3 * E * D * I + 2 * D
         return self.num_layers * per_layer + V * D * (1 if self.tie_word_embeddings else 2) + D
 
-    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shape of each kind of weight, by our checkpoint name's suffix (`layers.{l}.wq` -> "wq").
-        Linear weights are [in, out]; experts stack on a first dim."""
-        D, I, E, V = self.hidden_size, self.intermediate_size, self.num_experts, self.vocab_size
-        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return {"embed": (V, D), "attn_norm": (D,), "ffn_norm": (D,), "final_norm": (D,),
-                "wq": (D, q_out), "wk": (D, kv_out), "wv": (D, kv_out), "wo": (q_out, D), "router": (D, E),
-                "w1": (E, D, I), "w3": (E, D, I), "w2": (E, I, D), "lm_head": (D, V)}
-
     def _bytes(self, linear: int, other: int) -> int:
         """Bytes of `linear` parameters of linear weights (quantized: 1 or 1/2 byte + scales) and `other`
         parameters in the model dtype."""

@@ -10,47 +10,20 @@ their shards, so the full model never exists on one device or in host memory.
 from __future__ import annotations
 
 import functools
-from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from . import expert_gemv, quantize
 from .config import MixtralConfig
 from .kv_cache import KVCache
-from .sharding import EXPERT, MODEL, check_mesh_fits, weight_specs
+from .linear import Linear, Weights
+from .moe import MoE
+from .sharding import check_mesh_fits, weight_specs
 
 DECODE_FIRST_BLOCK = 256  # decode attention's first block of cache slots; each next one is twice as long
 MASKED = -1e30  # score of a key a query must not see (finite: no inf - inf in the online softmax)
-MOE_TILE = 64  # tokens per expert matmul in prefill; up to this many tokens take the cond path (MoE)
-
-
-class Weights(Protocol):
-    def dense(self, name: str, spec: tuple, rows: slice | None = None) -> jax.Array: ...
-
-    def linear(self, name: str, spec: tuple, rows: slice | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        """(kernel, quantization parameters: none for a dense kernel, see quantize.PARAMS)."""
-        ...
-
-
-class Linear(nnx.Module):
-    """y = x @ W, W [in, out] dense or weight-only quantized (quantize.py)."""
-
-    def __init__(self, weights: tuple[jax.Array, tuple[jax.Array, ...]], config: MixtralConfig):
-        kernel, params = weights
-        self.kernel = nnx.Param(kernel)
-        self.qparams = nnx.List([nnx.Param(p) for p in params])
-        self.quantization = config.quantization
-        self.group = config.quant_group_size
-
-    def arrays(self) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        return self.kernel[...], tuple(p[...] for p in self.qparams)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel, params = self.arrays()
-        return quantize.matmul(x, kernel, params, self.quantization, self.group)
 
 
 class RMSNorm(nnx.Module):
@@ -97,8 +70,8 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
 
     q [B, KV, G, T, Dh] (already scaled); k_cache [B, KV, Dh, S]; v_cache [B, KV, S, Dh]; q_slots [T]
     the slot of each query; start [B] each row's first slot. Only the blocks up to the last query's
-    slot are visited, except in a `branchless` decode, which reads the whole cache in one block (see
-    `Mixtral`). Returns [B, KV, G, T, Dh] float32.
+    slot are visited, except `branchless` (see `Mixtral`), which reads the whole cache in one block.
+    Returns [B, KV, G, T, Dh] float32.
     """
     B, KV, G, T, Dh = q.shape
     S = v_cache.shape[2]
@@ -129,7 +102,7 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
 
     carry = (jnp.full((B, KV, G, T), MASKED, jnp.float32), jnp.zeros((B, KV, G, T), jnp.float32),
              jnp.zeros((B, KV, G, T, Dh), jnp.float32))
-    if T == 1 and branchless:
+    if branchless:
         carry = fold(carry, 0, S, 0)
     elif T == 1:
         # Decode: a few blocks, each under a cond that skips it past the last written slot. (On XLA:CPU
@@ -171,158 +144,6 @@ class Attention(nnx.Module):
         return self.wo(out), k_cache, v_cache
 
 
-@functools.cache
-def _transposer(sharding: NamedSharding):
-    """Compiled once per placement: swaps an array's last two dims."""
-    return jax.jit(lambda a: jnp.swapaxes(a, -1, -2), out_shardings=sharding)
-
-
-class MoE(nnx.Module):
-    """Top-k of E SwiGLU experts per token: softmax over the router logits, top-k, renormalise, and the
-    chosen experts' outputs weighted and summed in float32.
-
-    Only chosen experts are computed. Experts are stored in groups [n * A, D, I] (A devices on the
-    expert axis, n experts of the group on each): on the CPU n = 1 (XLA:CPU multiplies by a slice of a
-    stacked array ~10x below memory speed), `branchless` (GPU) one group of all E, its last two dims
-    swapped where expert_gemv reads that layout faster (`out_major`: int8). Each device runs its own
-    experts:
-    - batch-1 decode, branchless: the expert_gemv kernel reads the chosen experts' weights in place;
-    - up to MOE_TILE tokens: each expert under a cond, skipped unless a token chose it, run on all the
-      tokens with the others weighted 0: batch-1 decode reads just the selected experts' weights;
-    - more tokens: tokens sorted by expert, and a loop per expert over the tiles of tokens routed to
-      it (data-dependent trip count): T * top_k rows in all instead of T * E. (XLA:CPU copies an
-      expert's weights into its loop first: ~7% of a 512-token prefill; a cond reads them in place.)
-    """
-
-    def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict, mesh: Mesh,
-                 branchless: bool):
-        self.config, self.mesh, self.branchless = config, mesh, branchless
-        self.router = nnx.Param(weights.dense(f"{prefix}.router", specs["router"]))
-        self.group_size = config.num_experts if branchless else mesh.shape[EXPERT]
-        groups = [slice(g, g + self.group_size) for g in range(0, config.num_experts, self.group_size)]
-        self.ffn_split = specs["w1"][-1] is not None  # is the intermediate dim split over the model axis?
-        self.kernel_dtype = {"int8": jnp.int8, "int4": jnp.uint4}.get(config.quantization, config.dtype)
-        self.out_major = branchless and expert_gemv.stores_out_major(self.kernel_dtype)  # kernels [.., out, in]
-
-        def linears(name: str) -> nnx.List:
-            return nnx.List([Linear(self._layout(weights.linear(f"{prefix}.{name}", specs[name], rows=r), specs[name]),
-                                    config) for r in groups])
-
-        self.w1, self.w3, self.w2 = linears("w1"), linears("w3"), linears("w2")
-        self.expert_specs = (specs["w1"], specs["w3"], specs["w2"])  # a tuple: static attributes must hash
-
-    def _stored_spec(self, spec: tuple) -> tuple:
-        return spec[:-2] + (spec[-1], spec[-2]) if self.out_major else spec
-
-    def _layout(self, weights: tuple[jax.Array, tuple[jax.Array, ...]], spec: tuple):
-        kernel, params = weights
-        if self.out_major:
-            kernel = _transposer(NamedSharding(self.mesh, P(*self._stored_spec(spec))))(kernel)
-        return kernel, params
-
-    def _in_place_gemv(self, n_tokens: int) -> bool:
-        c = self.config
-        if not (self.branchless and n_tokens == 1 and c.quantization in (None, "int8")):
-            return False
-        D, I = c.hidden_size, c.intermediate_size // (self.mesh.shape[MODEL] if self.ffn_split else 1)
-        return expert_gemv.supported(D, I, self.kernel_dtype) and expert_gemv.supported(I, D, self.kernel_dtype)
-
-    def __call__(self, x: jax.Array, live: jax.Array) -> jax.Array:
-        """x [B, T, D]; live [T] marks real tokens (bucket padding is not routed). -> [B, T, D]."""
-        c = self.config
-        B, T, D = x.shape
-        N, k, E = B * T, c.experts_per_token, c.num_experts
-        xs = x.reshape(N, D)
-        probs = jax.nn.softmax((xs @ self.router[...]).astype(jnp.float32), axis=-1)
-        top_w, top_e = jax.lax.top_k(probs, k)  # [N, k]
-        top_w = top_w / top_w.sum(axis=-1, keepdims=True)
-        top_e = jnp.where(jnp.tile(live, B)[:, None], top_e, E)  # padding goes to a non-existent expert
-        counts = jnp.zeros(E + 1, jnp.int32).at[top_e.reshape(-1)].add(1)[:E]
-        in_place = self._in_place_gemv(N)
-        few = N <= MOE_TILE
-        if in_place:
-            routing = (top_e[0], top_w[0])  # [k] each
-        elif few:
-            # [N, E]: each token's weight for each expert (0 where not chosen)
-            routing = jnp.zeros((N, E + 1), jnp.float32).at[jnp.arange(N)[:, None], top_e].add(top_w)[:, :E]
-        else:
-            order = jnp.argsort(top_e.reshape(-1), stable=True)  # assignments sorted by expert
-            routing = ((order // k).astype(jnp.int32), top_w.reshape(-1)[order], jnp.cumsum(counts) - counts)
-
-        sum_axes = (EXPERT, MODEL) if self.ffn_split else (EXPERT,)
-        quantization, group = c.quantization, c.quant_group_size
-        A = self.mesh.shape[EXPERT]
-        n = self.group_size // A  # experts of a group on each device
-        interpret = self.mesh.devices.flat[0].platform == "cpu"  # the kernel's tests run it interpreted
-
-        def ffn(x, mats):
-            (k1, p1), (k3, p3), (k2, p2) = ((k.T if self.out_major else k, p) for k, p in mats)
-            h = jax.nn.silu(quantize.matmul(x, k1, p1, quantization, group)) * \
-                quantize.matmul(x, k3, p3, quantization, group)
-            return quantize.matmul(h, k2, p2, quantization, group).astype(jnp.float32)
-
-        def chosen_ffn(x, routing, w1, w3, w2):
-            """Batch-1 decode: x [1, D] through this device's chosen experts, read in place."""
-            top_e, top_w = routing
-            local = top_e - jax.lax.axis_index(EXPERT) * n  # the chosen experts among this device's
-            mine = (local >= 0) & (local < n)
-            local, weight = jnp.where(mine, local, 0), jnp.where(mine, top_w, 0.0)
-
-            def gemv(h, kernel_params):
-                kernel, params = kernel_params[0]
-                return expert_gemv.expert_gemv(h, local, kernel, *params, interpret=interpret)
-
-            xk = jnp.broadcast_to(x, (k, D))
-            h = (jax.nn.silu(gemv(xk, w1)) * gemv(xk, w3)).astype(x.dtype)  # [k, I/m]
-            return (gemv(h, w2) * weight[:, None]).sum(axis=0, keepdims=True)  # [1, D]
-
-        def local(xs, counts, routing, w1, w3, w2):
-            # On each device: xs [N, D]; w1/w3/w2: lists of (kernel [n, D, I/m] or [n, I/m, D], params) groups
-            # (the last two dims swapped where out_major).
-            if in_place:
-                return jax.lax.psum(chosen_ffn(xs, routing, w1, w3, w2), sum_axes)
-            a = jax.lax.axis_index(EXPERT)
-            out = jnp.zeros((N, D), jnp.float32)
-            for g in range(len(w1)):
-                for i in range(n):
-                    expert = g * self.group_size + a * n + i
-                    mats = [(kern[i], tuple(p[i] for p in params)) for kern, params in (w1[g], w3[g], w2[g])]
-                    if few:
-                        weight = jax.lax.dynamic_index_in_dim(routing, expert, axis=1)  # [N, 1]
-                        out = jax.lax.cond(counts[expert] > 0,
-                                           lambda o, mats=mats, weight=weight: o + ffn(xs, mats) * weight,
-                                           lambda o: o, out)
-                        continue
-                    token_of, weight_of, starts = routing
-                    count, first = counts[expert], starts[expert]
-
-                    def tile_step(t, out, mats=mats, count=count, first=first):
-                        lane = t * MOE_TILE + jnp.arange(MOE_TILE)
-                        pos = jnp.minimum(first + lane, N * k - 1)
-                        rows = token_of[pos]
-                        weight = jnp.where(lane < count, weight_of[pos], 0.0)
-                        return out.at[rows].add(ffn(xs[rows], mats) * weight[:, None])
-
-                    out = jax.lax.fori_loop(0, (count + MOE_TILE - 1) // MOE_TILE, tile_step, out)
-            return jax.lax.psum(out, sum_axes)
-
-        def blocks(linears):
-            return [lin.arrays() for lin in linears]
-
-        def block_specs(kernel_spec):
-            names = quantize.PARAMS.get(quantization, ())
-            params = tuple(P(*quantize.param_spec(kernel_spec, quantization)) for _ in names)
-            return [(P(*self._stored_spec(kernel_spec)), params)] * len(self.w1)
-
-        replicated = P()
-        out = jax.shard_map(
-            local, mesh=self.mesh,
-            in_specs=(replicated, replicated, replicated) + tuple(block_specs(spec) for spec in self.expert_specs),
-            out_specs=replicated, check_vma=False,
-        )(xs, counts, routing, blocks(self.w1), blocks(self.w3), blocks(self.w2))
-        return out.astype(x.dtype).reshape(B, T, D)
-
-
 class Block(nnx.Module):
     def __init__(self, config: MixtralConfig, weights: Weights, layer: int, specs: dict, mesh: Mesh, branchless: bool):
         prefix = f"layers.{layer}"
@@ -332,16 +153,20 @@ class Block(nnx.Module):
         self.moe = MoE(config, weights, prefix, specs, mesh, branchless)
 
     def __call__(self, x, cos, sin, k_cache, v_cache, q_slots, start, block, live):
-        attn_out, k_cache, v_cache = self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, q_slots, start, block)
+        with jax.named_scope("attention"):
+            attn_out, k_cache, v_cache = self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, q_slots, start, block)
         h = x + attn_out
-        return h + self.moe(self.ffn_norm(h), live), k_cache, v_cache
+        with jax.named_scope("moe"):
+            h = h + self.moe(self.ffn_norm(h), live)
+        return h, k_cache, v_cache
 
 
 class Mixtral(nnx.Module):
-    """`branchless` (default: on GPUs) keeps data-dependent control flow out of batch-1 decode: XLA on a
-    GPU runs each cond by copying its predicate to the host and waiting (~40 us; 384 per token of
-    Mixtral-8x7B), so decode attention reads the whole cache at once and the experts run in the
-    expert_gemv kernel. On the CPU a cond costs nothing and skips work."""
+    """`branchless` (default: on GPUs) keeps data-dependent control flow out of the programs: XLA on a
+    GPU runs each cond or loop iteration by copying its predicate to the host and waiting (~40 us; 384
+    per token of Mixtral-8x7B), so attention reads the whole cache at once and the experts run in Pallas
+    kernels (expert_gemv for decode, grouped_matmul for prefill). On the CPU a cond costs nothing and
+    skips work."""
 
     def __init__(self, config: MixtralConfig, weights: Weights, mesh: Mesh, branchless: bool | None = None):
         check_mesh_fits(mesh, config)
@@ -375,12 +200,15 @@ class Mixtral(nnx.Module):
             vs.append(v_cache)
         if last_only:
             x = jax.lax.dynamic_index_in_dim(x, num_new - 1, axis=1, keepdims=False)  # [B, D]
-        x = self.final_norm(x)
-        if self.lm_head is None:  # tied: contract with the embedding's D without transposing it (a copy)
-            logits = jnp.einsum("...d,vd->...v", x, self.embed[...], preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.matmul(x, self.lm_head[...], preferred_element_type=jnp.float32)
+        with jax.named_scope("lm_head"):
+            logits = self._lm_head(self.final_norm(x))
         return logits, cache.replace(k=tuple(ks), v=tuple(vs), end=cache.end + num_new)
+
+    def _lm_head(self, x: jax.Array) -> jax.Array:
+        """x [..., D] -> float32 logits [..., V]."""
+        if self.lm_head is None:  # tied: contract with the embedding's D without transposing it (a copy)
+            return jnp.einsum("...d,vd->...v", x, self.embed[...], preferred_element_type=jnp.float32)
+        return jnp.matmul(x, self.lm_head[...], preferred_element_type=jnp.float32)
 
     def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Logits float32 [B, T, V] for tokens int32 [B, T], no cache kept. Rows may be left-padded
@@ -417,7 +245,6 @@ class ModelDef:
 
     def merge(self, params: list[jax.Array]) -> Mixtral:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.params_tree, params))
-
 
 
 @functools.partial(jax.jit, static_argnames=("model_def",))

@@ -15,4 +15,4 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mixtral-chat-tests-")
 
 from fake_hub import cache_dir, hub, repo_folder  # noqa: E402,F401  (fixtures for every test module)
-from tiny_model import endless_ckpt, tiny_ckpt, tiny_hf  # noqa: E402,F401
+from tiny_model import tiny_ckpt, tiny_hf  # noqa: E402,F401

@@ -16,8 +16,8 @@ import pytest
 import model
 from chat_app import paths
 from chat_app.app import ChatApp
+from chat_app.engine_factory import engine_factory
 from chat_app.store import Store
-from chat_app.worker import engine_factory
 from pilot import reply_done, send, stored, wait_until
 from test_app import persona_snapshot, shown
 

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 import model
+from chat_app.engine_factory import engine_factory
 from chat_app.worker import (
     EngineFailed,
     EngineLoading,
@@ -19,7 +20,6 @@ from chat_app.worker import (
     ReplyFailed,
     ReplyStarted,
     TokensCounted,
-    engine_factory,
 )
 from model.engine_api import SamplingParams
 
