@@ -108,7 +108,8 @@ def test_the_ui_worker_reports_verifying_then_the_damaged_file(tmp_path, tiny_ck
     """What the TUI shows: progress while hashing, then the one-line reason (chat.py shows both)."""
     import queue
 
-    from chat_app.worker import EngineFailed, EngineLoading, EngineWorker, engine_factory
+    from chat_app.engine_factory import engine_factory
+    from chat_app.worker import EngineFailed, EngineLoading, EngineWorker
 
     ckpt = shutil.copytree(tiny_ckpt, tmp_path / "tiny")
     (ckpt / VERIFIED).unlink(missing_ok=True)
