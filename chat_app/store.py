@@ -251,17 +251,11 @@ class Store:
 
     def _migrate_to(self, target: int, script: str) -> None:
         """Apply one migration in its own transaction, unless another process got there first."""
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             if db.execute("PRAGMA user_version").fetchone()[0] < target:
                 for statement in _split_sql(script):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {target}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     # --- plumbing -------------------------------------------------------------------------------
     @contextmanager
@@ -284,15 +278,20 @@ class Store:
         """One write transaction (all or nothing), under the lock."""
         if self.read_only:
             raise ReadOnly(self.path, self.read_only_reason)
-        with self._lock, self._translating_errors(needed_bytes):
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:  # SQLite already rolled back after some errors (a full disk)
-                    self._db.execute("ROLLBACK")
-                raise
+        with self._lock, self._translating_errors(needed_bytes), self._transaction() as db:
+            yield db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT; rolled back on any error, unless SQLite already did (a full disk)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
         with self._lock, self._translating_errors():

@@ -22,7 +22,7 @@ import model
 from chat_app import paths
 from chat_app.headless import HeadlessChat, HeadlessError
 from chat_app.personas import Persona
-from chat_app.store import DiskFull, ReadOnly, ReplyRecorder, Store
+from chat_app.store import DiskFull, ReadOnly, ReplyRecorder, Store, StoreError
 from model.manifest import VERIFIED, sha256_file
 from hostile_storage import fill, read_only, small_tmpfs
 from test_cli import assert_one_line_error, install, run_cli
@@ -243,6 +243,15 @@ def test_headless_on_a_full_disk_prints_the_reply_and_says_it_was_not_saved(engi
         stdout.filled.unlink()
         first_user, first_reply = store.messages(chat.conversation.id)[:2]
         assert (first_user.content, first_reply.status) == ("first", "complete")
+
+
+def test_a_new_history_on_a_full_disk_is_one_clear_error(tmp_path):
+    with small_tmpfs(tmp_path / "disk", 1 << 20) as disk:
+        filler = fill(disk)
+        with pytest.raises(StoreError) as caught:
+            Store(disk / "history.sqlite3")
+        assert "is full" in str(caught.value) and "rollback" not in str(caught.value)
+        filler.unlink()
 
 
 async def test_the_app_on_a_full_disk_keeps_streaming_says_so_once_and_marks_the_reply_not_saved(tmp_path):
