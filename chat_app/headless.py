@@ -113,7 +113,7 @@ class HeadlessChat:
         finally:
             signal.signal(signal.SIGINT, previous_handler)
 
-    def turn(self, text: str, line_number: int = 1) -> None:
+    def turn(self, text: str, line_number: int) -> None:
         """Send one user message, stream the reply to stdout and save it as it streams. A message
         that gets no reply at all (too long for the context) is not kept."""
         from model.engine_api import ContextTrimmed, TextDelta, TurnDone
