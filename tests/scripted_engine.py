@@ -29,6 +29,7 @@ class Turn:
     deltas: Iterable[str] = ("Hello", " from", " the", " script.")  # may be endless: see `endless`
     delay_s: float = 0.0  # before each delta
     compiling: bool = False  # announce a compilation first
+    gate: threading.Event | None = None  # the text waits until it is set (a test holds the turn where it looks)
     dropped_messages: int = 0  # > 0: the conversation "did not fit", its oldest messages were left out
     error: Exception | None = None  # raised after the deltas, instead of finishing
     finish_reason: str = "stop"  # when the deltas run out
@@ -85,6 +86,8 @@ class ScriptedEngine:
             yield ContextTrimmed(turn.dropped_messages)
         if turn.compiling:
             yield Compiling()
+        if turn.gate is not None and not turn.gate.wait(timeout=60):
+            raise TimeoutError("the test never opened the scripted turn's gate")
         pieces: list[str] = []
         finish = None
         for delta in turn.deltas:

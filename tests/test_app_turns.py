@@ -7,6 +7,7 @@ are in test_app_chat.py.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from textual import events
@@ -144,15 +145,17 @@ async def test_regenerate_replaces_the_last_reply_and_asks_again_without_it(tmp_
 
 
 async def test_compiling_shows_until_the_first_text(tmp_path):
-    engine = ScriptedEngine([Turn(compiling=True, deltas=("late",), delay_s=1.0)])
+    compiled = threading.Event()
+    engine = ScriptedEngine([Turn(compiling=True, gate=compiled, deltas=("late",))])
     app = scripted_app(tmp_path, engine)
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, app, "Hi")
         await wait_until(pilot, lambda: app.chat.status.activity == "compiling…", "compiling to show")
         box = app.chat.chat_view.boxes[-1]
         assert "compiling the model" in str(box.border_subtitle)
+        compiled.set()
         await reply_done(pilot, app)
-        assert shown(app)[-1][1] == "late"
+        assert shown(app)[-1][1] == "late" and app.chat.status.activity == ""
 
 
 async def test_a_model_that_fails_to_load_answers_every_send(tmp_path):
