@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ import pytest
 
 
 def _mount(*args: str) -> None:
+    if shutil.which("mount") is None:
+        pytest.skip("cannot mount here: no `mount` command")
     result = subprocess.run(["mount", *args], capture_output=True, text=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount here (mount {' '.join(args)}: {result.stderr.strip() or result.returncode})")
