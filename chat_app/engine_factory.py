@@ -19,15 +19,17 @@ EngineFactory = Callable[[Path, Progress], ChatEngine]
 def engine_factory(*, mesh_shape: tuple[int, int] | None = None, context_length: int | None = None,
                    compilation_cache: bool = False) -> EngineFactory:
     """The real engine (`model.engine.Engine`) on `mesh_shape`, seeing `context_length` tokens.
-    `compilation_cache`: use JAX's persistent compilation cache (`paths.jax_cache_dir()`), so the next
-    start on the same model and devices compiles little. It is a process-wide jax setting, so only the
-    real app turns it on, not tests."""
+    `compilation_cache`: keep compiled programs on disk (`paths.executables_dir()`, and JAX's persistent
+    compilation cache in `paths.jax_cache_dir()` for the small ones around them), so the next start on
+    the same model and devices neither traces nor compiles the model's programs. JAX's cache is a
+    process-wide setting, so only the real app turns it on, not tests."""
 
     def open_engine(ckpt_dir: Path, on_progress: Progress) -> ChatEngine:
         from model.engine import Engine  # imports jax: kept off the UI thread
 
         if compilation_cache:
             paths.enable_jax_compilation_cache()
-        return Engine(ckpt_dir, mesh_shape=mesh_shape, context_length=context_length, on_progress=on_progress)
+        return Engine(ckpt_dir, mesh_shape=mesh_shape, context_length=context_length, on_progress=on_progress,
+                      executable_cache=paths.executables_dir() if compilation_cache else None)
 
     return open_engine

@@ -28,6 +28,7 @@ from .config import DEFAULT_CONTEXT
 from .detokenize import StreamDecoder
 from .engine_api import Compiling, ContextTrimmed, Event, SamplingParams, TextDelta, TurnDone
 from .errors import UserError
+from .executables import ExecutableCache
 from .generate import PREFILL_CHUNK, Generator
 from .kv_cache import KVCache
 from .sampling import SamplingArrays, validate
@@ -52,11 +53,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Engine:
-    """Loads a checkpoint and runs chat turns on it. Use from one thread at a time."""
+    """Loads a checkpoint and runs chat turns on it. Use from one thread at a time.
+
+    `executable_cache`: a folder where compiled programs are kept (executables.py), so that the next
+    engine on the same model and devices, in any process, neither traces nor compiles them."""
 
     def __init__(self, ckpt_dir: str | Path, *, mesh_shape: tuple[int, int] | None = None,
                  context_length: int | None = None, cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
-                 dtype: str | None = None, warm_up: bool = False,
+                 dtype: str | None = None, warm_up: bool = False, executable_cache: str | Path | None = None,
                  on_progress: Callable[[float, str], None] | None = None):
         report = on_progress or (lambda fraction, what: None)
         ckpt_dir = Path(ckpt_dir)
@@ -69,7 +73,7 @@ class Engine:
             raise manifest.CheckpointError(f"{e}; convert the model again") from None
         if problem := manifest.vocabulary_problem(self.config, self.tokenizer.vocab_size, ckpt_dir):
             raise manifest.CheckpointError(problem)
-        self.generator = Generator(model)
+        self.generator = Generator(model, ExecutableCache(executable_cache) if executable_cache else None)
         self.model_name = ckpt_dir.name
         self.device_summary = sharding.describe(mesh)
         self.context_limit = min(context_length or DEFAULT_CONTEXT, self.config.max_position_embeddings)

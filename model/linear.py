@@ -11,8 +11,9 @@ from typing import Protocol
 
 import jax
 from flax import nnx
+from jax.sharding import Mesh
 
-from . import quantize
+from . import gpu_linear, quantize
 from .config import MixtralConfig
 
 
@@ -25,18 +26,28 @@ class Weights(Protocol):
 
 
 class Linear(nnx.Module):
-    """y = x @ W, W [in, out] dense or weight-only quantized (quantize.py)."""
+    """y = x @ W, W [in, out] dense or weight-only quantized (quantize.py).
 
-    def __init__(self, weights: tuple[jax.Array, tuple[jax.Array, ...]], config: MixtralConfig):
+    `gpu_kernels` (a quantized weight on a GPU, given its mesh and [in, out] partition spec): W is kept
+    in the layout of our Pallas kernels and multiplied through them (gpu_linear.py)."""
+
+    def __init__(self, weights: tuple[jax.Array, tuple[jax.Array, ...]], config: MixtralConfig,
+                 gpu_kernels: tuple[Mesh, tuple] | None = None):
         kernel, params = weights
-        self.kernel = nnx.Param(kernel)
-        self.qparams = nnx.List([nnx.Param(p) for p in params])
         self.quantization = config.quantization
         self.group = config.quant_group_size
+        self.gpu_kernels = gpu_kernels if gpu_kernels and self.quantization and gpu_linear.supported(
+            *kernel.shape[-2:], self.quantization, self.group, *gpu_kernels) else None
+        if self.gpu_kernels:
+            kernel, params = gpu_linear.kernel_layout((kernel, params), self.quantization, *self.gpu_kernels)
+        self.kernel = nnx.Param(kernel)
+        self.qparams = nnx.List([nnx.Param(p) for p in params])
 
     def arrays(self) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         return self.kernel[...], tuple(p[...] for p in self.qparams)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.gpu_kernels:
+            return gpu_linear.matmul(x, self.arrays(), self.quantization, *self.gpu_kernels).astype(x.dtype)
         kernel, params = self.arrays()
         return quantize.matmul(x, kernel, params, self.quantization, self.group)

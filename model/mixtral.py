@@ -119,12 +119,15 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict, branchless: bool):
+    def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict, mesh: Mesh,
+                 branchless: bool):
         self.config, self.branchless = config, branchless
-        self.wq = Linear(weights.linear(f"{prefix}.wq", specs["wq"]), config)
-        self.wk = Linear(weights.linear(f"{prefix}.wk", specs["wk"]), config)
-        self.wv = Linear(weights.linear(f"{prefix}.wv", specs["wv"]), config)
-        self.wo = Linear(weights.linear(f"{prefix}.wo", specs["wo"]), config)
+
+        def linear(name: str) -> Linear:
+            return Linear(weights.linear(f"{prefix}.{name}", specs[name]), config,
+                          gpu_kernels=(mesh, specs[name]) if branchless else None)
+
+        self.wq, self.wk, self.wv, self.wo = linear("wq"), linear("wk"), linear("wv"), linear("wo")
 
     def __call__(self, x, cos, sin, k_cache, v_cache, q_slots, start, block):
         """x [B, T, D] -> ([B, T, D], updated k_cache, v_cache); the new keys/values go to slots q_slots."""
@@ -148,7 +151,7 @@ class Block(nnx.Module):
     def __init__(self, config: MixtralConfig, weights: Weights, layer: int, specs: dict, mesh: Mesh, branchless: bool):
         prefix = f"layers.{layer}"
         self.attn_norm = RMSNorm(weights.dense(f"{prefix}.attn_norm", specs["attn_norm"]), config.rms_norm_eps)
-        self.attn = Attention(config, weights, prefix, specs, branchless)
+        self.attn = Attention(config, weights, prefix, specs, mesh, branchless)
         self.ffn_norm = RMSNorm(weights.dense(f"{prefix}.ffn_norm", specs["ffn_norm"]), config.rms_norm_eps)
         self.moe = MoE(config, weights, prefix, specs, mesh, branchless)
 
