@@ -126,6 +126,9 @@ class ChatApp(App[None]):
     def on_mount(self) -> None:
         keymap, problems = load_keymap(paths.settings_path(self.data_dir))
         self.set_keymap(keymap)
+        if self.store.read_only:
+            problems.append(f"The history file {self.store.path} cannot be written ({self.store.read_only_reason}): "
+                            "you can read your conversations, but new messages cannot be sent.")
         for problem in problems + self.personas.problems:
             self.notify(problem, severity="warning", timeout=15)
         if self.worker is not None:

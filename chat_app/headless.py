@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterable
@@ -25,10 +26,14 @@ from chat_app import model_registry, paths
 from chat_app.engine_factory import engine_factory
 from chat_app.errors import EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED, UserError
 from chat_app.personas import DEFAULT_PERSONA, Persona, PersonaLibrary
-from chat_app.store import Conversation, Store, title_from, turn_outcome
+from chat_app.store import Conversation, Message, Store, StoreError, title_from, turn_outcome
 
 if TYPE_CHECKING:
     from model.engine_api import ChatEngine
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+"""What cannot be encoded as UTF-8: lone surrogates (stdin turns each undecodable byte into one)."""
+
 
 class HeadlessError(UserError):
     """Bad input or set-up (a bad stdin line, no model to use, a checkpoint that does not load),
@@ -45,6 +50,9 @@ def run_headless(*, data_dir: Path, model_dir: Path | None, persona_name: str | 
     model loading progress."""
     store = Store(paths.history_path(data_dir)) if save else Store.in_memory()
     with store:
+        if store.read_only:
+            raise HeadlessError(f"the history file {store.path} cannot be written ({store.read_only_reason}): "
+                                "add --no-save to chat without saving, or use another --data-dir")
         conversation = store.get_conversation(conversation_id) if conversation_id else None
         if persona_name:
             persona = PersonaLibrary(paths.personas_dir(data_dir)).get(persona_name)
@@ -96,7 +104,7 @@ class HeadlessChat:
             for line_number, line in enumerate(lines, start=1):
                 text = self._user_text(line, line_number)
                 if text is not None:
-                    self.turn(text)
+                    self.turn(text, line_number)
                 if self._exit_status is not None:
                     return self._exit_status
             return 0
@@ -105,14 +113,16 @@ class HeadlessChat:
         finally:
             signal.signal(signal.SIGINT, previous_handler)
 
-    def turn(self, text: str) -> None:
-        """Send one user message, stream the reply to stdout and save it as it streams."""
+    def turn(self, text: str, line_number: int) -> None:
+        """Send one user message, stream the reply to stdout and save it as it streams. A message
+        that gets no reply at all (too long for the context) is not kept."""
         from model.engine_api import ContextTrimmed, TextDelta, TurnDone
 
-        if self.conversation is None:
+        new_conversation = self.conversation is None
+        if new_conversation:
             self.conversation = self.store.create_conversation(title_from(text), self.model_label, self.persona.snapshot())
         conversation_id = self.conversation.id
-        self.store.add_message(conversation_id, "user", text)
+        sent = self.store.add_message(conversation_id, "user", text)
         messages = self.store.chat_messages(conversation_id)
         reply = self.store.start_reply(conversation_id)
         done = None
@@ -121,7 +131,8 @@ class HeadlessChat:
             for event in self.engine.generate(conversation_id, messages, self.persona.sampling(self.seed),
                                               should_stop=lambda: self._exit_status is not None):
                 if isinstance(event, TextDelta):
-                    reply.append(event.text)
+                    if news := reply.append(event.text):
+                        print(f"note: {news}", file=self.stderr)
                     if not self.jsonl:
                         self._write(event.text)
                 elif isinstance(event, ContextTrimmed):
@@ -133,30 +144,55 @@ class HeadlessChat:
             reply.finish("cancelled")
             raise
         except UserError as e:  # e.g. the message alone does not fit the context
-            reply.finish("error")
-            raise HeadlessError(str(e)) from None
+            if reply.text:
+                reply.finish("error")
+                raise HeadlessError(f"stdin line {line_number}: {e}") from None
+            self._unsend(sent, new_conversation)
+            raise HeadlessError(f"stdin line {line_number}: {e}; the message was not saved") from None
         except Exception:
             reply.finish("error")  # what streamed so far stays, marked as failed
             raise
         finally:
             self._generating = False
-        reply.finish(*turn_outcome(done), text=done.text)
         self._write(json.dumps({"conversation_id": conversation_id, **dataclasses.asdict(done)}, ensure_ascii=False)
                     + "\n" if self.jsonl else "\n")
+        try:
+            reply.finish(*turn_outcome(done), text=done.text)
+        except StoreError as e:
+            raise HeadlessError(f"the reply to stdin line {line_number} was printed but not saved: {e}") from None
+
+    def _unsend(self, sent: Message, new_conversation: bool) -> None:
+        """Take back a message that got no reply (and its empty reply; and its conversation if it
+        started it), as the UI does."""
+        self.store.delete_messages_from(sent.conversation_id, sent.id)
+        if new_conversation:
+            self.store.delete_conversation(sent.conversation_id)
+            self.conversation = None
 
     def _user_text(self, line: str, line_number: int) -> str | None:
-        """The user message on one stdin line; None for a blank line."""
+        """The user message on one stdin line; None for a blank line. Text that is not valid Unicode
+        (undecodable bytes, which stdin passes on as lone surrogates, or a JSON "\\ud800") has each bad
+        character replaced by U+FFFD, with a note on stderr."""
         if not line.strip():
             return None
-        if not self.jsonl:
-            return line.strip()
+        if self.jsonl:
+            text = self._jsonl_content(line, line_number)
+        else:
+            text = line.strip()
+        cleaned = _SURROGATES.sub("\ufffd", text)
+        if cleaned != text:
+            print(f"note: stdin line {line_number} is not valid UTF-8 text; its bad bytes were replaced by "
+                  "\ufffd", file=self.stderr)
+        return cleaned
+
+    def _jsonl_content(self, line: str, line_number: int) -> str:
         try:
             turn = json.loads(line)
         except json.JSONDecodeError as e:
             raise HeadlessError(f"stdin line {line_number} is not valid JSON: {e}") from None
         if not isinstance(turn, dict) or turn.get("role") != "user" or not isinstance(turn.get("content"), str):
-            raise HeadlessError(f'stdin line {line_number}: expected {{"role": "user", "content": "..."}}, '
-                                f"got {line.strip()[:80]}")
+            shown = _SURROGATES.sub("\ufffd", line.strip()[:80])
+            raise HeadlessError(f'stdin line {line_number}: expected {{"role": "user", "content": "..."}}, got {shown}')
         if not turn["content"].strip():
             raise HeadlessError(f"stdin line {line_number}: the content is empty")
         return turn["content"]

@@ -91,10 +91,12 @@ def _describe(path: Path) -> InstalledModel:
         return dataclasses.replace(blank, problem="a Hugging Face model folder, not converted yet (convert it "
                                                   "with `mixtral-chat convert` or `mixtral-chat setup --local`)")
     from model.config import ConfigError, MixtralConfig  # the model package: only when needed
+    from model.manifest import CheckpointError, read_manifest
 
     try:
         config = MixtralConfig.load(config_file)
-    except ConfigError as e:
+        read_manifest(path)  # its shape; `model.verify` checks the files against it when the model loads
+    except (ConfigError, CheckpointError) as e:
         return dataclasses.replace(blank, problem=str(e))
     if not any(path.glob("*.safetensors")):
         return dataclasses.replace(blank, problem="the checkpoint has no weights (*.safetensors)")

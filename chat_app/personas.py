@@ -17,6 +17,7 @@ persona later does not change conversations already had with it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chat_app.errors import UserError
+from model.disk import DiskError, describe, make_folder
 
 if TYPE_CHECKING:  # model.engine_api is imported when sampling() is called, keeping start-up light
     from model.engine_api import SamplingParams
@@ -148,7 +150,10 @@ class PersonaLibrary:
         path = existing[0] if existing else self.personas_dir / f"{persona.name}.toml"
         if not existing and path.exists():
             raise PersonaError(f"{path} exists and holds another persona; rename that file first")
-        self.personas_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            make_folder(self.personas_dir)
+        except DiskError as e:
+            raise PersonaError(f"cannot save the persona: {e}") from None
         _write_atomically(path, persona.to_toml())
         return path
 
@@ -156,7 +161,10 @@ class PersonaLibrary:
         """Delete a user persona. Deleting the user's copy of a built-in brings the built-in back."""
         existing = self._user_files().get(name.casefold())
         if existing:
-            existing[0].unlink()
+            try:
+                existing[0].unlink()
+            except OSError as e:
+                raise PersonaError(f"cannot delete {existing[0]}: {describe(e, existing[0])}") from None
             return
         if self.get(name).builtin:  # get() raises for an unknown name
             raise PersonaError(f"{name!r} is a built-in persona and cannot be deleted")
@@ -182,6 +190,9 @@ class PersonaLibrary:
         self.problems = []
         found: dict[str, tuple[Path, Persona]] = {}
         if not self.personas_dir.is_dir():
+            if self.personas_dir.exists():
+                self.problems.append(f"{self.personas_dir} is a file where the personas folder should be: "
+                                     "your personas cannot be read or saved until it is moved away")
             return found
         for path in sorted(self.personas_dir.glob("*.toml")):
             try:
@@ -239,5 +250,6 @@ def _write_atomically(path: Path, text: str) -> None:
         temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
     except OSError as e:
-        temporary.unlink(missing_ok=True)
-        raise PersonaError(f"cannot write {path}: {e}") from None
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise PersonaError(describe(e, path)) from None

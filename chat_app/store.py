@@ -9,12 +9,16 @@ last unsaved second, and a conversation once created is never lost.
 
 The schema is versioned with `PRAGMA user_version`: `MIGRATIONS[i]` turns version i into i + 1, each
 in one transaction. A file from a newer mixtral-chat, or one SQLite cannot read, is refused with a
-message that names the file and says what to do; it is never modified or replaced.
+message that names the file and says what to do; it is never modified or replaced. A file that
+cannot be written (a read-only disk) is opened read-only: it can be browsed, and every write raises
+`ReadOnly`. A write on a full disk raises `DiskFull` (which file, about how much it needed), and
+nothing of it is kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chat_app.errors import UserError
+from model import disk
 
 if TYPE_CHECKING:
     from model.engine_api import TurnDone
@@ -117,6 +122,18 @@ class SchemaTooNew(StoreError):
     """The file was written by a newer mixtral-chat; it is not touched."""
 
 
+class DiskFull(StoreError):
+    """A write failed because the disk is full; nothing of it was kept (SQLite rolled it back)."""
+
+
+class ReadOnly(StoreError):
+    """The history can be read but not written (a read-only disk or file); nothing is changed."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"the history file {path} cannot be written ({reason}): you can read your "
+                         "conversations, but nothing new is saved")
+
+
 @dataclass(frozen=True)
 class Conversation:
     id: str
@@ -151,16 +168,24 @@ class Store:
     """The chat history database at `path` (created if missing). Safe to share between threads (see above)."""
 
     def __init__(self, path: Path | str):
+        """Opens the file, or creates it. A file that exists but cannot be written (a read-only disk,
+        folder or file) is opened read-only: `read_only` is True and every write raises `ReadOnly`."""
         self.path = Path(path)
-        in_memory = str(path) == ":memory:"
-        if not in_memory:
+        self.read_only_reason = None if str(path) == ":memory:" else _read_only_reason(self.path)
+        self.read_only = self.read_only_reason is not None
+        if self.read_only and not self.path.is_file():
+            raise StoreError(f"cannot create the history file {self.path}: {self.read_only_reason}; choose "
+                             "another --data-dir (or chat with --headless --no-save)")
+        if str(path) != ":memory:" and not self.read_only:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise StoreError(f"cannot create the folder for the history file {self.path}: {e}") from None
+                disk.make_folder(self.path.parent)
+            except disk.DiskError as e:
+                raise StoreError(f"cannot create the history file {self.path}: {e}") from None
         self._lock = threading.RLock()
+        target = f"{self.path.absolute().as_uri()}?{_read_only_mode(self.path)}" if self.read_only else str(path)
         try:
-            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
+            self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=10,
+                                       uri=self.read_only)
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the history file {self.path}: {e}") from None
         try:
@@ -202,6 +227,11 @@ class Store:
                 problems = [str(e)]
             if problems != ["ok"]:
                 raise DatabaseCorrupt(self.path, "; ".join(problems[:3]))
+        if self.read_only:
+            if version < SCHEMA_VERSION:
+                raise ReadOnly(self.path, f"{self.read_only_reason}, and it needs an upgrade to schema version "
+                                          f"{SCHEMA_VERSION} that cannot be written")
+            return
         with self._translating_errors():
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")  # in WAL mode: durable unless the OS crashes
@@ -221,39 +251,47 @@ class Store:
 
     def _migrate_to(self, target: int, script: str) -> None:
         """Apply one migration in its own transaction, unless another process got there first."""
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             if db.execute("PRAGMA user_version").fetchone()[0] < target:
                 for statement in _split_sql(script):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {target}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     # --- plumbing -------------------------------------------------------------------------------
     @contextmanager
-    def _translating_errors(self) -> Iterator[None]:
+    def _translating_errors(self, needed_bytes: int | None = None) -> Iterator[None]:
+        """sqlite3 errors -> StoreError in words; `needed_bytes`: about what the write needs on disk."""
         try:
             yield
         except sqlite3.Error as e:
-            if getattr(e, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+            name = getattr(e, "sqlite_errorname", "")
+            if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
                 raise DatabaseCorrupt(self.path, str(e)) from None
+            if name == "SQLITE_FULL":
+                raise DiskFull(disk.describe(OSError(errno.ENOSPC, ""), self.path, needed_bytes)) from None
+            if name.startswith("SQLITE_READONLY") or self.read_only:
+                raise ReadOnly(self.path, self.read_only_reason or str(e)) from None
             raise StoreError(f"history file {self.path}: {e}") from None
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, needed_bytes: int | None = None) -> Iterator[sqlite3.Connection]:
         """One write transaction (all or nothing), under the lock."""
-        with self._lock, self._translating_errors():
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
+        if self.read_only:
+            raise ReadOnly(self.path, self.read_only_reason)
+        with self._lock, self._translating_errors(needed_bytes), self._transaction() as db:
+            yield db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT; rolled back on any error, unless SQLite already did (a full disk)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
-                raise
+            raise
 
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
         with self._lock, self._translating_errors():
@@ -318,7 +356,7 @@ class Store:
         _check_choice("role", role, ROLES)
         _check_choice("status", status, MESSAGE_STATUSES)
         now = time.time()
-        with self._write() as db:
+        with self._write(needed_bytes=_write_size(content)) as db:
             if db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?",
                           (now, conversation_id)).rowcount == 0:
                 raise StoreError(f"no conversation with id {conversation_id!r} in {self.path}")
@@ -332,7 +370,7 @@ class Store:
         """Replace a message's text (and status / stats when given): a reply saved while it streams."""
         if status is not None:
             _check_choice("status", status, MESSAGE_STATUSES)
-        with self._write() as db:
+        with self._write(needed_bytes=_write_size(content)) as db:
             rows = db.execute("SELECT conversation_id FROM messages WHERE id = ?", (message_id,)).fetchall()
             if not rows:
                 raise StoreError(f"no message with id {message_id} in {self.path}")
@@ -424,18 +462,22 @@ class ReplyRecorder:
         reply.finish("error") / reply.finish("cancelled")   # failed, or stopped before the engine ended it
 
     Saving every token would cost a commit per token; saving at most every `save_interval_s` bounds
-    both the cost and what a killed process loses (the text added since the last save).
+    both the cost and what a killed process loses (the text added since the last save). When a save
+    fails (a full disk), the text is kept in memory and saving is tried again every `retry_interval_s`;
+    `append` says so once when saving stops and once when it works again, never on every token.
     """
 
     def __init__(self, store: Store, message_id: int, save_interval_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, retry_interval_s: float = 5.0):
         self.store = store
         self.message_id = message_id
         self.save_interval_s = save_interval_s
+        self.retry_interval_s = retry_interval_s
         self._clock = clock
         self._text = ""
         self._saved_chars = 0
         self._last_save = clock()
+        self.save_error: StoreError | None = None  # why the last save failed; None when it worked
 
     @property
     def text(self) -> str:
@@ -446,21 +488,37 @@ class ReplyRecorder:
         """How much of `text` is on disk."""
         return self._saved_chars
 
-    def append(self, delta: str) -> None:
+    def append(self, delta: str) -> str | None:
+        """Adds text, saving it when a save is due. Returns news for the user when saving has just
+        stopped working or just started working again, else None."""
         self._text += delta
-        if self._clock() - self._last_save >= self.save_interval_s:
+        interval = self.retry_interval_s if self.save_error else self.save_interval_s
+        if self._clock() - self._last_save < interval:
+            return None
+        failing = self.save_error is not None
+        try:
             self._save("streaming", None)
+        except StoreError as error:
+            return None if failing else (f"The reply is not being saved: {error}. It goes on, and saving "
+                                         f"is retried every {self.retry_interval_s:g} s.")
+        return "The reply is being saved again." if failing else None
 
     def finish(self, status: str, stats: dict | None = None, text: str | None = None) -> None:
-        """Save the final text (`text` if given, e.g. TurnDone.text) with its final status."""
+        """Save the final text (`text` if given, e.g. TurnDone.text) with its final status; StoreError
+        if it cannot be saved (the caller tells the user the reply was not saved)."""
         if text is not None:
             self._text = text
         self._save(status, stats)
 
     def _save(self, status: str, stats: dict | None) -> None:
-        self.store.update_message(self.message_id, self._text, status=status, stats=stats)
-        self._saved_chars = len(self._text)
         self._last_save = self._clock()
+        try:
+            self.store.update_message(self.message_id, self._text, status=status, stats=stats)
+        except StoreError as error:
+            self.save_error = error
+            raise
+        self.save_error = None
+        self._saved_chars = len(self._text)
 
 
 def turn_outcome(done: TurnDone) -> tuple[str, dict]:
@@ -487,6 +545,37 @@ def move_aside(path: Path) -> Path:
         if companion.exists():
             os.replace(companion, target.with_name(target.name + suffix))
     return target
+
+
+def _write_size(text: str) -> int:
+    """About what saving a message of `text` writes: its row and its search index entries (each about
+    the text's size, as whole pages in the WAL), and a few more pages."""
+    return 3 * len(text.encode("utf-8", "replace")) + 16 * 4096
+
+
+def _read_only_mode(path: Path) -> str:
+    """How SQLite opens a history it cannot write: `mode=ro` reads the -wal file too (the last writes of
+    a process that was killed), which needs the -shm file next to it; without them, `immutable` reads
+    the main file as it is (opening WAL mode otherwise wants to create the -shm file)."""
+    companions = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+    return "mode=ro" if all(p.exists() for p in companions) else "immutable=1"
+
+
+def _read_only_reason(path: Path) -> str | None:
+    """Why the history file at `path` cannot be written or created (None: it can)."""
+    folder = next((p for p in path.parents if p.exists()), None)
+    if folder is None or not folder.is_dir():
+        return None  # a file in the way of the folder: making the folder says so
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "it is on a read-only file system"
+    except OSError:
+        pass
+    if path.exists() and not os.access(path, os.W_OK):
+        return "the file is not writable"
+    if not os.access(folder, os.W_OK):
+        return f"its folder {folder} is not writable"
+    return None
 
 
 def _split_sql(script: str) -> list[str]:

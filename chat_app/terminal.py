@@ -6,12 +6,7 @@ import shutil
 import sys
 import time
 
-
-def format_bytes(n_bytes: int | float) -> str:
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n_bytes >= size:
-            return f"{n_bytes / size:.1f} {unit}"
-    return f"{int(n_bytes)} B"
+from model.disk import format_bytes  # noqa: F401  (one definition, for the model's messages too)
 
 
 def format_duration(seconds: float) -> str:

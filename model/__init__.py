@@ -11,7 +11,7 @@ Heavy submodules (jax) load on first use, so `import model` is instant.
 import importlib
 
 _EXPORTS = {
-    "load": "checkpoint", "verify": "checkpoint", "CheckpointError": "checkpoint",
+    "load": "checkpoint", "verify": "manifest", "CheckpointError": "manifest",
     "convert_hf": "convert", "export_hf": "convert", "ConversionError": "convert",
     "MixtralConfig": "config", "ConfigError": "config",
     "make_mesh": "sharding", "parse_mesh_shape": "sharding", "MeshError": "sharding",

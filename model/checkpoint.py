@@ -1,10 +1,4 @@
-"""Our checkpoint on disk, and loading it straight into device shards.
-
-A checkpoint is a folder:
-    config.json      MixtralConfig (ours, "format": "mixtral-chat")
-    manifest.json    where it came from, dtype, quantization, and the size + sha256 of every file
-    model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
-    tokenizer files  tokenizer.model or tokenizer.json, tokenizer_config.json, generation_config.json
+"""Loading our checkpoint (its files: manifest.py) straight into device shards.
 
 The tensors, their names, shapes and layout: weight_table.py. Quantized weights keep their name (int8,
 or uint8 with two int4 per byte) and add their parameters (`<name>.scale`, ...; see quantize.py).
@@ -13,8 +7,6 @@ or uint8 with two int4 per byte) and add their parameters (`<name>.scale`, ...; 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,73 +15,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import quantize
-from .config import ConfigError, MixtralConfig
-from .errors import UserError
+from .config import MixtralConfig
+from .manifest import CheckpointError, verify
 from .mixtral import Mixtral
 from .safetensors_io import NUMPY_DTYPES, SafetensorsError, TensorFiles
 from .sharding import make_mesh
 from .weight_table import info_of, weight_table
-
-CONFIG, MANIFEST = "config.json", "manifest.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                   "special_tokens_map.json")
-
-
-class CheckpointError(UserError):
-    """A checkpoint that is missing, partial or corrupt; the message says which file and what to do."""
-
-
-def read_config(ckpt_dir: Path) -> MixtralConfig:
-    path = Path(ckpt_dir) / CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt_dir} is not a mixtral-chat checkpoint (no {CONFIG}); "
-                              "convert a Hugging Face folder with `mixtral-chat convert HF_DIR OUT_DIR`")
-    try:
-        return MixtralConfig.load(path)
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-
-
-def read_manifest(ckpt_dir: Path) -> dict:
-    path = Path(ckpt_dir) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt_dir} is incomplete (no {MANIFEST}): the conversion did not finish; "
-                              "convert it again") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable ({e}); convert the model again") from None
-
-
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify(ckpt_dir: Path, deep: bool = False) -> MixtralConfig:
-    """Check that every file the manifest lists is there with its size (and, if `deep`, its sha256)."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        raise CheckpointError(f"no checkpoint at {ckpt_dir}")
-    config = read_config(ckpt_dir)
-    files = read_manifest(ckpt_dir).get("files", {})
-    problems = []
-    for name, info in files.items():
-        path = ckpt_dir / name
-        if not path.is_file():
-            problems.append(f"{name} is missing")
-        elif path.stat().st_size != info["bytes"]:
-            problems.append(f"{name} has {path.stat().st_size} bytes, expected {info['bytes']} (partial?)")
-        elif deep and sha256_file(path) != info["sha256"]:
-            problems.append(f"{name} is corrupt (sha256 mismatch)")
-    if not any(n.endswith(".safetensors") for n in files):
-        problems.append("the manifest lists no weights")
-    if problems:
-        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: " + "; ".join(problems))
-    return config
 
 
 def _normalise(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -141,7 +72,7 @@ class CheckpointWeights:
 
         array = jax.make_array_from_callback(tuple(shape), NamedSharding(self.mesh, P(*spec)), read)
         if self.on_progress:
-            self.on_progress(min(1.0, self.done / max(self.total, 1)), name)
+            self.on_progress(min(1.0, self.done / max(self.total, 1)), f"loading weights ({name})")
         return array
 
     def dense(self, name: str, spec: tuple, rows: slice | None = None) -> jax.Array:
@@ -168,9 +99,11 @@ def load(ckpt_dir: str | Path, mesh: Mesh | None = None, *, dtype: str | None = 
          cpu_kernels: bool | None = None) -> Mixtral:
     """Our converted checkpoint -> a Mixtral NNX module with its weights sharded over `mesh`
     (default: every device on the tensor-parallel axis). `dtype` overrides the checkpoint's;
-    `branchless` the backend's choice of decode path, `cpu_kernels` of matmuls (see `Mixtral`)."""
+    `branchless` the backend's choice of decode path, `cpu_kernels` of matmuls (see `Mixtral`). The
+    checkpoint is verified first (`verify`: files not hashed since they changed are hashed now).
+    `on_progress(fraction, what)` reports the verifying, then the loading, each from 0 to 1."""
     ckpt_dir = Path(ckpt_dir)
-    config = verify(ckpt_dir)
+    config = verify(ckpt_dir, on_progress=on_progress)
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype)
     mesh = mesh if mesh is not None else make_mesh()

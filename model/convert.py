@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import quantize
-from .checkpoint import CONFIG, MANIFEST, TOKENIZER_FILES, read_config, sha256_file
+from . import disk, quantize
 from .config import ConfigError, MixtralConfig
 from .errors import UserError
+from .manifest import CONFIG, MANIFEST, TOKENIZER_FILES, read_config, sha256_file, vocabulary_problem
 from .safetensors_io import NUMPY_DTYPES, Producer, SafetensorsError, TensorFiles, TensorSpec, write_sharded
+from .tokenizer import TokenizerError, load_tokenizer
 from .weight_table import WeightInfo, checkpoint_weights
 
 Progress = Callable[[int, int, str], None]  # (tensors done, tensors in all, current tensor)
@@ -142,11 +143,19 @@ def _write_checkpoint(out_dir: Path, config: MixtralConfig, plan: list[tuple[Ten
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ConversionError(f"{out_dir} already exists; choose another destination or remove it first")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        disk.make_folder(out_dir.parent)
+    except disk.DiskError as e:
+        raise ConversionError(str(e)) from None
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)  # a conversion that was interrupted earlier
-    tmp.mkdir()
+    needed = sum(spec.nbytes for spec, _ in plan) + sum(f.stat().st_size for f in extra_files)
+    if needed > disk.free_bytes(out_dir.parent):  # an old checkpoint being replaced stays until the end
+        raise ConversionError(f"not enough space for {out_dir}: the checkpoint needs {disk.format_bytes(needed)}, "
+                              f"the disk has {disk.format_bytes(disk.free_bytes(out_dir.parent))} free; free "
+                              "some space or choose another destination")
     try:
+        tmp.mkdir()
         hashes = write_sharded(tmp, plan, max_file_bytes=max_file_bytes, on_tensor=on_progress,
                                metadata={"format": "mixtral-chat"})
         for f in extra_files:
@@ -161,6 +170,9 @@ def _write_checkpoint(out_dir: Path, config: MixtralConfig, plan: list[tuple[Ten
                     **manifest, "files": listed}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _finish(tmp, out_dir, overwrite)
+    except OSError as e:  # a full or read-only disk: one line, and no partial checkpoint left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConversionError(f"{disk.describe(e, out_dir, needed)}; the partial output was removed") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -190,6 +202,12 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32", 
     tokenizer_files = [hf_dir / n for n in TOKENIZER_FILES if (hf_dir / n).is_file()]
     if not any(f.name in ("tokenizer.model", "tokenizer.json") for f in tokenizer_files):
         raise ConversionError(f"{hf_dir} has neither tokenizer.model nor tokenizer.json")
+    try:
+        vocab = load_tokenizer(hf_dir).vocab_size
+    except TokenizerError as e:
+        raise ConversionError(str(e)) from None
+    if problem := vocabulary_problem(config, vocab, hf_dir):
+        raise ConversionError(problem)
     reader = _Source(files, config, upcycled=upcycle_experts is not None)
     manifest = {
         "source": {"path": str(hf_dir.resolve()), "model_type": hf_config.get("model_type"), **_hub_origin(hf_dir),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from . import checkpoint, sharding
+from . import checkpoint, manifest, sharding
 from .chat_format import encode_chat
 from .config import DEFAULT_CONTEXT
 from .detokenize import StreamDecoder
@@ -32,7 +32,7 @@ from .executables import ExecutableCache
 from .generate import PREFILL_CHUNK, Generator
 from .kv_cache import KVCache
 from .sampling import SamplingArrays, validate
-from .tokenizer import load_tokenizer
+from .tokenizer import TokenizerError, load_tokenizer
 
 DEFAULT_CACHE_BUDGET = 2 << 30  # bytes of KV caches kept across conversations
 
@@ -65,10 +65,14 @@ class Engine:
         report = on_progress or (lambda fraction, what: None)
         ckpt_dir = Path(ckpt_dir)
         mesh = sharding.make_mesh(mesh_shape)
-        model = checkpoint.load(ckpt_dir, mesh, dtype=dtype,
-                                on_progress=lambda f, name: report(0.8 * f, f"loading weights ({name})"))
+        model = checkpoint.load(ckpt_dir, mesh, dtype=dtype, on_progress=lambda f, what: report(0.8 * f, what))
         self.config = model.config
-        self.tokenizer = load_tokenizer(ckpt_dir)
+        try:
+            self.tokenizer = load_tokenizer(ckpt_dir)
+        except TokenizerError as e:
+            raise manifest.CheckpointError(f"{e}; convert the model again") from None
+        if problem := manifest.vocabulary_problem(self.config, self.tokenizer.vocab_size, ckpt_dir):
+            raise manifest.CheckpointError(problem)
         self.generator = Generator(model, ExecutableCache(executable_cache) if executable_cache else None)
         self.model_name = ckpt_dir.name
         self.device_summary = sharding.describe(mesh)

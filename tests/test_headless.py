@@ -133,13 +133,22 @@ def test_a_closed_stdout_stops_the_reply_and_keeps_it(engine, store):
     assert (user.content, reply.status) == ("Hello", "cancelled")
 
 
-def test_a_message_longer_than_the_context_is_a_clear_error_and_is_kept(engine, store):
+def test_a_message_longer_than_the_context_is_a_clear_error_and_is_not_kept(engine, store):
+    """As in the UI: a message that got no reply is taken back, so the conversation can go on."""
     chat, _ = headless_chat(engine, store)
     too_long = "word " * (engine.context_limit + 50)
-    with pytest.raises(HeadlessError, match="too long"):
+    with pytest.raises(HeadlessError, match="stdin line 1: the message is too long.*; the message was not saved"):
         chat.run([too_long])
-    [user, reply] = store.messages(chat.conversation.id)
-    assert (user.content, reply.status) == (too_long.strip(), "error")
+    assert chat.conversation is None and store.list_conversations() == []  # it started a conversation: gone too
+    chat.run(["Hello"])
+    earlier = chat.conversation
+    with pytest.raises(HeadlessError, match="stdin line 1: the message is too long"):
+        chat.run([too_long])
+    continued, _ = headless_chat(engine, store, conversation=store.get_conversation(earlier.id))
+    continued.run(["Still there?"])
+    assert [(m.role, m.content, m.status) for m in store.messages(earlier.id)][::2] == [
+        ("user", "Hello", "complete"), ("user", "Still there?", "complete")]
+    assert len(store.messages(earlier.id)) == 4
 
 
 # --- the process: python -m chat_app --headless ------------------------------------------------------

@@ -46,6 +46,18 @@ def build_hf_mixtral(out_dir: Path, seed: int = 0, max_shard_size: str = "50MB",
     return out_dir
 
 
+def write_word_tokenizer(folder: Path, vocab_size: int) -> Path:
+    """A `tokenizer.json` of exactly `vocab_size` whole-word tokens (<unk>, <s>, </s>, w3, w4, ...), for
+    models whose vocabulary is smaller than Mixtral's (the converter refuses a larger tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
 def build_tiny_checkpoint(out_dir: Path, hf_dir: Path) -> Path:
     import model
 
@@ -70,3 +82,12 @@ def greedy_tokens(m, prompt: list[int], n: int = 8) -> list[int]:
     from model.generate import Generator
 
     return Generator(m).greedy(prompt, n, capacity=64)
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Change one byte of a file in place: same size, new mtime (what a bad disk or a stray write does)."""
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))

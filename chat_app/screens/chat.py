@@ -9,6 +9,7 @@ is killed) and its partial text is kept when it is stopped, fails, or the app qu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -478,10 +479,9 @@ class ChatScreen(Screen):
     async def on_reply_delta(self, event: ReplyDelta) -> None:
         if self.reply is None or self.reply.request_id != event.request_id:
             return  # a reply whose conversation was deleted
-        try:
-            self.reply.recorder.append(event.text)
-        except StoreError as error:
-            self.notify(f"The reply could not be saved: {error}", severity="error")
+        recorder = self.reply.recorder
+        if news := recorder.append(event.text):  # only when saving stops or works again
+            self.notify(news, severity="error" if recorder.save_error else "information", timeout=15)
         if (box := self._reply_box(event.request_id)) is not None and box.streaming:
             if box.border_subtitle == COMPILING:
                 box.border_subtitle = "generating…"
@@ -536,12 +536,15 @@ class ChatScreen(Screen):
 
     async def _finish_reply(self, text: str, status: str, stats: dict | None) -> None:
         reply, self.reply = self.reply, None
+        note = reply_note(status, stats)
         try:
             reply.recorder.finish(status, stats, text=text)
         except StoreError as error:
-            self.notify(f"The reply could not be saved: {error}", severity="error")
+            self.notify(f"The reply was not saved: {error}. It stays on screen until you leave this "
+                        "conversation (ctrl+o copies it).", severity="error", timeout=30)
+            note = " · ".join(filter(None, [note, "not saved"]))
         if (box := self.chat_view.box_for(reply.recorder.message_id)) is not None:
-            await box.finish(text, reply_note(status, stats))
+            await box.finish(text, note)
         self._show_activity()
         self.refresh_sidebar()
         self.refresh_bindings()
@@ -550,11 +553,12 @@ class ChatScreen(Screen):
         """The app is quitting: a reply still being generated is saved as it is, marked stopped."""
         if self.reply is not None:
             reply, self.reply = self.reply, None
-            reply.recorder.finish("cancelled", None)
+            with contextlib.suppress(StoreError):  # a full disk: the last save stands
+                reply.recorder.finish("cancelled", None)
 
     # --- the engine's state -------------------------------------------------------------------
     def on_engine_loading(self, event: EngineLoading) -> None:
-        self.engine_activity = f"loading {event.what} {event.fraction:.0%}"
+        self.engine_activity = f"{event.what} {event.fraction:.0%}"
         self._show_activity()
 
     def on_engine_ready(self, event: EngineReady) -> None:
