@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from chat_app import paths
-from chat_app.headless import EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED, HeadlessChat, HeadlessError
+from chat_app.errors import EXIT_STDOUT_CLOSED
+from chat_app.headless import HeadlessChat, HeadlessError
 from chat_app.personas import Persona
 from chat_app.store import Store
 
@@ -197,13 +198,16 @@ def test_headless_process_saves_then_continues_the_conversation(tmp_path, jax_ca
     assert record["prompt_tokens"] > record["generated_tokens"] and len(messages) == 6
 
 
-def test_ctrl_c_keeps_the_partial_reply_and_exits_130(tmp_path, jax_cache, tiny_ckpt):
+@pytest.mark.parametrize("signum, exit_status", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["ctrl-c", "kill", "terminal-closed"])
+def test_a_stop_signal_keeps_the_partial_reply_and_exits_128_plus_its_number(tmp_path, jax_cache, tiny_ckpt,
+                                                                              signum, exit_status):
     process = headless(tmp_path, jax_cache, "--model", tiny_ckpt, "--max-new-tokens", "100000", "--seed", "1",
                        stdin="Talk for a long time\n")
     streamed = process.stdout.read(1)  # blocks until the reply is being streamed
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     status, rest, stderr = finish(process)
-    assert status == EXIT_INTERRUPTED, stderr
+    assert status == exit_status, stderr
     assert "Traceback" not in stderr
     with Store(paths.history_path(tmp_path)) as store:
         [conversation] = store.list_conversations()
