@@ -246,7 +246,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     if args.seed is not None:
         overrides["seed"] = args.seed
-    return run_app(data_dir, model_dir, args.persona, overrides, args.mesh, args.context_length) or 0
+    return run_app(data_dir, model_dir, args.persona, overrides, args.mesh, args.context_length)
 
 
 def _chosen_model(args: argparse.Namespace, data_dir: Path) -> Path | None:
