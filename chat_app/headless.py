@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from chat_app import model_registry, paths
 from chat_app.engine_factory import engine_factory
-from chat_app.errors import EXIT_STDOUT_CLOSED, STOP_SIGNALS, UserError, signal_exit_status
+from chat_app.errors import EXIT_STDOUT_CLOSED, PROG, STOP_SIGNALS, UserError, signal_exit_status
 from chat_app.personas import DEFAULT_PERSONA, Persona, PersonaLibrary
 from chat_app.store import Conversation, Message, Store, StoreError, title_from, turn_outcome
 
@@ -55,12 +55,15 @@ def run_headless(*, data_dir: Path, model_dir: Path | None, persona_name: str | 
             raise HeadlessError(f"the history file {store.path} cannot be written ({store.read_only_reason}): "
                                 "add --no-save to chat without saving, or use another --data-dir")
         conversation = store.get_conversation(conversation_id) if conversation_id else None
+        library = PersonaLibrary(paths.personas_dir(data_dir))
         if persona_name:
-            persona = PersonaLibrary(paths.personas_dir(data_dir)).get(persona_name)
+            persona = library.get(persona_name)
         elif conversation:
             persona = Persona.from_snapshot(conversation.persona)
         else:
-            persona = PersonaLibrary(paths.personas_dir(data_dir)).get(DEFAULT_PERSONA)
+            persona = library.get(DEFAULT_PERSONA)
+        for problem in library.problems:  # e.g. a broken file that would override a built-in
+            print(f"{PROG}: warning: {problem}", file=stderr)
         persona = dataclasses.replace(persona, **overrides)
         if model_dir is None and conversation:
             model_dir = model_registry.resolve(data_dir, conversation.model)

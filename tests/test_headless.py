@@ -20,7 +20,7 @@ import pytest
 from chat_app import paths
 from chat_app.errors import EXIT_STDOUT_CLOSED
 from chat_app.headless import HeadlessChat, HeadlessError
-from chat_app.personas import Persona
+from chat_app.personas import DEFAULT_PERSONA, Persona, builtin_personas
 from chat_app.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,6 +226,22 @@ def test_no_save_writes_no_history_and_a_bad_line_fails_with_its_number(tmp_path
     assert line.startswith("mixtral-chat: error: stdin line 2 is not valid JSON: Expecting value")
     assert json.loads(stdout)["generated_tokens"] >= 1  # the first turn was answered
     assert not paths.history_path(tmp_path).exists()
+
+
+def test_a_broken_override_of_a_builtin_is_warned_about_once_and_the_builtin_answers(tmp_path, jax_cache, tiny_ckpt):
+    (tmp_path / "personas").mkdir()
+    broken = tmp_path / "personas" / "Assistant.toml"
+    broken.write_text('name = "Assistant"\ntemperature = "hot"\n')
+    status, stdout, stderr = finish(headless(tmp_path, jax_cache, "--model", tiny_ckpt, "--max-new-tokens", "2",
+                                             stdin="Hello\n"))
+    assert status == 0 and stdout, stderr
+    [warning] = [line for line in stderr.splitlines() if "warning" in line]
+    assert warning == (f"mixtral-chat: warning: persona file {broken}: missing 'system_prompt'; the built-in "
+                       "persona 'Assistant' is used instead until the file is fixed or deleted")
+    with Store(paths.history_path(tmp_path)) as store:
+        [conversation] = store.list_conversations()
+    [assistant] = [p for p in builtin_personas() if p.name == DEFAULT_PERSONA]
+    assert conversation.persona == {**assistant.snapshot(), "max_new_tokens": 2}
 
 
 @pytest.mark.parametrize("damage, args, problem", [
