@@ -25,8 +25,9 @@ ENTER_ALTERNATE_SCREEN = b"\x1b[?1049h"
 
 
 class TerminalApp:
-    """`mixtral-chat ARGS` with a pseudo-terminal (100x30) as its stdin, stdout and stderr; everything
-    it writes is collected in `output`."""
+    """`mixtral-chat ARGS` with a pseudo-terminal (100x30) as its stdin, stdout, stderr and controlling
+    terminal (closing it hangs the app up, as closing a terminal window does); everything it writes is
+    collected in `output`."""
 
     def __init__(self, tmp_path: Path, *args: str):
         master, terminal = os.openpty()
@@ -34,7 +35,8 @@ class TerminalApp:
         env = {**os.environ, "TERM": "xterm-256color", "XDG_CACHE_HOME": str(tmp_path / "cache"),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen([sys.executable, "-m", "chat_app", *args], cwd=REPO, env=env,
-                                        stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True)
+                                        stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True,
+                                        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
         os.close(terminal)
         self.master = master
         self.output = b""
@@ -45,7 +47,7 @@ class TerminalApp:
         while True:
             try:
                 chunk = os.read(self.master, 65536)
-            except OSError:  # EIO: the app closed the terminal
+            except (OSError, TypeError):  # EIO: the app closed the terminal; TypeError: the test closed it
                 return
             if not chunk:
                 return
@@ -64,8 +66,14 @@ class TerminalApp:
     def finish(self, timeout: float = 60) -> int:
         status = self.process.wait(timeout)
         self._reader.join(5)
-        os.close(self.master)
+        self.close()
         return status
+
+    def close(self) -> None:
+        """Close the terminal (as closing its window does)."""
+        if self.master is not None:
+            os.close(self.master)
+            self.master = None
 
 
 def saved_reply(data_dir: Path):
@@ -78,11 +86,8 @@ def saved_reply(data_dir: Path):
     return next((m for m in messages if m.role == "assistant"), None)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("signum, exit_status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)],
-                         ids=["kill", "hangup"])
-def test_a_stop_signal_mid_reply_saves_it_as_cancelled_and_restores_the_terminal(tmp_path, tiny_ckpt,
-                                                                                 signum, exit_status):
+def app_streaming_a_long_reply(tmp_path: Path, tiny_ckpt: Path) -> TerminalApp:
+    """The app on the tiny model, once a reply that does not end is being streamed and saved."""
     data_dir = tmp_path / "data"
     app = TerminalApp(tmp_path, "--data-dir", str(data_dir), "--model", str(tiny_ckpt), "--mesh", "1x1",
                       "--max-new-tokens", "100000", "--seed", "1")
@@ -90,11 +95,29 @@ def test_a_stop_signal_mid_reply_saves_it_as_cancelled_and_restores_the_terminal
     app.type("Talk for a long time\r")
     # The reply is saved while it streams (about once a second): text in the history means it is under way.
     app.wait_for(lambda: (reply := saved_reply(data_dir)) is not None and reply.content, "streamed reply")
+    return app
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, exit_status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["kill", "hangup"])
+def test_a_stop_signal_mid_reply_saves_it_as_cancelled_and_restores_the_terminal(tmp_path, tiny_ckpt,
+                                                                                 signum, exit_status):
+    app = app_streaming_a_long_reply(tmp_path, tiny_ckpt)
     app.process.send_signal(signum)
     status = app.finish()
     assert status == exit_status, app.output[-2000:]
-    reply = saved_reply(data_dir)
+    reply = saved_reply(tmp_path / "data")
     assert reply.status == "cancelled" and reply.content
     assert b"Traceback" not in app.output
     # The terminal is given back: the alternate screen was left after it was last entered.
     assert app.output.rindex(LEAVE_ALTERNATE_SCREEN) > app.output.rindex(ENTER_ALTERNATE_SCREEN)
+
+
+@pytest.mark.slow
+def test_closing_the_terminal_mid_reply_saves_it_as_cancelled_and_ends_the_app(tmp_path, tiny_ckpt):
+    app = app_streaming_a_long_reply(tmp_path, tiny_ckpt)
+    app.close()  # the kernel sends SIGHUP; writes to the terminal fail from now on
+    assert app.process.wait(60) == 129
+    reply = saved_reply(tmp_path / "data")
+    assert reply.status == "cancelled" and reply.content
