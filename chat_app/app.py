@@ -8,7 +8,11 @@ old conversations and types.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
+import signal
+import threading
 import tomllib
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -20,6 +24,7 @@ from textual.screen import Screen
 
 from chat_app import paths
 from chat_app.engine_factory import EngineFactory, engine_factory
+from chat_app.errors import STOP_SIGNALS, signal_exit_status
 from chat_app.personas import DEFAULT_PERSONA, Persona, PersonaLibrary
 from chat_app.screens.chat import ChatScreen
 from chat_app.screens.confirm import ConfirmScreen
@@ -124,6 +129,8 @@ class ChatApp(App[None]):
         return self.chat
 
     def on_mount(self) -> None:
+        if not self.is_headless:  # the app owns a real terminal (tests drive a headless one)
+            self._quit_on_stop_signals()
         keymap, problems = load_keymap(paths.settings_path(self.data_dir))
         self.set_keymap(keymap)
         if self.store.read_only:
@@ -135,6 +142,27 @@ class ChatApp(App[None]):
             self.call_after_refresh(self.worker.start)
         elif self.open_wizard:
             self.action_setup_model()
+
+    def _quit_on_stop_signals(self) -> None:
+        """SIGTERM (`kill`, a shutdown), SIGHUP (the terminal closed) and SIGINT quit as ctrl+q does:
+        the reply being generated stops within a token and is saved as cancelled (ChatScreen.on_unmount),
+        the terminal is restored, and the process exits with 128 + the signal's number. (Ctrl-C
+        itself is a key here, the terminal being in raw mode.) Asyncio's handlers, not `signal.signal`:
+        they wake the event loop, and the loop removes them when it closes."""
+        loop = asyncio.get_running_loop()
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, self._quit_on_signal, signum)
+
+    def _quit_on_signal(self, signum: int) -> None:
+        status = signal_exit_status(signum)
+        if signum == signal.SIGHUP:
+            # The terminal was closed. Textual's last writes to it can then wait forever (seen with
+            # `tmux kill-session`, after the reply and history were saved), so the process ends at the
+            # latest once the engine has had its time to stop.
+            watchdog = threading.Timer(WORKER_STOP_TIMEOUT_S + 2, os._exit, [status])
+            watchdog.daemon = True
+            watchdog.start()
+        self.exit(return_code=status)
 
     def _new_worker(self, model_dir: Path) -> EngineWorker:
         return EngineWorker(model_dir, self.chat.post_message, self.open_engine)
@@ -192,16 +220,19 @@ def run_app(
     sampling_overrides: dict,
     mesh_shape: tuple[int, int] | None,
     context_length: int | None,
-) -> None:
+) -> int:
     """The TUI on `model_dir` (the CLI has resolved --model, --demo or the default model); None
     opens the first-run wizard. Raises PersonaError or StoreError, with a message for the user,
     before anything is drawn. `sampling_overrides` (temperature, top_p, top_k, max_new_tokens, seed)
-    apply to every turn, on top of the conversation's persona."""
-    ChatApp(
+    apply to every turn, on top of the conversation's persona. Returns the exit status (128 + the
+    signal's number when a signal ended it)."""
+    app = ChatApp(
         data_dir,
         model_dir,
         persona=persona,
         sampling_overrides=sampling_overrides,
         open_engine=engine_factory(mesh_shape=mesh_shape, context_length=context_length, compilation_cache=True),
         open_wizard=model_dir is None,
-    ).run()
+    )
+    app.run()
+    return app.return_code or 0

@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chat_app import model_registry, paths
-from chat_app.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED, EXIT_USAGE, PROG, UserError
+from chat_app.errors import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_STDOUT_CLOSED,
+    EXIT_USAGE,
+    PROG,
+    STOP_SIGNALS,
+    UserError,
+    signal_exit_status,
+)
 from chat_app.personas import (
     SETTING_RULES,
     Persona,
@@ -246,7 +255,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     if args.seed is not None:
         overrides["seed"] = args.seed
-    return run_app(data_dir, model_dir, args.persona, overrides, args.mesh, args.context_length) or 0
+    return run_app(data_dir, model_dir, args.persona, overrides, args.mesh, args.context_length)
 
 
 def _chosen_model(args: argparse.Namespace, data_dir: Path) -> Path | None:
@@ -282,7 +291,8 @@ def _setup(args: argparse.Namespace) -> int:
 
 def _setup_from_hub_or_folder(args: argparse.Namespace) -> int:
     """`mixtral-chat setup --repo ID | --local DIR`: check, show the plan, ask (unless --yes), then download and
-    convert with progress on stderr. Ctrl-C stops (keeping what was downloaded) and exits 130."""
+    convert with progress on stderr. Ctrl-C, SIGTERM or SIGHUP stops (keeping what was downloaded) and
+    exits with 128 + the signal's number (130, 143, 129)."""
     from chat_app import hub  # huggingface_hub: only for this command
     from chat_app.setup_flow import (
         CANCELLED,
@@ -315,7 +325,7 @@ def _setup_from_hub_or_folder(args: argparse.Namespace) -> int:
     if not plan.can_start:
         raise CliError("cannot set up this model:\n  " + "\n  ".join(plan.problems))
     _confirm(plan, args.yes)
-    with StderrProgress() as progress, _CtrlC() as interrupted:
+    with StderrProgress() as progress, _StopSignals() as stop:
         try:
             path = install(plan, token=token,
                            on_download=lambda p: progress.show(
@@ -323,12 +333,12 @@ def _setup_from_hub_or_folder(args: argparse.Namespace) -> int:
                                last=p.stage == "done"),
                            on_convert=lambda done, total, tensor: progress.show(
                                describe_conversion(done, total, tensor), key=done * 10 // total),
-                           should_cancel=interrupted.is_set)
+                           should_cancel=stop.event.is_set)
         except CANCELLED as error:
             progress.finish()
             _say(f"Interrupted. {error.message}\nTo resume, run the same command again: {PROG} "
                  f"{shlex.join(sys.argv[1:])}")
-            return EXIT_INTERRUPTED
+            return signal_exit_status(stop.signum)
         except UserError:
             progress.finish()
             raise
@@ -362,25 +372,30 @@ def _ask(question: str) -> bool:
     return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
-class _CtrlC:
-    """While active, the first Ctrl-C asks the work to stop (it keeps what it has); a second one aborts."""
+class _StopSignals:
+    """While active, the first stop signal (Ctrl-C, `kill`, a closed terminal) asks the work to stop
+    (it keeps what it has) and is remembered in `signum`; a second one aborts."""
 
-    def __enter__(self) -> threading.Event:
+    def __enter__(self) -> _StopSignals:
         self.event = threading.Event()
+        self.signum: int | None = None
         self._installed = threading.current_thread() is threading.main_thread()  # only there can it be
         if self._installed:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self.event
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        return self
 
     def _handle(self, signum, frame) -> None:
         if self.event.is_set():
             raise KeyboardInterrupt
+        self.signum = signum
         self.event.set()
-        _say("\nStopping (Ctrl-C again to abort at once)...")
+        _say("\nStopping (Ctrl-C again to abort at once)..." if signum == signal.SIGINT else
+             f"\nStopping ({signal.Signals(signum).name})...")
 
     def __exit__(self, *exc_info) -> None:
         if self._installed:
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def _convert(args: argparse.Namespace) -> int:

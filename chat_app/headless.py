@@ -7,8 +7,9 @@ stream to stdout as they are generated, then a newline.
 The turns go through the same engine, personas and store as the UI: the user message is saved when
 it is sent, the reply while it streams, so a crash or a bad input line later on loses nothing said
 before. One Engine and one conversation id serve the whole run, so the engine's KV cache carries
-over from turn to turn. Ctrl-C stops the reply within one token; the partial reply is saved as
-"cancelled" and printed, and the process exits with status 130.
+over from turn to turn. Ctrl-C, SIGTERM (`kill`, a shutdown) and SIGHUP (the terminal closed) stop the
+reply within one token; the partial reply is saved as "cancelled" and printed, and the process exits
+with 128 + the signal's number (130, 143, 129).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from chat_app import model_registry, paths
 from chat_app.engine_factory import engine_factory
-from chat_app.errors import EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED, UserError
+from chat_app.errors import EXIT_STDOUT_CLOSED, PROG, STOP_SIGNALS, UserError, signal_exit_status
 from chat_app.personas import DEFAULT_PERSONA, Persona, PersonaLibrary
 from chat_app.store import Conversation, Message, Store, StoreError, title_from, turn_outcome
 
@@ -54,12 +55,15 @@ def run_headless(*, data_dir: Path, model_dir: Path | None, persona_name: str | 
             raise HeadlessError(f"the history file {store.path} cannot be written ({store.read_only_reason}): "
                                 "add --no-save to chat without saving, or use another --data-dir")
         conversation = store.get_conversation(conversation_id) if conversation_id else None
+        library = PersonaLibrary(paths.personas_dir(data_dir))
         if persona_name:
-            persona = PersonaLibrary(paths.personas_dir(data_dir)).get(persona_name)
+            persona = library.get(persona_name)
         elif conversation:
             persona = Persona.from_snapshot(conversation.persona)
         else:
-            persona = PersonaLibrary(paths.personas_dir(data_dir)).get(DEFAULT_PERSONA)
+            persona = library.get(DEFAULT_PERSONA)
+        for problem in library.problems:  # e.g. a broken file that would override a built-in
+            print(f"{PROG}: warning: {problem}", file=stderr)
         persona = dataclasses.replace(persona, **overrides)
         if model_dir is None and conversation:
             model_dir = model_registry.resolve(data_dir, conversation.model)
@@ -93,13 +97,13 @@ class HeadlessChat:
         self.jsonl = jsonl
         self.stdout = stdout
         self.stderr = stderr
-        self._exit_status: int | None = None  # set to stop: Ctrl-C during a reply, or stdout closed
+        self._exit_status: int | None = None  # set to stop: a stop signal (Ctrl-C...), or stdout closed
         self._generating = False
 
     def run(self, lines: Iterable[str]) -> int:
         """Answer each line; returns the exit status. A bad line raises HeadlessError after the
         turns before it were answered and saved."""
-        previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
+        previous_handlers = {signum: signal.signal(signum, self._on_stop_signal) for signum in STOP_SIGNALS}
         try:
             for line_number, line in enumerate(lines, start=1):
                 text = self._user_text(line, line_number)
@@ -108,10 +112,11 @@ class HeadlessChat:
                 if self._exit_status is not None:
                     return self._exit_status
             return 0
-        except KeyboardInterrupt:  # Ctrl-C while waiting for input: nothing is half done
-            return EXIT_INTERRUPTED
+        except KeyboardInterrupt:  # a stop signal while waiting for input: nothing is half done
+            return self._exit_status
         finally:
-            signal.signal(signal.SIGINT, previous_handler)
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
 
     def turn(self, text: str, line_number: int) -> None:
         """Send one user message, stream the reply to stdout and save it as it streams. A message
@@ -140,7 +145,7 @@ class HeadlessChat:
                           f"oldest messages were left out of this turn", file=self.stderr)
                 elif isinstance(event, TurnDone):
                     done = event
-        except KeyboardInterrupt:  # a second Ctrl-C: the user does not want to wait for the token
+        except KeyboardInterrupt:  # a second signal: the user does not want to wait for the token
             reply.finish("cancelled")
             raise
         except UserError as e:  # e.g. the message alone does not fit the context
@@ -204,8 +209,9 @@ class HeadlessChat:
         except BrokenPipeError:  # nobody reads the replies any more: stop, keep what was said
             self._exit_status = EXIT_STDOUT_CLOSED
 
-    def _on_interrupt(self, signum, frame) -> None:
-        if self._generating and self._exit_status is None:
-            self._exit_status = EXIT_INTERRUPTED  # the engine ends the reply at the next token
-        else:
-            raise KeyboardInterrupt
+    def _on_stop_signal(self, signum, frame) -> None:
+        if self._exit_status is None:
+            self._exit_status = signal_exit_status(signum)
+            if self._generating:
+                return  # the engine ends the reply at the next token
+        raise KeyboardInterrupt

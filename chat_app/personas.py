@@ -11,7 +11,9 @@ files in DATA/personas/, one per persona:
     max_new_tokens = 1024    # optional
 
 A user file with a built-in's name overrides it (that is how a built-in is edited); deleting the
-file brings the built-in back. A conversation stores a `snapshot()` of its persona, so editing a
+file brings the built-in back. A file that is not a valid persona is skipped with a problem in words
+(`PersonaLibrary.problems`, which the app and headless mode show once); asking for its persona by
+name points at the file. A conversation stores a `snapshot()` of its persona, so editing a
 persona later does not change conversations already had with it.
 """
 
@@ -128,6 +130,7 @@ class PersonaLibrary:
     def __init__(self, personas_dir: Path):
         self.personas_dir = Path(personas_dir)
         self.problems: list[str] = []  # user files skipped by the last list()/get(), each in words
+        self._unusable: dict[str, str] = {}  # casefolded file stem -> why that file was skipped
 
     def list(self) -> list[Persona]:
         """Built-ins first (overridden ones replaced by the user's version), then the user's by name."""
@@ -141,6 +144,8 @@ class PersonaLibrary:
         for persona in personas:
             if persona.name.casefold() == name.casefold():
                 return persona
+        if problem := self._unusable.get(name.casefold()):
+            raise PersonaError(f"persona {name!r} cannot be used: {problem}")
         raise PersonaError(f"no persona named {name!r} (available: {', '.join(p.name for p in personas)})")
 
     def save(self, persona: Persona) -> Path:
@@ -187,18 +192,23 @@ class PersonaLibrary:
 
     def _user_files(self) -> dict[str, tuple[Path, Persona]]:
         """casefolded name -> (file, persona) for each valid user file; the others go to `problems`."""
-        self.problems = []
+        self.problems, self._unusable = [], {}
         found: dict[str, tuple[Path, Persona]] = {}
         if not self.personas_dir.is_dir():
             if self.personas_dir.exists():
                 self.problems.append(f"{self.personas_dir} is a file where the personas folder should be: "
                                      "your personas cannot be read or saved until it is moved away")
             return found
+        builtin_names = {p.name.casefold(): p.name for p in builtin_personas()}
         for path in sorted(self.personas_dir.glob("*.toml")):
             try:
                 persona = read_persona_file(path)
             except PersonaError as e:
-                self.problems.append(str(e))
+                builtin_name = builtin_names.get(path.stem.casefold())
+                problem = (f"{e}; the built-in persona {builtin_name!r} is used instead until the file is fixed or "
+                           "deleted" if builtin_name else f"{e}; fix or delete the file")
+                self.problems.append(problem)
+                self._unusable[path.stem.casefold()] = problem
                 continue
             key = persona.name.casefold()
             if key in found:

@@ -247,6 +247,16 @@ def test_a_broken_persona_file_is_reported_but_the_list_still_works(data_dir):
     assert "warning: persona file" in result.stderr and "oops.toml" in result.stderr
 
 
+@pytest.mark.parametrize("mode", [["--headless"], []], ids=["headless", "ui"])
+def test_persona_option_naming_a_broken_file_points_at_the_file(data_dir, mode):
+    (data_dir / "personas").mkdir(parents=True)
+    broken = data_dir / "personas" / "Pirate.toml"
+    broken.write_text('name = "Pirate"\nsystem_prompt = ')
+    result = run_cli(*mode, "--persona", "Pirate", data_dir=data_dir)
+    assert_one_line_error(result, "persona 'Pirate' cannot be used: ", f"persona file {broken} is not valid TOML",
+                          "fix or delete the file", status=1)  # before any model or UI is started
+
+
 # --- model_registry: what `models` lists and how `--model` is resolved ----------------------------
 def test_installed_models_are_described_from_their_files(data_dir, tiny_ckpt, tiny_hf):
     tiny = install(tiny_ckpt, data_dir)

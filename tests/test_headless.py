@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from chat_app import paths
-from chat_app.headless import EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED, HeadlessChat, HeadlessError
-from chat_app.personas import Persona
+from chat_app.errors import EXIT_STDOUT_CLOSED
+from chat_app.headless import HeadlessChat, HeadlessError
+from chat_app.personas import DEFAULT_PERSONA, Persona, builtin_personas
 from chat_app.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,13 +198,16 @@ def test_headless_process_saves_then_continues_the_conversation(tmp_path, jax_ca
     assert record["prompt_tokens"] > record["generated_tokens"] and len(messages) == 6
 
 
-def test_ctrl_c_keeps_the_partial_reply_and_exits_130(tmp_path, jax_cache, tiny_ckpt):
+@pytest.mark.parametrize("signum, exit_status", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["ctrl-c", "kill", "terminal-closed"])
+def test_a_stop_signal_keeps_the_partial_reply_and_exits_128_plus_its_number(tmp_path, jax_cache, tiny_ckpt,
+                                                                              signum, exit_status):
     process = headless(tmp_path, jax_cache, "--model", tiny_ckpt, "--max-new-tokens", "100000", "--seed", "1",
                        stdin="Talk for a long time\n")
     streamed = process.stdout.read(1)  # blocks until the reply is being streamed
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     status, rest, stderr = finish(process)
-    assert status == EXIT_INTERRUPTED, stderr
+    assert status == exit_status, stderr
     assert "Traceback" not in stderr
     with Store(paths.history_path(tmp_path)) as store:
         [conversation] = store.list_conversations()
@@ -222,6 +226,22 @@ def test_no_save_writes_no_history_and_a_bad_line_fails_with_its_number(tmp_path
     assert line.startswith("mixtral-chat: error: stdin line 2 is not valid JSON: Expecting value")
     assert json.loads(stdout)["generated_tokens"] >= 1  # the first turn was answered
     assert not paths.history_path(tmp_path).exists()
+
+
+def test_a_broken_override_of_a_builtin_is_warned_about_once_and_the_builtin_answers(tmp_path, jax_cache, tiny_ckpt):
+    (tmp_path / "personas").mkdir()
+    broken = tmp_path / "personas" / "Assistant.toml"
+    broken.write_text('name = "Assistant"\ntemperature = "hot"\n')
+    status, stdout, stderr = finish(headless(tmp_path, jax_cache, "--model", tiny_ckpt, "--max-new-tokens", "2",
+                                             stdin="Hello\n"))
+    assert status == 0 and stdout, stderr
+    [warning] = [line for line in stderr.splitlines() if "warning" in line]
+    assert warning == (f"mixtral-chat: warning: persona file {broken}: missing 'system_prompt'; the built-in "
+                       "persona 'Assistant' is used instead until the file is fixed or deleted")
+    with Store(paths.history_path(tmp_path)) as store:
+        [conversation] = store.list_conversations()
+    [assistant] = [p for p in builtin_personas() if p.name == DEFAULT_PERSONA]
+    assert conversation.persona == {**assistant.snapshot(), "max_new_tokens": 2}
 
 
 @pytest.mark.parametrize("damage, args, problem", [

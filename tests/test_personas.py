@@ -83,6 +83,27 @@ def test_broken_user_files_are_skipped_with_a_reason_and_left_alone(library, per
     assert broken.read_text() == 'name = "Broken"\nsystem_prompt = "unterminated\n'
 
 
+def test_asking_for_a_broken_file_s_persona_points_at_the_file(library, personas_dir):
+    personas_dir.mkdir()
+    broken = personas_dir / "Pirate.toml"
+    broken.write_text('name = "Pirate"\nsystem_prompt = "Arr"\ntemperature = 7\n')
+    with pytest.raises(PersonaError) as error:
+        library.get("pirate")
+    assert str(error.value) == (f"persona 'pirate' cannot be used: persona file {broken}: temperature must be "
+                                "between 0 and 2 (0: greedy), got 7; fix or delete the file")
+
+
+def test_a_broken_override_of_a_builtin_leaves_the_builtin_with_one_warning(library, personas_dir):
+    personas_dir.mkdir()
+    broken = personas_dir / "assistant.toml"
+    broken.write_text('name = "Assistant"\nsystem_prompt = "unterminated\n')
+    assistant = library.get("Assistant")
+    assert assistant.builtin and assistant == next(p for p in builtin_personas() if p.name == "Assistant")
+    [problem] = library.problems
+    assert problem.startswith(f"persona file {broken} is not valid TOML")
+    assert problem.endswith("; the built-in persona 'Assistant' is used instead until the file is fixed or deleted")
+
+
 @pytest.mark.parametrize("content, problem", [
     ('name = "X"\nsystem_prompt = "hi', "not valid TOML"),
     ('name = "X"\n', "missing 'system_prompt'"),

@@ -192,7 +192,9 @@ def test_token_status_says_which_token_a_download_would_send(monkeypatch, tmp_pa
 
 
 # ---- interruptions and damage ----------------------------------------------------------------------------------
-def test_ctrl_c_stops_the_download_keeps_it_and_the_same_command_resumes(hub, dirs, tmp_path):
+@pytest.mark.parametrize("signum, exit_status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "kill"])
+def test_a_stop_signal_stops_the_download_keeps_it_and_the_same_command_resumes(hub, dirs, tmp_path, signum,
+                                                                               exit_status):
     hub.bytes_per_s = 1_000_000
     command = setup_command(hub, dirs, "--yes")
     with open(tmp_path / "stderr", "w+") as stderr:
@@ -200,10 +202,10 @@ def test_ctrl_c_stops_the_download_keeps_it_and_the_same_command_resumes(hub, di
                                  stderr=stderr, stdin=subprocess.DEVNULL)
         try:
             while not [p for p in blobs(dirs).glob("*.incomplete") if p.stat().st_size >= 300_000]:
-                assert child.poll() is None, "the download ended before Ctrl-C"
+                assert child.poll() is None, "the download ended before the signal"
                 time.sleep(0.02)
-            child.send_signal(signal.SIGINT)
-            assert child.wait(timeout=60) == 130
+            child.send_signal(signum)
+            assert child.wait(timeout=60) == exit_status
         finally:
             if child.poll() is None:
                 child.kill()
