@@ -37,6 +37,7 @@ from model.generate import Generator
 from model.mixtral import Mixtral
 from model.sampling import SamplingArrays
 from model.sharding import make_mesh, parse_mesh_shape
+from model.weight_table import info_of, weight_table
 
 MIXTRAL_8X7B = dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                     num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
@@ -63,36 +64,33 @@ def _drawer(kind: str, shape: tuple[int, ...], dtype, sharding: NamedSharding):
 
 
 class RandomWeights:
-    """A `model.linear.Weights` source of random arrays, made on the devices in their shards."""
+    """A `model.linear.Weights` source of random arrays (shapes, norms and what is quantized from
+    model.weight_table), made on the devices in their shards."""
 
     def __init__(self, config: MixtralConfig, mesh, seed: int = 0):
         self.config, self.mesh = config, mesh
-        self.shapes = config.tensor_shapes()
+        self.table = weight_table(config)
         self.key, self.drawn = jax.random.key(seed), 0
 
     def _draw(self, kind: str, shape: tuple[int, ...], dtype, spec: tuple) -> jax.Array:
         self.drawn += 1
         return _drawer(kind, tuple(shape), dtype, NamedSharding(self.mesh, P(*spec)))(jax.random.fold_in(self.key, self.drawn))
 
-    def _shape(self, name: str, rows: slice | None) -> list[int]:
-        shape = list(self.shapes[name.rsplit(".", 1)[-1]])
-        if rows is not None:
-            shape[0] = rows.stop - rows.start
-        return shape
+    def _shape(self, name: str, rows: slice | None) -> tuple[int, ...]:
+        shape = info_of(self.table, name).shape
+        return shape if rows is None else (rows.stop - rows.start, *shape[1:])
 
     def dense(self, name: str, spec: tuple, rows: slice | None = None) -> jax.Array:
-        kind = "ones" if name.endswith("norm") else "normal"
-        return self._draw(kind, self._shape(name, rows), self.config.dtype, spec)
+        return self._draw(info_of(self.table, name).init, self._shape(name, rows), self.config.dtype, spec)
 
     def linear(self, name: str, spec: tuple, rows: slice | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         mode, group = self.config.quantization, self.config.quant_group_size
-        if mode is None:
+        if mode is None or not info_of(self.table, name).quantizable:
             return self.dense(name, spec, rows), ()
         shape = self._shape(name, rows)
-        param_spec = quantize.param_spec(spec, mode)
+        param_spec, param_shape = quantize.param_spec(spec, mode), quantize.param_shape(shape, mode, group)
         if mode == "int8":
-            return self._draw("int8", shape, jnp.int8, spec), (self._draw("scale", shape[:-2] + shape[-1:], jnp.float32, param_spec),)
-        param_shape = shape[:-2] + [shape[-2] // group, shape[-1]]
+            return self._draw("int8", shape, jnp.int8, spec), (self._draw("scale", param_shape, jnp.float32, param_spec),)
         scale = self._draw("scale", param_shape, jnp.float32, param_spec)
         offset = -8 * scale  # values 0..15 centred on 0
         return self._draw("uint4", shape, jnp.uint4, spec), (scale, offset)
@@ -111,7 +109,7 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def measure(config: MixtralConfig, mesh_shape: tuple[int, int] | None) -> dict:
+def measure(config: MixtralConfig, mesh_shape: tuple[int, int] | None, profile_dir: str | None = None) -> dict:
     bandwidth = read_bandwidth()
     mesh = make_mesh(mesh_shape)
     with jax.set_mesh(mesh):
@@ -127,16 +125,22 @@ def measure(config: MixtralConfig, mesh_shape: tuple[int, int] | None) -> dict:
         token, cache = gen.prefill(cache, ids[:n], seen, key, greedy)
         return token, cache, seen
 
+    dispatch = []  # seconds the host took to enqueue each timed run of steps
+
     def decode(state, steps):
         token, cache, seen = state
+        start = time.perf_counter()
         for _ in range(steps):
             token, cache, seen = gen.decode(cache, token, seen, key, greedy)
+        dispatch.append(time.perf_counter() - start)
         return token, cache, seen
 
     state, compile_prefill_prompt_s = _timed(lambda: prefill(PROMPT))
     state, compile_decode_s = _timed(lambda: decode(state, 1))
     state, _ = _timed(lambda: decode(state, 3))
     state, decode_s = _timed(lambda: decode(state, DECODE))
+    if profile_dir:
+        print(profile_decode(gen, state, 16, profile_dir), flush=True)
     _, compile_prefill_s = _timed(lambda: prefill(PREFILL))
     prefill_s = min(_timed(lambda: prefill(PREFILL))[1] for _ in range(3))
     bytes_per_token = config.decode_bytes(PROMPT + DECODE)
@@ -148,6 +152,7 @@ def measure(config: MixtralConfig, mesh_shape: tuple[int, int] | None) -> dict:
         "weight_bytes": config.weight_bytes(), "bytes_per_token": bytes_per_token,
         "read_bandwidth_bytes_per_s": bandwidth, "roofline_tok_s": bandwidth / bytes_per_token,
         "decode_tok_s": decode_tps, "decode_ms_per_token": 1e3 / decode_tps,
+        "decode_dispatch_ms_per_token": dispatch[2] / DECODE * 1e3,
         "of_roofline": decode_tps / (bandwidth / bytes_per_token),
         "prefill_tok_s": PREFILL / prefill_s, "build_s": build_s,
         "compile_decode_s": compile_decode_s, "compile_prefill_32_s": compile_prefill_prompt_s,
@@ -155,6 +160,39 @@ def measure(config: MixtralConfig, mesh_shape: tuple[int, int] | None) -> dict:
         "peak_device_bytes": memory.get("peak_bytes_in_use"),
         "jax": jax.__version__,
     }
+
+
+def profile_decode(gen: Generator, state, steps: int, trace_dir: str, top: int = 25) -> str:
+    """A device-time breakdown of `steps` decode steps (from a profiler trace): the ops that took the most
+    GPU time per token, and the GPU's busy time against the wall clock."""
+    import glob
+    import gzip
+
+    greedy, key = SamplingArrays.of(SamplingParams(temperature=0)), jax.random.key(0)
+    token, cache, seen = state
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        start = time.perf_counter()
+        for _ in range(steps):
+            token, cache, seen = gen.decode(cache, token, seen, key, greedy)
+        token.block_until_ready()
+        wall = time.perf_counter() - start
+    trace = json.load(gzip.open(sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "/device:GPU" in str(e.get("args", {}).get("name", ""))}
+    if not gpu_pids:
+        names = {str(e.get("args", {}).get("name")) for e in events if e.get("name") == "process_name"}
+        return f"decode profile: no GPU process in the trace (processes: {sorted(names)})"
+    by_name: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu_pids:
+            by_name[e["name"]] = by_name.get(e["name"], 0.0) + e.get("dur", 0.0)
+    busy = sum(by_name.values())
+    lines = [f"decode profile: {steps} steps, wall {wall / steps * 1e3:.2f} ms/token, GPU ops "
+             f"{busy / steps / 1e3:.2f} ms/token (summed over streams)"]
+    for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {us / steps:9.1f} us/token  {name[:110]}")
+    return "\n".join(lines)
 
 
 def table(r: dict) -> str:
@@ -166,6 +204,7 @@ def table(r: dict) -> str:
         ("roofline", f"{r['roofline_tok_s']:.1f} tok/s"),
         ("decode (batch 1)", f"{r['decode_tok_s']:.1f} tok/s, {r['decode_ms_per_token']:.2f} ms/token, "
                              f"{r['of_roofline']:.2f} of the roofline"),
+        ("host time to dispatch a decode step", f"{r['decode_dispatch_ms_per_token']:.2f} ms"),
         ("prefill 512", f"{r['prefill_tok_s']:.0f} tok/s"),
         ("compile: decode / prefill 32 / prefill 512", f"{r['compile_decode_s']:.1f} / {r['compile_prefill_32_s']:.1f} "
                                                        f"/ {r['compile_prefill_512_s']:.1f} s"),
@@ -181,9 +220,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quantization", choices=["int8", "int4"])
     parser.add_argument("--mesh", help="AxB (expert x model); default: every device on the model axis")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--profile", metavar="DIR", help="also print where decode spends GPU time (trace in DIR)")
     args = parser.parse_args(argv)
     config = MixtralConfig.from_hf(CONFIGS[args.config], dtype=args.dtype, quantization=args.quantization)
-    result = {"config": args.config, **measure(config, parse_mesh_shape(args.mesh) if args.mesh else None)}
+    result = {"config": args.config, **measure(config, parse_mesh_shape(args.mesh) if args.mesh else None, args.profile)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

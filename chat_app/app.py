@@ -19,6 +19,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from chat_app import paths
+from chat_app.engine_factory import EngineFactory, engine_factory
 from chat_app.personas import DEFAULT_PERSONA, Persona, PersonaLibrary
 from chat_app.screens.chat import ChatScreen
 from chat_app.screens.confirm import ConfirmScreen
@@ -36,11 +37,14 @@ WORKER_STOP_TIMEOUT_S = 10.0
 """How long quitting waits for the engine thread (a turn stops within one token)."""
 
 REMAPPABLE = (ChatScreen, PromptInput, PersonaScreen, PersonaEditorScreen, ConfirmScreen, TextPromptScreen)
-"""The classes whose bindings have ids, i.e. what settings.toml's [keys] table can remap."""
+"""The classes whose bindings have ids, i.e. what settings.toml's [keys] table can remap (and the
+wizard's screen, imported only when there is a [keys] table to check: it imports huggingface_hub)."""
 
 
 def binding_ids() -> list[str]:
-    return [b.id for cls in REMAPPABLE for b in cls.BINDINGS if isinstance(b, Binding) and b.id]
+    from chat_app.wizard import WizardScreen
+
+    return [b.id for cls in (*REMAPPABLE, WizardScreen) for b in cls.BINDINGS if isinstance(b, Binding) and b.id]
 
 
 def load_keymap(settings_file: Path) -> tuple[dict[str, str], list[str]]:
@@ -93,15 +97,14 @@ class ChatApp(App[None]):
         *,
         persona: str | None = None,
         sampling_overrides: dict | None = None,
-        mesh_shape: tuple[int, int] | None = None,
-        context_length: int | None = None,
+        open_engine: EngineFactory | None = None,
         open_wizard: bool = False,
-        compilation_cache: bool = False,
     ) -> None:
         """Opens the history and the persona library (StoreError, PersonaError: the caller reports
-        them before any screen is drawn). With `model_dir`, the engine loads once the screen is up;
+        them before any screen is drawn). With `model_dir`, the engine loads once the screen is up
+        (`open_engine`: the real engine on all devices by default, see `chat_app.engine_factory`);
         without, the app can still browse and search the history, and `open_wizard` starts the
-        first-run wizard, which gives back the model to open. `compilation_cache`: see EngineWorker."""
+        first-run wizard, which gives back the model to open."""
         super().__init__()
         self.data_dir = data_dir
         self.model_dir = model_dir
@@ -110,10 +113,8 @@ class ChatApp(App[None]):
         first_persona = self.personas.get(persona or DEFAULT_PERSONA)
         self.store = Store(paths.history_path(data_dir))
         self.sampling_overrides = dict(sampling_overrides or {})
-        self.mesh_shape = mesh_shape
-        self.context_length = context_length
+        self.open_engine = open_engine or engine_factory()
         self.open_wizard = open_wizard
-        self.compilation_cache = compilation_cache
         self.chat = ChatScreen(first_persona)
         # Created now so that a message sent while the screen is still coming up is queued; its
         # thread starts once the screen is drawn.
@@ -133,13 +134,7 @@ class ChatApp(App[None]):
             self.action_setup_model()
 
     def _new_worker(self, model_dir: Path) -> EngineWorker:
-        return EngineWorker(
-            model_dir,
-            self.chat.post_message,
-            mesh_shape=self.mesh_shape,
-            context_length=self.context_length,
-            compilation_cache=self.compilation_cache,
-        )
+        return EngineWorker(model_dir, self.chat.post_message, self.open_engine)
 
     def action_setup_model(self) -> None:
         """Opens the first-run wizard (download or build a model); it gives back the checkpoint dir."""
@@ -204,8 +199,6 @@ def run_app(
         model_dir,
         persona=persona,
         sampling_overrides=sampling_overrides,
-        mesh_shape=mesh_shape,
-        context_length=context_length,
+        open_engine=engine_factory(mesh_shape=mesh_shape, context_length=context_length, compilation_cache=True),
         open_wizard=model_dir is None,
-        compilation_cache=True,
     ).run()

@@ -11,12 +11,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chat_app import model_registry, paths
-from chat_app.model_registry import ModelError
+from chat_app.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED, EXIT_USAGE, PROG, UserError
 from chat_app.personas import (
     SETTING_RULES,
     Persona,
@@ -25,15 +29,16 @@ from chat_app.personas import (
     builtin_personas,
     check_setting,
 )
-from chat_app.store import StoreError
 from chat_app.terminal import StderrProgress, format_bytes, format_count
+from model.config import QUANTIZATIONS
 
-PROG = "mixtral-chat"
-EXIT_USAGE = 2  # what argparse uses for a bad command line
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+if TYPE_CHECKING:
+    from chat_app.setup_flow import SetupPlan
+
+QUANTIZE_CHOICES = tuple(q or "none" for q in QUANTIZATIONS)
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A problem with what the user asked for, reported as one line."""
 
 
@@ -43,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args) or 0
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except (CliError, ModelError, PersonaError, StoreError) as e:
+    except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 # --- the parser ---------------------------------------------------------------------------------
@@ -90,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--local", metavar="HF_DIR", type=Path, help="an HF model folder already on disk")
     source.add_argument("--demo", action="store_true", help="build the small demo model")
     setup.add_argument("--revision", metavar="REV", help="hub branch, tag or commit (default: main)")
-    setup.add_argument("--quantize", choices=("none", "int8", "int4"), default="none")
+    setup.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none")
     setup.add_argument("--dtype", choices=("bfloat16", "float32"),
                        help="default: bfloat16 on GPU/TPU, float32 on CPU (faster there)")
     setup.add_argument("--name", help="the installed model's name (default: from the repo or folder)")
@@ -108,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("hf_dir", type=Path, metavar="HF_DIR")
     convert.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     convert.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    convert.add_argument("--quantize", choices=("none", "int8", "int4"), default="none")
+    convert.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none")
     convert.add_argument("--upcycle-experts", type=_positive_int, metavar="N",
                          help="turn a dense model's MLP into N identical experts")
     convert.set_defaults(handler=_convert)
@@ -220,17 +225,14 @@ def _chat(args: argparse.Namespace) -> int:
     overrides = _sampling_changes(args)
     model_dir = _chosen_model(args, data_dir)
     if args.headless:
-        from chat_app.headless import EXIT_STDOUT_CLOSED, HeadlessError, run_headless
+        from chat_app.headless import run_headless
 
-        try:
-            with StderrProgress(terminal_only=True) as status:
-                exit_status = run_headless(
-                    data_dir=data_dir, model_dir=model_dir, persona_name=args.persona, overrides=overrides,
-                    seed=args.seed, mesh_shape=args.mesh, context_length=args.context_length, jsonl=args.jsonl,
-                    save=not args.no_save, conversation_id=args.conversation,
-                    on_progress=lambda fraction, what: status.show(f"{what} {fraction:.0%}"))
-        except HeadlessError as e:
-            raise CliError(str(e)) from None
+        with StderrProgress(terminal_only=True) as status:
+            exit_status = run_headless(
+                data_dir=data_dir, model_dir=model_dir, persona_name=args.persona, overrides=overrides,
+                seed=args.seed, mesh_shape=args.mesh, context_length=args.context_length, jsonl=args.jsonl,
+                save=not args.no_save, conversation_id=args.conversation,
+                on_progress=lambda fraction, what: status.show(f"{what} {fraction:.0%}"))
         if exit_status == EXIT_STDOUT_CLOSED:  # the Python docs' recipe: the flush at exit must not fail
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return exit_status
@@ -255,12 +257,9 @@ def _chosen_model(args: argparse.Namespace, data_dir: Path) -> Path | None:
 
 def _ensure_demo(data_dir: Path) -> Path:
     """The demo model's checkpoint, built first if needed, telling the user what happens on stderr."""
-    from chat_app.demo import DemoError, ensure_demo
+    from chat_app.demo import ensure_demo
 
-    try:
-        return ensure_demo(data_dir, on_status=lambda message: print(message, file=sys.stderr, flush=True))
-    except DemoError as e:
-        raise CliError(str(e)) from None
+    return ensure_demo(data_dir, on_status=_say)
 
 
 # --- setup, convert, models ---------------------------------------------------------------------
@@ -270,9 +269,110 @@ def _setup(args: argparse.Namespace) -> int:
         path = _ensure_demo(args.data_dir)
         print(f"The demo model is ready in {path}. Start chatting with: {PROG} --demo")
         return 0
-    from chat_app.setup_flow import run_setup
+    return _setup_from_hub_or_folder(args)
 
-    return run_setup(args)
+
+def _setup_from_hub_or_folder(args: argparse.Namespace) -> int:
+    """`mixtral-chat setup --repo ID | --local DIR`: check, show the plan, ask (unless --yes), then download and
+    convert with progress on stderr. Ctrl-C stops (keeping what was downloaded) and exits 130."""
+    from chat_app import hub  # huggingface_hub: only for this command
+    from chat_app.setup_flow import (
+        CANCELLED,
+        describe_conversion,
+        describe_download,
+        folder_source,
+        hub_endpoint,
+        hub_source,
+        install,
+        name_problem,
+        plan_setup,
+    )
+
+    if args.local is not None and args.revision:
+        raise CliError("--revision is for --repo (a local folder has no revisions)")
+    if args.name is not None and (problem := name_problem(args.name)):
+        raise CliError(problem)
+    token = hub.resolve_token() if args.repo is not None else None
+    if args.repo is not None:
+        endpoint = hub_endpoint(args.endpoint)
+        _say(f"Asking {endpoint} about {args.repo}...")
+        source = hub_source(args.repo, args.revision, endpoint=endpoint, token=token, cache_dir=args.hf_cache)
+    else:
+        source = folder_source(args.local)
+    _say("Looking at the devices...")
+    plan = plan_setup(source, data_dir=args.data_dir, name=args.name, dtype=args.dtype, quantization=args.quantize)
+    _say("\n".join(plan.describe()))
+    for warning in plan.warnings:
+        _say(f"Note: {warning}")
+    if not plan.can_start:
+        raise CliError("cannot set up this model:\n  " + "\n  ".join(plan.problems))
+    _confirm(plan, args.yes)
+    with StderrProgress() as progress, _CtrlC() as interrupted:
+        try:
+            path = install(plan, token=token,
+                           on_download=lambda p: progress.show(
+                               describe_download(p), key=(p.stage, p.current_file), detail=p.current_file,
+                               last=p.stage == "done"),
+                           on_convert=lambda done, total, tensor: progress.show(
+                               describe_conversion(done, total, tensor), key=done * 10 // total),
+                           should_cancel=interrupted.is_set)
+        except CANCELLED as error:
+            progress.finish()
+            _say(f"Interrupted. {error.message}\nTo resume, run the same command again: {PROG} "
+                 f"{shlex.join(sys.argv[1:])}")
+            return EXIT_INTERRUPTED
+        except UserError:
+            progress.finish()
+            raise
+    print(f"Installed '{plan.name}' in {path}. Chat with it: {PROG} --model {plan.name}")
+    return 0
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _confirm(plan: SetupPlan, yes: bool) -> None:
+    """Go ahead only when the user agrees (or gave --yes); replacing an installed model needs a typed 'y'."""
+    if plan.replaces_existing and yes:
+        raise CliError(f"a model named '{plan.name}' is already installed ({plan.destination}): choose another "
+                       "--name, or run without --yes to confirm replacing it")
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise CliError("not asking for confirmation because stdin is not a terminal: add --yes to go ahead")
+    if plan.replaces_existing and not _ask(f"Replace the installed model '{plan.name}'?"):
+        raise CliError("nothing was changed")
+    download = plan.source.download
+    action = f"Download {format_bytes(download.bytes_to_download)} and install" if download else "Convert and install"
+    if not _ask(f"{action} '{plan.name}'?"):
+        raise CliError("nothing was changed")
+
+
+def _ask(question: str) -> bool:
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+class _CtrlC:
+    """While active, the first Ctrl-C asks the work to stop (it keeps what it has); a second one aborts."""
+
+    def __enter__(self) -> threading.Event:
+        self.event = threading.Event()
+        self._installed = threading.current_thread() is threading.main_thread()  # only there can it be
+        if self._installed:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self.event
+
+    def _handle(self, signum, frame) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+        _say("\nStopping (Ctrl-C again to abort at once)...")
+
+    def __exit__(self, *exc_info) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
 
 
 def _convert(args: argparse.Namespace) -> int:

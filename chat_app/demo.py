@@ -24,6 +24,7 @@ from pathlib import Path
 
 import model
 from chat_app import paths
+from chat_app.errors import UserError
 from model.gguf_import import gguf_to_hf
 
 DEMO_NAME = "demo"
@@ -40,7 +41,7 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 Status = Callable[[str], None]
 
 
-class DemoError(Exception):
+class DemoError(UserError):
     """The demo model cannot be fetched; the message says why, in words for the user."""
 
 

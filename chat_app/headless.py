@@ -22,17 +22,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from chat_app import model_registry, paths
+from chat_app.engine_factory import engine_factory
+from chat_app.errors import EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED, UserError
 from chat_app.personas import DEFAULT_PERSONA, Persona, PersonaLibrary
-from chat_app.store import Conversation, Store, title_from
+from chat_app.store import Conversation, Store, title_from, turn_outcome
 
 if TYPE_CHECKING:
-    from model.engine import Engine
+    from model.engine_api import ChatEngine
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
-EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE, as shells report a reader that went away
-
-
-class HeadlessError(Exception):
+class HeadlessError(UserError):
     """Bad input or set-up (a bad stdin line, no model to use, a checkpoint that does not load),
     in words fit for the user."""
 
@@ -62,7 +60,8 @@ def run_headless(*, data_dir: Path, model_dir: Path | None, persona_name: str | 
                                 "(installed models: `mixtral-chat models`)")
         if conversation and persona.snapshot() != conversation.persona:
             store.set_persona(conversation.id, persona.snapshot())
-        engine = load_engine(model_dir, mesh_shape, context_length, on_progress)
+        open_engine = engine_factory(mesh_shape=mesh_shape, context_length=context_length, compilation_cache=True)
+        engine = open_engine(model_dir, on_progress or (lambda fraction, what: None))
         chat = HeadlessChat(engine, store, persona, model_registry.model_label(data_dir, model_dir),
                             conversation=conversation, seed=seed, jsonl=jsonl, stdout=stdout, stderr=stderr)
         status = chat.run(stdin)
@@ -71,24 +70,10 @@ def run_headless(*, data_dir: Path, model_dir: Path | None, persona_name: str | 
         return status
 
 
-def load_engine(model_dir: Path, mesh_shape: tuple[int, int] | None, context_length: int | None,
-                on_progress: Callable[[float, str], None] | None = None) -> Engine:
-    """The engine on `model_dir`; HeadlessError for a checkpoint or mesh the user has to fix."""
-    paths.enable_jax_compilation_cache()
-    from model.checkpoint import CheckpointError
-    from model.engine import Engine
-    from model.sharding import MeshError
-
-    try:
-        return Engine(model_dir, mesh_shape=mesh_shape, context_length=context_length, on_progress=on_progress)
-    except (CheckpointError, MeshError) as e:
-        raise HeadlessError(str(e)) from None
-
-
 class HeadlessChat:
     """The turn loop, on an engine that is already loaded (tests drive it with a real tiny model)."""
 
-    def __init__(self, engine: Engine, store: Store, persona: Persona, model_label: str, *,
+    def __init__(self, engine: ChatEngine, store: Store, persona: Persona, model_label: str, *,
                  conversation: Conversation | None = None, seed: int | None = None, jsonl: bool = False,
                  stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr):
         self.engine = engine
@@ -122,7 +107,6 @@ class HeadlessChat:
 
     def turn(self, text: str) -> None:
         """Send one user message, stream the reply to stdout and save it as it streams."""
-        from model.engine import EngineError
         from model.engine_api import ContextTrimmed, TextDelta, TurnDone
 
         if self.conversation is None:
@@ -148,7 +132,7 @@ class HeadlessChat:
         except KeyboardInterrupt:  # a second Ctrl-C: the user does not want to wait for the token
             reply.finish("cancelled")
             raise
-        except EngineError as e:  # e.g. the message alone does not fit the context
+        except UserError as e:  # e.g. the message alone does not fit the context
             reply.finish("error")
             raise HeadlessError(str(e)) from None
         except Exception:
@@ -156,11 +140,9 @@ class HeadlessChat:
             raise
         finally:
             self._generating = False
-        record = dataclasses.asdict(done)
-        reply.finish("cancelled" if done.finish_reason == "cancelled" else "complete",
-                     stats={k: v for k, v in record.items() if k != "text"}, text=done.text)
-        self._write(json.dumps({"conversation_id": conversation_id, **record}, ensure_ascii=False) + "\n"
-                    if self.jsonl else "\n")
+        reply.finish(*turn_outcome(done), text=done.text)
+        self._write(json.dumps({"conversation_id": conversation_id, **dataclasses.asdict(done)}, ensure_ascii=False)
+                    + "\n" if self.jsonl else "\n")
 
     def _user_text(self, line: str, line_number: int) -> str | None:
         """The user message on one stdin line; None for a blank line."""

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chat_app import paths
+from chat_app.errors import UserError
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """No such model, or not a usable checkpoint, in words fit for the user."""
 
 

@@ -50,14 +50,6 @@ def settings_path(data_dir: Path) -> Path:
     return data_dir / "settings.toml"
 
 
-def jax_cache_dir() -> Path:
-    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False)) / "jax"
-
-
-def enable_jax_compilation_cache() -> None:
-    """Point JAX's persistent compilation cache at `jax_cache_dir()`, so that the next start of the
-    same model on the same devices skips most of the compiling. Imports jax: call it only on the way
-    to building an Engine (the TUI worker and headless mode both do)."""
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(jax_cache_dir()))
+def executables_dir() -> Path:
+    """Compiled programs of the engine (model/executables.py): a warm start loads them instead of compiling."""
+    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False)) / "executables"

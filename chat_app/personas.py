@@ -28,6 +28,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from chat_app.errors import UserError
+
 if TYPE_CHECKING:  # model.engine_api is imported when sampling() is called, keeping start-up light
     from model.engine_api import SamplingParams
 
@@ -43,7 +45,7 @@ _NAME_PATTERN = re.compile(r"[^\W_][\w .'-]{0,63}")
 _PERSONA_KEYS = ("name", "system_prompt", *SETTING_RULES)
 
 
-class PersonaError(Exception):
+class PersonaError(UserError):
     """A persona that does not exist or is not valid, in words fit for the user."""
 
 

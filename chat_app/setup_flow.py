@@ -1,6 +1,6 @@
 """Installing a model: where its weights come from, whether it fits, then download + convert.
 
-Shared by the first-run wizard (chat_app.wizard) and `mixtral-chat setup --repo/--local` (`run_setup`, below):
+Shared by the first-run wizard (chat_app.wizard) and `mixtral-chat setup --repo/--local` (in chat_app.cli):
 
     source = hub_source(repo_id, ...) | folder_source(path)    where the Hugging Face weights are (or will be)
     plan = plan_setup(source, data_dir=...)                    name, dtype, sizes, the memory and disk verdicts
@@ -8,7 +8,7 @@ Shared by the first-run wizard (chat_app.wizard) and `mixtral-chat setup --repo/
 
 Nothing is written before `install`: planning reads the hub's file metadata (sizes and hashes, no weights) and
 the config.json, so it can refuse a model that cannot fit with the numbers and what to change. Every error a
-user can act on is a `SetupError` or a `chat_app.hub.HubError`, both with a `message` that says what to do.
+user can act on is a `UserError` (a `SetupError`, a `chat_app.hub.HubError`, ...) that says what to do.
 
 Memory: what the weights take in the chosen dtype/quantization, plus the KV cache of one conversation at the
 default context (4096 tokens), plus 10% headroom, against the devices jax sees: the sum of the accelerators'
@@ -19,15 +19,10 @@ kernels of model/cpu_matmul.py run int8 and int4 weights with float32 activation
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import shlex
 import shutil
-import signal
-import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +31,12 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import get_token
 
 from chat_app import hub, paths
-from chat_app.cli import EXIT_INTERRUPTED, PROG, CliError
-from chat_app.terminal import StderrProgress, format_bytes, format_duration
-from model.config import DEFAULT_CONTEXT, ConfigError, MixtralConfig
+from chat_app.errors import PROG, UserError
+from chat_app.terminal import format_bytes, format_duration
+from model.config import DEFAULT_CONTEXT, QUANTIZATIONS, ConfigError, MixtralConfig
 
 DEFAULT_REPO = hub.EXAMPLE_REPO
 MEMORY_HEADROOM = 0.10  # activations, compiled programs, the allocator's slack
-QUANTIZATIONS = (None, "int8", "int4")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
 _SNAPSHOT = re.compile(r"models--(?P<org>[^/]+)--(?P<name>[^/]+)/snapshots/[0-9a-f]{40}$")
 
@@ -50,19 +44,14 @@ DownloadCallback = Callable[[hub.DownloadProgress], None]
 ConvertCallback = Callable[[int, int, str], None]  # (tensors done, tensors in all, current tensor)
 
 
-class SetupError(Exception):
-    """A choice that cannot be set up, or a conversion that failed; `message` says what to do."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
+class SetupError(UserError):
+    """A choice that cannot be set up, or a conversion that failed; the message says what to do."""
 
 
 class SetupCancelled(SetupError):
     """Cancelled during the conversion: nothing was installed (the download, if any, is complete)."""
 
 
-USER_ERRORS = (hub.HubError, SetupError)  # what the callers show as `error.message`
 CANCELLED = (hub.DownloadCancelled, SetupCancelled)
 
 
@@ -417,98 +406,3 @@ def describe_download(progress: hub.DownloadProgress) -> str:
 
 def describe_conversion(done: int, total: int, tensor: str) -> str:
     return f"Converting: tensor {done} of {total} ({tensor})"
-
-
-# ---- the command line ----------------------------------------------------------------------------------------
-def run_setup(args: argparse.Namespace) -> int:
-    """`mixtral-chat setup --repo ID | --local DIR`: check, show the plan, ask (unless --yes), then download and
-    convert with progress on stderr. Errors raise CliError (one line, exit 1); Ctrl-C exits 130."""
-    if args.local is not None and args.revision:
-        raise CliError("--revision is for --repo (a local folder has no revisions)")
-    if args.name is not None and (problem := name_problem(args.name)):
-        raise CliError(problem)
-    token = hub.resolve_token() if args.repo is not None else None
-    try:
-        if args.repo is not None:
-            endpoint = hub_endpoint(args.endpoint)
-            _say(f"Asking {endpoint} about {args.repo}...")
-            source = hub_source(args.repo, args.revision, endpoint=endpoint, token=token, cache_dir=args.hf_cache)
-        else:
-            source = folder_source(args.local)
-        _say("Looking at the devices...")
-        plan = plan_setup(source, data_dir=args.data_dir, name=args.name, dtype=args.dtype,
-                          quantization=args.quantize)
-    except USER_ERRORS as error:
-        raise CliError(error.message) from None
-    _say("\n".join(plan.describe()))
-    for warning in plan.warnings:
-        _say(f"Note: {warning}")
-    if not plan.can_start:
-        raise CliError("cannot set up this model:\n  " + "\n  ".join(plan.problems))
-    _confirm(plan, args.yes)
-    with StderrProgress() as progress, _CtrlC() as interrupted:
-        try:
-            path = install(plan, token=token,
-                           on_download=lambda p: progress.show(
-                               describe_download(p), key=(p.stage, p.current_file), detail=p.current_file,
-                               last=p.stage == "done"),
-                           on_convert=lambda done, total, tensor: progress.show(
-                               describe_conversion(done, total, tensor), key=done * 10 // total),
-                           should_cancel=interrupted.is_set)
-        except CANCELLED as error:
-            progress.finish()
-            _say(f"Interrupted. {error.message}\nTo resume, run the same command again: {PROG} "
-                 f"{shlex.join(sys.argv[1:])}")
-            return EXIT_INTERRUPTED
-        except USER_ERRORS as error:
-            progress.finish()
-            raise CliError(error.message) from None
-    print(f"Installed '{plan.name}' in {path}. Chat with it: {PROG} --model {plan.name}")
-    return 0
-
-
-def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def _confirm(plan: SetupPlan, yes: bool) -> None:
-    """Go ahead only when the user agrees (or gave --yes); replacing an installed model needs a typed 'y'."""
-    if plan.replaces_existing and yes:
-        raise CliError(f"a model named '{plan.name}' is already installed ({plan.destination}): choose another "
-                       "--name, or run without --yes to confirm replacing it")
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise CliError("not asking for confirmation because stdin is not a terminal: add --yes to go ahead")
-    if plan.replaces_existing and not _ask(f"Replace the installed model '{plan.name}'?"):
-        raise CliError("nothing was changed")
-    download = plan.source.download
-    action = f"Download {format_bytes(download.bytes_to_download)} and install" if download else "Convert and install"
-    if not _ask(f"{action} '{plan.name}'?"):
-        raise CliError("nothing was changed")
-
-
-def _ask(question: str) -> bool:
-    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
-    return sys.stdin.readline().strip().lower() in ("y", "yes")
-
-
-class _CtrlC:
-    """While active, the first Ctrl-C asks the work to stop (it keeps what it has); a second one aborts."""
-
-    def __enter__(self) -> threading.Event:
-        self.event = threading.Event()
-        self._installed = threading.current_thread() is threading.main_thread()  # only there can it be
-        if self._installed:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self.event
-
-    def _handle(self, signum, frame) -> None:
-        if self.event.is_set():
-            raise KeyboardInterrupt
-        self.event.set()
-        _say("\nStopping (Ctrl-C again to abort at once)...")
-
-    def __exit__(self, *exc_info) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)

@@ -1,7 +1,9 @@
 """Chat history in SQLite: conversations, their messages, and the persona settings each one uses.
 
-One `Store` is shared by the UI thread and the worker thread that runs the engine, so every call
-takes a lock around the single connection. The file is in WAL mode: a committed write survives the
+The app uses its `Store` from the UI thread only: the engine's worker thread never touches it (the
+chat screen saves a reply as the worker's messages arrive), and headless mode is one thread. Every call
+still takes a lock around the single connection, so a `Store` may be shared between threads (a slow
+export or search could move to a thread without a second connection). The file is in WAL mode: a committed write survives the
 process being killed, so a reply saved while it streams (see `ReplyRecorder`) loses at most its
 last unsaved second, and a conversation once created is never lost.
 
@@ -12,6 +14,7 @@ message that names the file and says what to do; it is never modified or replace
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,6 +26,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from chat_app.errors import UserError
+
+if TYPE_CHECKING:
+    from model.engine_api import TurnDone
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_STATUSES = ("complete", "streaming", "cancelled", "error")
@@ -89,7 +98,7 @@ TITLE_LENGTH = 48  # characters of a title made from the first message
 _MATCH_START, _MATCH_END = "\ue000", "\ue001"
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A history problem, in words fit for the user (which file, what is wrong, what to do)."""
 
 
@@ -139,7 +148,7 @@ class SearchHit:
 
 
 class Store:
-    """The chat history database at `path` (created if missing). Safe to share between threads."""
+    """The chat history database at `path` (created if missing). Safe to share between threads (see above)."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -406,7 +415,13 @@ class Store:
 
 
 class ReplyRecorder:
-    """A reply being generated, saved as it grows.
+    """A reply being generated, saved as it grows; the one record of a turn's life for the chat screen
+    and headless mode alike:
+
+        reply = store.start_reply(conversation_id)  # an empty "streaming" message
+        reply.append(delta.text)                    # each TextDelta
+        reply.finish(*turn_outcome(done), text=done.text)   # the engine's TurnDone
+        reply.finish("error") / reply.finish("cancelled")   # failed, or stopped before the engine ended it
 
     Saving every token would cost a commit per token; saving at most every `save_interval_s` bounds
     both the cost and what a killed process loses (the text added since the last save).
@@ -446,6 +461,13 @@ class ReplyRecorder:
         self.store.update_message(self.message_id, self._text, status=status, stats=stats)
         self._saved_chars = len(self._text)
         self._last_save = self._clock()
+
+
+def turn_outcome(done: TurnDone) -> tuple[str, dict]:
+    """How a reply the engine finished is saved: its status ("cancelled" if the user stopped it, else
+    "complete") and its stats (the turn's finish reason, token counts and timings)."""
+    status = "cancelled" if done.finish_reason == "cancelled" else "complete"
+    return status, {name: value for name, value in dataclasses.asdict(done).items() if name != "text"}
 
 
 def title_from(text: str) -> str:

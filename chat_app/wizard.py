@@ -41,6 +41,7 @@ from textual.widgets import (
 )
 
 from chat_app import hub, setup_flow
+from chat_app.errors import UserError
 from chat_app.setup_flow import SetupPlan
 from chat_app.terminal import format_bytes
 
@@ -63,6 +64,7 @@ class CachedModelsFound(Message):
 @dataclass
 class PlanReady(Message):
     plan: SetupPlan
+    token: str | None  # the token the plan was made with (typed or found): the download sends it too
 
 
 @dataclass
@@ -120,80 +122,6 @@ class Choice:
 class WizardScreen(Screen[Path | None]):
     """Set up a model; dismissed with the new checkpoint's folder, or None."""
 
-    DEFAULT_CSS = """
-    WizardScreen {
-        align: center top;
-    }
-    WizardScreen ContentSwitcher {
-        width: 104;
-        max-width: 100%;
-        height: 1fr;
-        margin: 1 0;
-    }
-    WizardScreen .step {
-        height: auto;
-        max-height: 100%;
-        padding: 1 2;
-        border: thick $primary;
-        background: $surface;
-    }
-    WizardScreen .title {
-        text-style: bold;
-        margin-bottom: 1;
-    }
-    WizardScreen .hint {
-        color: $text-muted;
-    }
-    WizardScreen .error {
-        color: $text-error;
-        height: auto;
-    }
-    WizardScreen #options {
-        height: auto;
-    }
-    WizardScreen .fields {
-        height: auto;
-        margin: 0 0 0 4;
-    }
-    WizardScreen .fields Input {
-        width: 1fr;
-    }
-    WizardScreen .row {
-        height: auto;
-    }
-    WizardScreen .row > Label {
-        width: 16;
-        padding: 1 1 0 0;
-    }
-    WizardScreen .row > Select, WizardScreen .row > Input {
-        width: 1fr;
-    }
-    WizardScreen #token-status {
-        width: 32;
-        padding: 1 0 0 1;
-        color: $text-muted;
-    }
-    WizardScreen RadioSet {
-        width: 100%;
-        border: none;
-        margin-bottom: 1;
-    }
-    WizardScreen .buttons {
-        height: auto;
-        align-horizontal: right;
-        margin-top: 1;
-    }
-    WizardScreen .buttons Button {
-        margin-left: 1;
-    }
-    WizardScreen #plan-text {
-        margin-bottom: 1;
-    }
-    WizardScreen #bar {
-        margin: 1 0;
-    }
-    """
-
     BINDINGS = [Binding("escape", "back", "Back", id="wizard.back")]
 
     def __init__(self, data_dir: Path, *, endpoint: str | None = None, hf_cache: str | Path | None = None) -> None:
@@ -204,8 +132,7 @@ class WizardScreen(Screen[Path | None]):
         self.hf_cache = setup_flow.hf_cache_dir(hf_cache)
         self.cached_models: list[hub.CachedModel] = []
         self.plan: SetupPlan | None = None
-        self._token: str | None = None  # the token the plan was made with (typed or found)
-        self._devices: setup_flow.DeviceMemory | None = None  # detected once
+        self._token: str | None = None  # the token `plan` was made with (typed or found)
         self._cancel = threading.Event()
         self.step = "choose"  # shown: "choose", "plan" or "progress"
 
@@ -367,10 +294,11 @@ class WizardScreen(Screen[Path | None]):
         self.query_one("#next", Button).disabled = True
         asking = f"Asking {self.endpoint} about {choice.repo_id}" if choice.source in HUB_SOURCES else "Checking"
         self._show("choose-status", f"{asking} and looking at this machine's devices...")
-        self.run_worker(lambda: self._check(choice), thread=True, exit_on_error=False, group="check")
+        devices = self.plan.devices if self.plan else None  # detected once
+        self.run_worker(lambda: self._check(choice, devices), thread=True, exit_on_error=False, group="check")
 
-    def _check(self, choice: Choice) -> None:
-        """Worker thread: the source, the devices, the plan."""
+    def _check(self, choice: Choice, devices: setup_flow.DeviceMemory | None) -> None:
+        """Worker thread: the source, the devices (unless known), the plan; the answer comes as a message."""
         try:
             if choice.source in HUB_SOURCES:
                 token = hub.resolve_token(choice.token)
@@ -380,16 +308,14 @@ class WizardScreen(Screen[Path | None]):
                 token = None
                 folder = choice.cached.snapshot_dir if choice.cached else choice.folder
                 source = setup_flow.folder_source(folder, choice.cached.repo_id if choice.cached else None)
-            self._devices = self._devices or setup_flow.detect_devices()
-            plan = setup_flow.plan_setup(source, data_dir=self.data_dir, devices=self._devices, name=choice.name,
-                                         dtype=choice.dtype, quantization=choice.quantization)
-        except setup_flow.USER_ERRORS as error:
+            plan = setup_flow.plan_setup(source, data_dir=self.data_dir, devices=devices or setup_flow.detect_devices(),
+                                         name=choice.name, dtype=choice.dtype, quantization=choice.quantization)
+        except UserError as error:
             self.post_message(CheckFailed(error.message))
         except Exception as error:  # a bug: say so rather than leave the wizard waiting
             self.post_message(CheckFailed(f"Unexpected error while checking: {type(error).__name__}: {error}"))
         else:
-            self._token = token
-            self.post_message(PlanReady(plan))
+            self.post_message(PlanReady(plan, token))
 
     def on_check_failed(self, message: CheckFailed) -> None:
         self.query_one("#next", Button).disabled = False
@@ -399,6 +325,7 @@ class WizardScreen(Screen[Path | None]):
     # ---- the plan step ---------------------------------------------------------------------------------------
     def on_plan_ready(self, message: PlanReady) -> None:
         plan = self.plan = message.plan
+        self._token = message.token
         self.query_one("#next", Button).disabled = False
         self._show("choose-status", "")
         self._show("plan-text", "\n".join(plan.describe()))
@@ -431,9 +358,9 @@ class WizardScreen(Screen[Path | None]):
 
     @on(Button.Pressed, "#start")
     def _start_install(self) -> None:
-        plan = self.plan
+        plan, token = self.plan, self._token
         title = f"Downloading {plan.source.repo_id}" if plan.source.download else f"Converting {plan.source.label}"
-        self._start(lambda: self._install(plan), title=title, cancellable=True)
+        self._start(lambda: self._install(plan, token), title=title, cancellable=True)
 
     # ---- the progress step -----------------------------------------------------------------------------------
     def _start(self, work: Callable[[], None], title: str, cancellable: bool) -> None:
@@ -449,14 +376,14 @@ class WizardScreen(Screen[Path | None]):
             cancel.focus()
         self.run_worker(work, thread=True, exit_on_error=False, group="install")
 
-    def _install(self, plan: SetupPlan) -> None:
-        """Worker thread: download + convert."""
+    def _install(self, plan: SetupPlan, token: str | None) -> None:
+        """Worker thread: download + convert; progress and the outcome come as messages."""
         try:
             path = setup_flow.install(
-                plan, token=self._token, on_download=lambda p: self.post_message(DownloadUpdate(p)),
+                plan, token=token, on_download=lambda p: self.post_message(DownloadUpdate(p)),
                 on_convert=lambda done, total, tensor: self.post_message(ConvertUpdate(done, total, tensor)),
                 should_cancel=self._cancel.is_set)
-        except setup_flow.USER_ERRORS as error:  # cancelled too
+        except UserError as error:  # cancelled too
             self.post_message(InstallStopped(error.message, back_to="plan"))
         except Exception as error:  # a bug: say so rather than leave the wizard waiting
             self.post_message(InstallStopped(f"Unexpected error: {type(error).__name__}: {error}", back_to="plan"))

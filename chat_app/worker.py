@@ -8,6 +8,9 @@ from a queue one at a time. It never touches a widget: it only calls `post`, nor
 `App.call_from_thread`, which blocks the caller until the UI ran the callback). Text is batched into
 one `ReplyDelta` per `DELTA_BATCH_S`, so a fast model does not flood the UI's message queue.
 
+The engine comes from an `EngineFactory` (chat_app.engine_factory) called on the thread: the real
+`model.engine.Engine`, or in tests a scripted engine (tests/scripted_engine.py).
+
 Nothing raised on the thread escapes it: a checkpoint that fails to load posts `EngineFailed` and
 every later request is answered with `ReplyFailed`; an error during a turn posts `ReplyFailed`.
 """
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,12 +27,20 @@ from pathlib import Path
 
 from textual.message import Message
 
-from chat_app import paths
-from model.engine_api import Compiling, ContextTrimmed, FinishReason, SamplingParams, TextDelta, TurnDone
+from chat_app.engine_factory import EngineFactory
+from chat_app.errors import UserError
+from model.engine_api import (
+    ChatEngine,
+    Compiling,
+    ContextTrimmed,
+    FinishReason,
+    SamplingParams,
+    TextDelta,
+    TurnDone,
+)
 
 DELTA_BATCH_S = 0.05
 """How long reply text is gathered before it is posted (20 UI updates a second at most)."""
-
 
 # What the worker posts. (Dataclass messages work: the generated __init__ calls the
 # `Message.__post_init__` that sets a message up.)
@@ -118,23 +128,9 @@ class TokensCounted(Message):
     tokens: int
 
 
-USER_FACING_ERRORS = (
-    ("model.checkpoint", "CheckpointError"),  # a checkpoint that cannot be loaded
-    ("model.sharding", "MeshError"),  # a --mesh that does not fit the devices
-    ("model.engine", "EngineError"),  # a turn that cannot run (its message alone overflows the context)
-)
-"""The model's exceptions whose messages are written for users."""
-
-
 def describe_error(error: Exception) -> str:
-    """A message for the user: a `USER_FACING_ERRORS` message as it is, anything else with its type
-    for context. (The modules are looked up, not imported: if one was never imported, the error
-    cannot be one of its.)"""
-    for module_name, class_name in USER_FACING_ERRORS:
-        module = sys.modules.get(module_name)
-        if module is not None and isinstance(error, getattr(module, class_name)):
-            return str(error)
-    return f"{type(error).__name__}: {error}"
+    """A message for the user: a `UserError`'s as it is, anything else (a bug) with its type for context."""
+    return str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
 
 
 @dataclass
@@ -165,29 +161,17 @@ class _Stopping(Exception):
 
 
 class EngineWorker:
-    """Owns one `model.engine.Engine` on a thread of its own and serves requests one at a time.
+    """Owns one engine (from `open_engine(ckpt_dir, progress)`) on a thread of its own and serves
+    requests one at a time.
 
     `post` receives every message listed above, on the worker thread; it must be thread-safe and
     must not block (`MessagePump.post_message` is both).
     """
 
-    def __init__(
-        self,
-        ckpt_dir: Path,
-        post: Callable[[Message], object],
-        *,
-        mesh_shape: tuple[int, int] | None = None,
-        context_length: int | None = None,
-        compilation_cache: bool = False,
-    ) -> None:
-        """`compilation_cache`: use JAX's persistent compilation cache (`paths.jax_cache_dir()`), so
-        the next start on the same model and devices compiles little. It is a process-wide jax
-        setting, so only the real app turns it on, not tests."""
+    def __init__(self, ckpt_dir: Path, post: Callable[[Message], object], open_engine: EngineFactory) -> None:
         self.ckpt_dir = ckpt_dir
         self._post = post
-        self._mesh_shape = mesh_shape
-        self._context_length = context_length
-        self._compilation_cache = compilation_cache
+        self._open_engine = open_engine
         self._requests: queue.Queue = queue.Queue()
         self._pending: dict[int, _Generate] = {}  # request id -> request not finished yet
         self._pending_lock = threading.Lock()
@@ -237,16 +221,7 @@ class EngineWorker:
         engine = None
         load_error = None
         try:
-            from model.engine import Engine  # imports jax: kept off the UI thread
-
-            if self._compilation_cache:
-                paths.enable_jax_compilation_cache()
-            engine = Engine(
-                self.ckpt_dir,
-                mesh_shape=self._mesh_shape,
-                context_length=self._context_length,
-                on_progress=self._progress,
-            )
+            engine = self._open_engine(self.ckpt_dir, self._progress)
         except _Stopping:
             return
         except Exception as error:  # the app stays usable: the user sees the reason
@@ -255,7 +230,15 @@ class EngineWorker:
             self._post(EngineFailed(load_error))
         else:
             self._post(EngineReady(engine.model_name, engine.context_limit, engine.device_summary))
-        while (request := self._requests.get()) is not _STOP:
+        preparing = engine is not None  # while idle, the engine gets the programs of later turns ready
+        while True:
+            try:
+                request = self._requests.get(block=not preparing)
+            except queue.Empty:
+                preparing = engine.prepare_next()
+                continue
+            if request is _STOP:
+                break
             if isinstance(request, _Generate):
                 self._serve(engine, load_error, request)
             elif engine is not None and isinstance(request, _CountTokens):
@@ -268,7 +251,7 @@ class EngineWorker:
             raise _Stopping
         self._post(EngineLoading(fraction, what))
 
-    def _serve(self, engine, load_error: str | None, request: _Generate) -> None:
+    def _serve(self, engine: ChatEngine | None, load_error: str | None, request: _Generate) -> None:
         try:
             if engine is None:
                 self._post(ReplyFailed(request.request_id, f"The model is not loaded: {load_error}"))
@@ -280,7 +263,7 @@ class EngineWorker:
             with self._pending_lock:
                 del self._pending[request.request_id]
 
-    def _stream(self, engine, request: _Generate) -> None:
+    def _stream(self, engine: ChatEngine, request: _Generate) -> None:
         request_id = request.request_id
         self._post(ReplyStarted(request_id))
         unposted: list[str] = []
@@ -316,7 +299,7 @@ class EngineWorker:
             post_text()
             self._post(ReplyFailed(request_id, describe_error(error)))
 
-    def _count(self, engine, request: _CountTokens) -> None:
+    def _count(self, engine: ChatEngine, request: _CountTokens) -> None:
         try:
             tokens = engine.count_tokens(request.messages)
         except Exception:  # a count is only shown in the status bar; a failed one is just not shown

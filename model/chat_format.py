@@ -42,10 +42,11 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 
+from .config import CHAT_FORMATS
+
 if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
 
-CHAT_FORMATS = ("mixtral-instruct", "template")
 ROLES = ("system", "user", "assistant")
 
 # mistral_common joins merged messages and the system prompt with this

@@ -6,11 +6,8 @@ A checkpoint is a folder:
     model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
     tokenizer files  tokenizer.model or tokenizer.json, tokenizer_config.json, generation_config.json
 
-Tensor names: embed [V, D]; layers.{l}.{attn_norm, ffn_norm} [D]; layers.{l}.{wq [D, H*Dh], wk, wv
-[D, KV*Dh], wo [H*Dh, D]}; layers.{l}.router [D, E]; layers.{l}.{w1, w3} [E, D, I], layers.{l}.w2
-[E, I, D]; final_norm [D]; lm_head [D, V] (absent when tied to embed). Quantized weights keep their
-name (int8, or uint8 with two int4 per byte) and add their parameters (`<name>.scale`, ...; see
-quantize.py).
+The tensors, their names, shapes and layout: weight_table.py. Quantized weights keep their name (int8,
+or uint8 with two int4 per byte) and add their parameters (`<name>.scale`, ...; see quantize.py).
 """
 
 from __future__ import annotations
@@ -27,16 +24,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import quantize
 from .config import ConfigError, MixtralConfig
+from .errors import UserError
 from .mixtral import Mixtral
 from .safetensors_io import NUMPY_DTYPES, SafetensorsError, TensorFiles
 from .sharding import make_mesh
+from .weight_table import info_of, weight_table
 
 CONFIG, MANIFEST = "config.json", "manifest.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that is missing, partial or corrupt; the message says which file and what to do."""
 
 
@@ -104,18 +103,22 @@ class CheckpointWeights:
     def __init__(self, files: TensorFiles, config: MixtralConfig, mesh: Mesh,
                  on_progress: Callable[[float, str], None] | None = None):
         self.files, self.config, self.mesh = files, config, mesh
+        self.table = weight_table(config)
         self.on_progress = on_progress
         self.total = sum(f.stat().st_size for f in files.files())
         self.done = 0
 
-    def _array(self, name: str, spec: tuple, rows: slice | None, convert: Callable[[np.ndarray], np.ndarray],
-               packed_axis: int | None = None) -> jax.Array:
-        """`rows` selects a range of the first dim; `packed_axis` is an axis stored at half length on disk
-        (int4 pairs) that `convert` doubles."""
+    def _array(self, name: str, expected: tuple[int, ...], spec: tuple, rows: slice | None,
+               convert: Callable[[np.ndarray], np.ndarray], packed_axis: int | None = None) -> jax.Array:
+        """`expected`: the tensor's shape on disk (from the weight table); `rows` selects a range of the
+        first dim; `packed_axis` is an axis stored at half length on disk (int4 pairs) that `convert` doubles."""
         try:
             shape = list(self.files.shape(name))
         except SafetensorsError as e:
             raise CheckpointError(f"{e}: the checkpoint does not match its config; convert it again") from None
+        if tuple(shape) != tuple(expected):
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(shape)}, its config says {tuple(expected)}: "
+                                  "the checkpoint does not match its config; convert it again")
         if packed_axis is not None:
             shape[packed_axis] *= 2
         if rows is not None:
@@ -143,17 +146,19 @@ class CheckpointWeights:
 
     def dense(self, name: str, spec: tuple, rows: slice | None = None) -> jax.Array:
         dtype = NUMPY_DTYPES[self.config.dtype]
-        return self._array(name, spec, rows, lambda a: a.astype(dtype, copy=False))
+        return self._array(name, info_of(self.table, name).shape, spec, rows, lambda a: a.astype(dtype, copy=False))
 
     def linear(self, name: str, spec: tuple, rows: slice | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        mode = self.config.quantization
-        if mode is None or name.rsplit(".", 1)[-1] not in quantize.QUANTIZED_WEIGHTS:
+        mode, info = self.config.quantization, info_of(self.table, name)
+        if mode is None or not info.quantizable:
             return self.dense(name, spec, rows), ()
+        _, stored = quantize.stored_values(info.shape, mode)
         if mode == "int8":
-            kernel = self._array(name, spec, rows, lambda a: a)
+            kernel = self._array(name, stored, spec, rows, lambda a: a)
         else:
-            kernel = self._array(name, spec, rows, quantize.unpack_int4, packed_axis=len(spec) - 2)
-        params = tuple(self._array(f"{name}.{param}", quantize.param_spec(spec, mode), rows, lambda a: a)
+            kernel = self._array(name, stored, spec, rows, quantize.unpack_int4, packed_axis=len(spec) - 2)
+        param_shape = quantize.param_shape(info.shape, mode, self.config.quant_group_size)
+        params = tuple(self._array(f"{name}.{param}", param_shape, quantize.param_spec(spec, mode), rows, lambda a: a)
                        for param in quantize.PARAMS[mode])
         return kernel, params
 

@@ -7,13 +7,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 DEFAULT_CONTEXT = 4096  # tokens of conversation the engine keeps unless told otherwise
-QUANTIZATIONS = (None, "int8", "int4")
+QUANTIZATIONS = (None, "int8", "int4")  # weight-only, see quantize.py; None: the dtype as it is
 DTYPES = ("float32", "bfloat16", "float16")
-CHAT_FORMATS = ("mixtral-instruct", "template")
+CHAT_FORMATS = ("mixtral-instruct", "template")  # see chat_format.py
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config.json we cannot run, with the reason in words."""
 
 
@@ -62,15 +64,6 @@ class MixtralConfig:
         attn = D * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
         per_layer = attn + D * E + 3 * E * D * I + 2 * D
         return self.num_layers * per_layer + V * D * (1 if self.tie_word_embeddings else 2) + D
-
-    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shape of each kind of weight, by our checkpoint name's suffix (`layers.{l}.wq` -> "wq").
-        Linear weights are [in, out]; experts stack on a first dim."""
-        D, I, E, V = self.hidden_size, self.intermediate_size, self.num_experts, self.vocab_size
-        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return {"embed": (V, D), "attn_norm": (D,), "ffn_norm": (D,), "final_norm": (D,),
-                "wq": (D, q_out), "wk": (D, kv_out), "wv": (D, kv_out), "wo": (q_out, D), "router": (D, E),
-                "w1": (E, D, I), "w3": (E, D, I), "w2": (E, I, D), "lm_head": (D, V)}
 
     def _bytes(self, linear: int, other: int) -> int:
         """Bytes of `linear` parameters of linear weights (quantized: 1 or 1/2 byte + scales) and `other`

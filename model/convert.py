@@ -1,7 +1,7 @@
 """Hugging Face safetensors <-> our checkpoint, streamed tensor by tensor.
 
-Import reads each source tensor (or one expert of it) on its own, transposes it to `[in, out]`, casts or
-quantizes it and appends it to the output file, so peak memory is a few tensors, never the model. It
+Import reads each source tensor (or one expert of it) on its own, puts it in our layout (weight_table.py:
+the one list of weights, their shapes and HF names), casts or quantizes it and appends it to the output file, so peak memory is a few tensors, never the model. It
 builds no torch model and initialises nothing at random. The output is written to a hidden temp folder
 next to the destination and renamed into place only when complete, with a manifest of sha256s.
 
@@ -25,17 +25,21 @@ import numpy as np
 from . import quantize
 from .checkpoint import CONFIG, MANIFEST, TOKENIZER_FILES, read_config, sha256_file
 from .config import ConfigError, MixtralConfig
+from .errors import UserError
 from .safetensors_io import NUMPY_DTYPES, Producer, SafetensorsError, TensorFiles, TensorSpec, write_sharded
+from .weight_table import WeightInfo, checkpoint_weights
 
 Progress = Callable[[int, int, str], None]  # (tensors done, tensors in all, current tensor)
 
 
-class ConversionError(Exception):
+class ConversionError(UserError):
     """The source cannot be converted, or the destination is in the way; the message says why."""
 
 
 class _Source:
-    """Reads one HF checkpoint's tensors by our names, as float32 `[in, out]` numpy arrays."""
+    """Reads one HF checkpoint's tensors as numpy arrays in our layout (weight_table.py): by the table's
+    HF names (Mixtral as the hub has it), or transformers' fused experts, or a dense model's MLP as
+    every expert with a zero router (`upcycled`)."""
 
     def __init__(self, files: TensorFiles, config: MixtralConfig, upcycled: bool):
         self.files, self.config, self.upcycled = files, config, upcycled
@@ -50,92 +54,65 @@ class _Source:
     def _kind(self) -> str:
         return "Llama/Mistral" if self.upcycled else "Mixtral"
 
-    def whole(self, ours: str) -> np.ndarray:
-        """A non-expert tensor by our name, in our layout."""
-        m = re.fullmatch(r"layers\.(\d+)\.(\w+)", ours)
-        if m is None:
-            name = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
-                    "lm_head": "lm_head.weight"}[ours]
-            return self._get(name) if ours != "lm_head" else self._get(name).T
-        layer, kind = f"model.layers.{m[1]}", m[2]
-        if kind in ("attn_norm", "ffn_norm"):
-            return self._get(f"{layer}.{'input_layernorm' if kind == 'attn_norm' else 'post_attention_layernorm'}.weight")
-        if kind in ("wq", "wk", "wv", "wo"):
-            return self._get(f"{layer}.self_attn.{kind[1]}_proj.weight").T
-        if kind == "router":
-            if self.upcycled:
-                return np.zeros((self.config.hidden_size, self.config.num_experts), np.float32)
-            return self._get(f"{layer}.{'mlp' if self.fused else 'block_sparse_moe'}.gate.weight").T
-        raise KeyError(ours)
+    def whole(self, info: WeightInfo, layer: int | None) -> np.ndarray:
+        """A weight that is not a stack of experts."""
+        if info.kind == "router" and self.upcycled:
+            return np.zeros(info.shape, np.float32)
+        name = f"model.layers.{layer}.mlp.gate.weight" if info.kind == "router" and self.fused else info.hf(layer)
+        tensor = self._get(name)
+        return tensor.T if info.hf_transposed else tensor
 
-    def expert(self, layer: int, kind: str, e: int) -> np.ndarray:
-        """Expert e's w1/w3 [D, I] or w2 [I, D]."""
+    def expert(self, info: WeightInfo, layer: int, e: int) -> np.ndarray:
+        """Expert e of a stack: w1/w3 [D, I] or w2 [I, D]."""
         prefix = f"model.layers.{layer}"
         if self.upcycled:
-            proj = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}[kind]
+            proj = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}[info.kind]
             return self._get(f"{prefix}.mlp.{proj}.weight").T
         if self.fused:
             I = self.config.intermediate_size
-            if kind == "w2":
+            if info.kind == "w2":
                 return self.files.read_rows(f"{prefix}.mlp.experts.down_proj", e, e + 1)[0].T
             gate_up = self.files.read_rows(f"{prefix}.mlp.experts.gate_up_proj", e, e + 1)[0]  # [2I, D]
-            return (gate_up[:I] if kind == "w1" else gate_up[I:]).T
-        return self._get(f"{prefix}.block_sparse_moe.experts.{e}.{kind}.weight").T
+            return (gate_up[:I] if info.kind == "w1" else gate_up[I:]).T
+        return self._get(info.hf(layer, e)).T
 
 
 def _plan(source: _Source, config: MixtralConfig) -> list[tuple[TensorSpec, Producer]]:
-    """Every output tensor, in file order, with the function that produces its bytes."""
+    """Every output tensor, in file order (weight_table.checkpoint_weights), with the function that
+    produces its bytes: stacked experts one expert at a time, quantizable weights quantized when asked."""
     c = config
     dtype = NUMPY_DTYPES[c.dtype]
-    shapes = c.tensor_shapes()
     plan: list[tuple[TensorSpec, Producer]] = []
 
-    def dense(name: str, shape: tuple[int, ...]):
-        plan.append((TensorSpec(name, dtype, shape), lambda: [source.whole(name).astype(dtype)]))
-
-    def linear(name: str, shape: tuple[int, ...], read_parts: Callable[[], Iterator[np.ndarray]]):
-        """A weight [..., in, out] produced part by part (experts stack on the first dim)."""
-        if c.quantization is None:
-            plan.append((TensorSpec(name, dtype, shape), lambda: (p.astype(dtype) for p in read_parts())))
+    def add(name: str, info: WeightInfo, read_parts: Callable[[], Iterator[np.ndarray]]):
+        """A weight produced part by part (experts stack on the first dim)."""
+        if c.quantization is None or not info.quantizable:
+            plan.append((TensorSpec(name, dtype, info.shape), lambda: (p.astype(dtype) for p in read_parts())))
             return
         mode, group = c.quantization, c.quant_group_size
-        *lead, n_in, n_out = shape
-        if mode == "int4" and n_in % group:
-            raise ConversionError(f"int4: {name} has {n_in} input rows, not a multiple of the group size {group}")
+        if mode == "int4" and info.shape[-2] % group:
+            raise ConversionError(f"int4: {name} has {info.shape[-2]} input rows, not a multiple of the group size {group}")
         names = quantize.PARAMS[mode]
-        params: list[list[np.ndarray]] = [[] for _ in names]  # filled while the kernel is written
+        params: list[list[np.ndarray]] = [[] for _ in names]  # filled while the values are written
 
-        def kernel_parts():
+        def value_parts():
             for part in read_parts():
                 q, part_params = quantize.quantize(part, mode, group)
                 for collected, p in zip(params, part_params):
                     collected.append(p)
                 yield q
 
-        if mode == "int8":
-            kernel = TensorSpec(name, np.dtype(np.int8), shape)
-            param_shape = (*lead, n_out)
-        else:
-            kernel = TensorSpec(name, np.dtype(np.uint8), (*lead, n_in // 2, n_out))
-            param_shape = (*lead, n_in // group, n_out)
-        plan.append((kernel, kernel_parts))
-        for param, collected in zip(names, params):  # written right after the kernel that fills them
+        plan.append((TensorSpec(name, *quantize.stored_values(info.shape, mode)), value_parts))
+        param_shape = quantize.param_shape(info.shape, mode, group)
+        for param, collected in zip(names, params):  # written right after the values that fill them
             plan.append((TensorSpec(f"{name}.{param}", np.dtype(np.float32), param_shape), lambda parts=collected: parts))
 
-    dense("embed", shapes["embed"])
-    for layer in range(c.num_layers):
-        p = f"layers.{layer}"
-        dense(f"{p}.attn_norm", shapes["attn_norm"])
-        for kind in ("wq", "wk", "wv", "wo"):
-            linear(f"{p}.{kind}", shapes[kind], lambda n=f"{p}.{kind}": iter([source.whole(n)]))
-        dense(f"{p}.ffn_norm", shapes["ffn_norm"])
-        dense(f"{p}.router", shapes["router"])
-        for kind in ("w1", "w3", "w2"):
-            linear(f"{p}.{kind}", shapes[kind],
-                   lambda layer=layer, kind=kind: (source.expert(layer, kind, e)[None] for e in range(c.num_experts)))
-    dense("final_norm", shapes["final_norm"])
-    if not c.tie_word_embeddings:
-        dense("lm_head", shapes["lm_head"])
+    for layer, info in checkpoint_weights(c):
+        if info.stacked_experts:
+            parts = lambda info=info, layer=layer: (source.expert(info, layer, e)[None] for e in range(c.num_experts))  # noqa: E731
+        else:
+            parts = lambda info=info, layer=layer: iter([source.whole(info, layer)])  # noqa: E731
+        add(info.name(layer), info, parts)
     return plan
 
 
@@ -237,38 +214,26 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_file_bytes: int 
     c = config
     dtype = np.dtype(np.float32) if c.quantization else NUMPY_DTYPES[c.dtype]
 
-    def ours(name: str, expert: int | None = None) -> np.ndarray:
-        """A weight (or one expert of it), dequantized if need be."""
+    def ours(info: WeightInfo, layer: int | None, expert: int | None = None) -> np.ndarray:
+        """A weight (or one expert of it), dequantized if need be, in the HF layout."""
+        name = info.name(layer)
+
         def read(tensor: str) -> np.ndarray:
             return files.read(tensor) if expert is None else files.read_rows(tensor, expert, expert + 1)[0]
 
-        if not c.quantization or name.rsplit(".", 1)[-1] not in quantize.QUANTIZED_WEIGHTS:
-            return read(name)
-        params = tuple(read(f"{name}.{p}") for p in quantize.PARAMS[c.quantization])
-        return quantize.dequantize_numpy(read(name), params, c.quantization, c.quant_group_size)
+        if c.quantization and info.quantizable:
+            params = tuple(read(f"{name}.{p}") for p in quantize.PARAMS[c.quantization])
+            weight = quantize.dequantize_numpy(read(name), params, c.quantization, c.quant_group_size)
+        else:
+            weight = read(name)
+        return weight.T if info.hf_transposed else weight
 
     plan: list[tuple[TensorSpec, Producer]] = []
-
-    def add(hf_name: str, shape: tuple[int, ...], produce: Callable[[], np.ndarray]):
-        plan.append((TensorSpec(hf_name, dtype, shape), lambda: [np.ascontiguousarray(produce()).astype(dtype)]))
-
-    D, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
-    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    add("model.embed_tokens.weight", (V, D), lambda: ours("embed"))
-    for layer in range(c.num_layers):
-        p, hf = f"layers.{layer}", f"model.layers.{layer}"
-        add(f"{hf}.input_layernorm.weight", (D,), lambda p=p: ours(f"{p}.attn_norm"))
-        for kind, shape in (("q", (q_out, D)), ("k", (kv_out, D)), ("v", (kv_out, D)), ("o", (D, q_out))):
-            add(f"{hf}.self_attn.{kind}_proj.weight", shape, lambda p=p, kind=kind: ours(f"{p}.w{kind}").T)
-        add(f"{hf}.post_attention_layernorm.weight", (D,), lambda p=p: ours(f"{p}.ffn_norm"))
-        add(f"{hf}.block_sparse_moe.gate.weight", (c.num_experts, D), lambda p=p: ours(f"{p}.router").T)
-        for e in range(c.num_experts):
-            for kind, shape in (("w1", (I, D)), ("w2", (D, I)), ("w3", (I, D))):
-                add(f"{hf}.block_sparse_moe.experts.{e}.{kind}.weight", shape,
-                    lambda p=p, kind=kind, e=e: ours(f"{p}.{kind}", e).T)
-    add("model.norm.weight", (D,), lambda: ours("final_norm"))
-    if not c.tie_word_embeddings:
-        add("lm_head.weight", (V, D), lambda: ours("lm_head").T)
+    for layer, info in checkpoint_weights(c):
+        for expert in range(c.num_experts) if info.stacked_experts else (None,):
+            plan.append((TensorSpec(info.hf(layer, expert), dtype, info.hf_shape()),
+                         lambda info=info, layer=layer, expert=expert:
+                         [np.ascontiguousarray(ours(info, layer, expert)).astype(dtype)]))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_sharded(out_dir, plan, max_file_bytes=max_file_bytes, metadata={"format": "pt"})

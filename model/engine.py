@@ -27,6 +27,8 @@ from .chat_format import encode_chat
 from .config import DEFAULT_CONTEXT
 from .detokenize import StreamDecoder
 from .engine_api import Compiling, ContextTrimmed, Event, SamplingParams, TextDelta, TurnDone
+from .errors import UserError
+from .executables import ExecutableCache
 from .generate import PREFILL_CHUNK, Generator
 from .kv_cache import KVCache
 from .sampling import SamplingArrays, validate
@@ -35,7 +37,7 @@ from .tokenizer import load_tokenizer
 DEFAULT_CACHE_BUDGET = 2 << 30  # bytes of KV caches kept across conversations
 
 
-class EngineError(Exception):
+class EngineError(UserError):
     """A turn that cannot run (its message alone overflows the context, bad settings); user-facing."""
 
 
@@ -51,11 +53,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Engine:
-    """Loads a checkpoint and runs chat turns on it. Use from one thread at a time."""
+    """Loads a checkpoint and runs chat turns on it. Use from one thread at a time.
+
+    `executable_cache`: a folder where compiled programs are kept (executables.py), so that the next
+    engine on the same model and devices, in any process, neither traces nor compiles them."""
 
     def __init__(self, ckpt_dir: str | Path, *, mesh_shape: tuple[int, int] | None = None,
                  context_length: int | None = None, cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
-                 dtype: str | None = None, warm_up: bool = False,
+                 dtype: str | None = None, warm_up: bool = False, executable_cache: str | Path | None = None,
                  on_progress: Callable[[float, str], None] | None = None):
         report = on_progress or (lambda fraction, what: None)
         ckpt_dir = Path(ckpt_dir)
@@ -64,7 +69,7 @@ class Engine:
                                 on_progress=lambda f, name: report(0.8 * f, f"loading weights ({name})"))
         self.config = model.config
         self.tokenizer = load_tokenizer(ckpt_dir)
-        self.generator = Generator(model)
+        self.generator = Generator(model, ExecutableCache(executable_cache) if executable_cache else None)
         self.model_name = ckpt_dir.name
         self.device_summary = sharding.describe(mesh)
         self.context_limit = min(context_length or DEFAULT_CONTEXT, self.config.max_position_embeddings)
@@ -72,6 +77,7 @@ class Engine:
         self.max_cached_conversations = max(1, cache_budget_bytes // KVCache.bytes_for(self.config, self.capacity))
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()  # least recently used first
         self._busy = threading.Lock()
+        self._preparing: Iterator[str] | None = None  # programs being prepared in idle time (prepare_next)
         if warm_up:
             report(0.8, "compiling")
             self.warm_up()
@@ -84,6 +90,13 @@ class Engine:
         for _ in self.generate("__warm_up__", [{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=2)):
             pass
         self.forget("__warm_up__")
+
+    def prepare_next(self) -> bool:
+        """Compile (or load from the executable cache) the next program a turn may need, smallest first;
+        False once every one is ready. The app calls it while idle, so later turns never wait."""
+        if self._preparing is None:
+            self._preparing = self.generator.warm_up_steps(self.capacity)
+        return next(self._preparing, None) is not None
 
     # --- public API ---------------------------------------------------------------------------
     def count_tokens(self, messages: list[dict]) -> int:

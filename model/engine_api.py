@@ -2,12 +2,14 @@
 
 `Engine.generate(conversation_id, messages, sampling, should_stop)` yields these events in order:
 zero or one `ContextTrimmed`, zero or one `Compiling`, then `TextDelta`s, then exactly one `TurnDone`.
+`ChatEngine` is what its callers use of an engine: `model.engine.Engine`, or a scripted one in tests.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 
 @dataclass(frozen=True)
@@ -61,3 +63,25 @@ class TurnDone:
 
 
 Event = TextDelta | ContextTrimmed | Compiling | TurnDone
+
+
+class ChatEngine(Protocol):
+    """An engine as the app and headless mode use it (see `model.engine.Engine` for the details)."""
+
+    model_name: str
+    context_limit: int  # tokens of conversation a turn can see
+    device_summary: str  # e.g. "1 x cpu, mesh 1x1"
+
+    def generate(self, conversation_id: str, messages: list[dict], sampling: SamplingParams,
+                 should_stop: Callable[[], bool] = ...) -> Iterator[Event]:
+        """The reply to the last user message of `messages`, as events (above); `should_stop` is
+        polled once per token and ends the turn with finish reason "cancelled"."""
+        ...
+
+    def count_tokens(self, messages: list[dict]) -> int: ...
+
+    def forget(self, conversation_id: str) -> None: ...
+
+    def prepare_next(self) -> bool:
+        """Get the next program a later turn may need ready (compile or load it); False once all are."""
+        ...

@@ -8,16 +8,17 @@ in `PREFILL_BUCKETS`, one decode step; a conversation that grows never compiles 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from .engine_api import SamplingParams
+from .executables import ExecutableCache, fingerprint
 from .kv_cache import KVCache
 from .mixtral import Mixtral, ModelDef
-from .engine_api import SamplingParams
 from .sampling import SamplingArrays, sample
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -33,8 +34,15 @@ def chunk_buckets(n: int) -> list[int]:
     return [bucket_for(min(PREFILL_CHUNK, n - first)) for first in range(0, n, PREFILL_CHUNK)]
 
 
-# The programs that have run, by (model shape, program, cache capacity): jit compiles each once.
-_compiled: set[tuple[ModelDef, str, int]] = set()
+# The programs that have run, by (model shape, program name): jit compiles each once.
+_compiled: set[tuple[ModelDef, str]] = set()
+
+
+def _program_name(program: str, cache: KVCache | None = None, *, capacity: int | None = None, batch: int = 1) -> str:
+    """A program and the shapes it was compiled for: 'decode, cache 4608 x 1'."""
+    if cache is not None:
+        capacity, batch = cache.capacity, cache.batch
+    return f"{program}, cache {capacity} x {batch}"
 
 
 @functools.partial(jax.jit, static_argnames=("model_def",), donate_argnames=("cache",))
@@ -53,12 +61,30 @@ def _decode_step(model_def: ModelDef, params, cache: KVCache, token, seen, key, 
 
 
 class Generator:
-    """Runs one model: `prefill` feeds tokens and samples the next one, `decode` feeds one token per row."""
+    """Runs one model: `prefill` feeds tokens and samples the next one, `decode` feeds one token per row.
 
-    def __init__(self, model: Mixtral):
+    With `executables` (an ExecutableCache) each program is loaded from disk when it was compiled
+    before, by any process, for this same model and devices: no tracing, no compiling."""
+
+    def __init__(self, model: Mixtral, executables: ExecutableCache | None = None):
         self.config, self.mesh = model.config, model.mesh
         self.model_def, self.params = ModelDef.split(model)
         self._replicated = NamedSharding(self.mesh, P())
+        self.executables = executables
+        self._fingerprint = fingerprint(self.config.to_json(), self.params, self.mesh) if executables else ""
+        self._loaded: dict[str, jax.stages.Compiled] = {}  # programs from the executable cache, by name
+
+    def _run(self, step, program: str, *args):
+        """step(model_def, params, *args), the compiled program named `program` (which names everything
+        about the args' shapes); through the executable cache when there is one."""
+        if self.executables is None:
+            return step(self.model_def, self.params, *args)
+        compiled = self._loaded.get(program)
+        if compiled is None:
+            compiled = self._loaded[program] = self.executables.load_or_compile(
+                self._fingerprint, program, list(self.mesh.devices.flat),
+                lambda: step.lower(self.model_def, self.params, *args))
+        return compiled(self.params, *args)
 
     # --- host side --------------------------------------------------------------------------------
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
@@ -82,15 +108,17 @@ class Generator:
             padded = np.zeros((1, bucket), np.int32)
             padded[0, :len(chunk)] = chunk
             tokens = jax.device_put(padded, self._replicated)
-            next_token, cache = _prefill_step(self.model_def, self.params, cache, tokens, jnp.int32(len(chunk)),
-                                              seen, key, sampling)
-            _compiled.add((self.model_def, f"prefill {bucket}", cache.capacity))
+            program = _program_name(f"prefill {bucket}", cache)
+            next_token, cache = self._run(_prefill_step, program, cache, tokens, jnp.int32(len(chunk)), seen, key,
+                                          sampling)
+            _compiled.add((self.model_def, program))
         return next_token, cache
 
     def decode(self, cache: KVCache, token: jax.Array, seen: jax.Array, key: jax.Array,
                sampling: SamplingArrays) -> tuple[jax.Array, KVCache, jax.Array]:
-        result = _decode_step(self.model_def, self.params, cache, token, seen, key, sampling)
-        _compiled.add((self.model_def, "decode", cache.capacity))
+        program = _program_name("decode", cache)
+        result = self._run(_decode_step, program, cache, token, seen, key, sampling)
+        _compiled.add((self.model_def, program))
         return result
 
     def greedy(self, token_ids: Sequence[int], n: int, capacity: int = 1024) -> list[int]:
@@ -107,17 +135,34 @@ class Generator:
         return out
 
     def will_compile(self, n_tokens: int, capacity: int) -> bool:
-        """Whether a turn prefilling n_tokens (then decoding) compiles a program first."""
-        programs = {f"prefill {b}" for b in chunk_buckets(n_tokens)} | {"decode"}
-        return any((self.model_def, p, capacity) not in _compiled for p in programs)
+        """Whether a turn prefilling n_tokens (then decoding) in one row compiles a program first."""
+        programs = {_program_name(f"prefill {b}", capacity=capacity) for b in chunk_buckets(n_tokens)}
+        programs.add(_program_name("decode", capacity=capacity))
+        if self.executables is not None:
+            return any(p not in self._loaded and not self.executables.has(self._fingerprint, p) for p in programs)
+        return any((self.model_def, p) not in _compiled for p in programs)
 
     def warm_up(self, capacity: int) -> None:
-        """Compile every program now (prefill buckets, decode) so no turn waits for the compiler."""
+        """Compile (or load) every program now, so no turn waits for the compiler."""
+        for _ in self.warm_up_steps(capacity):
+            pass
+
+    def warm_up_steps(self, capacity: int) -> Iterator[str]:
+        """Compile (or load) the programs one at a time, yielding after each: the smallest prefill bucket
+        and the decode step first (what a short first message needs), then the bigger buckets. A caller
+        can serve a turn between two steps."""
         sampling = SamplingArrays.of(SamplingParams())
         key = jax.random.key(0)
-        for bucket in PREFILL_BUCKETS:
-            cache = self.new_cache(capacity)
-            seen = self.seen_mask([])
-            token, cache = self.prefill(cache, [0] * bucket, seen, key, sampling)
-        token, cache, seen = self.decode(cache, token, seen, key, sampling)
-        token.block_until_ready()
+
+        def prefill(bucket: int):
+            return self.prefill(self.new_cache(capacity), [0] * bucket, self.seen_mask([]), key, sampling)
+
+        first, *rest = PREFILL_BUCKETS
+        token, cache = prefill(first)
+        yield f"prefill {first}"
+        self.decode(cache, token, self.seen_mask([]), key, sampling)[0].block_until_ready()
+        del token, cache  # no cache kept alive between steps
+        yield "decode"
+        for bucket in rest:
+            prefill(bucket)[0].block_until_ready()
+            yield f"prefill {bucket}"

@@ -5,23 +5,22 @@ them from disk, bench/full_size.RandomWeights draws them on the devices); `Linea
 dense or weight-only quantized (quantize.py).
 
 On a CPU with the native kernels (cpu_matmul.py) a Linear keeps its weight out-major ([out, in], int4
-packed along `in`), laid out once at load by `out_major`, and multiplies through the kernels, each device
+packed along `in`), laid out once at load by `gpu_linear.kernel_layout` (the GPU kernels' layout), and multiplies through the kernels, each device
 on its own shard (`CpuKernels`); elsewhere it keeps the checkpoint's [in, out] and runs on XLA's matmuls.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
-from . import cpu_matmul, expert_gemv, quantize
+from . import cpu_matmul, gpu_linear, quantize
 from .config import MixtralConfig
 
 # A weight as a Weights source hands it out: (kernel [..., in, out], quantization parameters).
@@ -36,32 +35,6 @@ def use_cpu_kernels(mesh: Mesh, config: MixtralConfig) -> bool:
     if not cpu_matmul.available() and (config.quantization or config.dtype != "float32"):
         cpu_matmul.warn_once()
     return cpu_matmul.available() and cpu_matmul.supports(config.quantization, config.quant_group_size)
-
-
-def out_major(matrix: Matrix, quantization: str | None, sharding: NamedSharding) -> Matrix:
-    """[..., in, out] (int4 as uint4) -> [..., out, in] (int4 packed two per byte along `in`, its
-    scales and offsets [..., out, in/group]; int8 scales unchanged), placed by `sharding`: the layout of
-    the CPU kernels and of the GPU's quantized expert kernels."""
-    kernel, params = matrix
-    if quantization == "int4":
-        return (_relayout(expert_gemv.pack_int4, sharding)(kernel),
-                tuple(_relayout(_swap_last, sharding)(p) for p in params))
-    return _relayout(_swap_last, sharding)(kernel), params
-
-
-def swap_spec(spec: tuple) -> tuple:
-    """The partition spec of an array with its last two dims swapped."""
-    return spec[:-2] + (spec[-1], spec[-2])
-
-
-def _swap_last(a: jax.Array) -> jax.Array:
-    return jnp.swapaxes(a, -1, -2)
-
-
-@functools.cache
-def _relayout(fn, sharding: NamedSharding):
-    """fn compiled once per placement of its result."""
-    return jax.jit(fn, out_shardings=sharding)
 
 
 def out_major_matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], quantization: str | None,
@@ -85,13 +58,12 @@ class CpuKernels:
         x by its shard of the weight; shards of the inputs are summed."""
         split_in, split_out = self.spec[-2], self.spec[-1]
         lead = (None,) * (x.ndim - 1)
-        param_specs = tuple(P(split_out) if quantization == "int8" else P(split_out, split_in) for _ in params)
 
         def local(x, kernel, params):
             y = out_major_matmul(x, kernel, params, quantization, group)
             return y if split_in is None else jax.lax.psum(y, split_in)
 
-        return jax.shard_map(local, mesh=self.mesh, in_specs=(P(*lead, split_in), P(split_out, split_in), param_specs),
+        return jax.shard_map(local, mesh=self.mesh, in_specs=(P(*lead, split_in), *gpu_linear.stored_specs(self.spec, quantization)),
                              out_specs=P(*lead, split_out), check_vma=False)(x, kernel, params)
 
 
@@ -104,16 +76,23 @@ class Weights(Protocol):
 
 
 class Linear(nnx.Module):
-    """y = x @ W, W dense or weight-only quantized (quantize.py): [in, out] for XLA's matmuls, or
-    out-major for the CPU kernels (`cpu` given: laid out here, once)."""
+    """y = x @ W, W [in, out] dense or weight-only quantized (quantize.py).
 
-    def __init__(self, weights: Matrix, config: MixtralConfig, cpu: CpuKernels | None = None):
+    `gpu_kernels` (a quantized weight on a GPU, given its mesh and [in, out] partition spec): W is kept
+    in the layout of our Pallas kernels and multiplied through them (gpu_linear.py). `cpu` (on a CPU with
+    the native kernels): W is kept out-major, the same layout, and multiplied through them (cpu_matmul.py)."""
+
+    def __init__(self, weights: Matrix, config: MixtralConfig, gpu_kernels: tuple[Mesh, tuple] | None = None,
+                 cpu: CpuKernels | None = None):
         kernel, params = weights
         self.quantization = config.quantization if params else None  # a dense weight has no parameters
         self.group = config.quant_group_size
+        self.gpu_kernels = gpu_kernels if gpu_kernels and self.quantization and gpu_linear.supported(
+            *kernel.shape[-2:], self.quantization, self.group, *gpu_kernels) else None
         self.cpu = cpu
-        if cpu is not None:
-            kernel, params = out_major(weights, self.quantization, NamedSharding(cpu.mesh, P(*swap_spec(cpu.spec))))
+        if self.gpu_kernels or cpu:
+            mesh, spec = self.gpu_kernels or (cpu.mesh, cpu.spec)
+            kernel, params = gpu_linear.kernel_layout((kernel, params), self.quantization, mesh, spec)
         self.kernel = nnx.Param(kernel)
         self.qparams = nnx.List([nnx.Param(p) for p in params])
 
@@ -121,6 +100,8 @@ class Linear(nnx.Module):
         return self.kernel[...], tuple(p[...] for p in self.qparams)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.gpu_kernels:
+            return gpu_linear.matmul(x, self.arrays(), self.quantization, *self.gpu_kernels).astype(x.dtype)
         kernel, params = self.arrays()
         if self.cpu is not None:
             return self.cpu.matmul(x, kernel, params, self.quantization, self.group).astype(x.dtype)

@@ -14,11 +14,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from .config import MixtralConfig
+from .gpu_linear import kernel_layout, out_major_spec
 from .kv_cache import KVCache
-from .linear import CpuKernels, Linear, Weights, out_major, swap_spec, use_cpu_kernels
+from .linear import CpuKernels, Linear, Weights, use_cpu_kernels
 from .moe import MoE
 from .sharding import check_mesh_fits, weight_specs
 
@@ -124,8 +125,9 @@ class Attention(nnx.Module):
         self.config, self.branchless = config, branchless
 
         def linear(name: str) -> Linear:
-            cpu = CpuKernels(mesh, specs[name]) if cpu_kernels else None
-            return Linear(weights.linear(f"{prefix}.{name}", specs[name]), config, cpu)
+            return Linear(weights.linear(f"{prefix}.{name}", specs[name]), config,
+                          gpu_kernels=(mesh, specs[name]) if branchless else None,
+                          cpu=CpuKernels(mesh, specs[name]) if cpu_kernels else None)
 
         self.wq, self.wk, self.wv, self.wo = linear("wq"), linear("wk"), linear("wv"), linear("wo")
 
@@ -189,12 +191,13 @@ class Mixtral(nnx.Module):
                                 for i in range(config.num_layers)])
         self.final_norm = RMSNorm(weights.dense("final_norm", specs["final_norm"]), config.rms_norm_eps)
         # the LM head's weight: [D, V], or [V, D] for the CPU kernels (as the embedding it may be tied to)
-        self.cpu_lm_head = CpuKernels(mesh, specs["lm_head"]) if cpu_kernels else None
+        head_spec = out_major_spec(specs["embed"]) if config.tie_word_embeddings else specs["lm_head"]  # [D, V]
+        self.cpu_lm_head = CpuKernels(mesh, head_spec) if cpu_kernels else None
         lm_head = None
         if not config.tie_word_embeddings:
             lm_head = weights.dense("lm_head", specs["lm_head"])
             if cpu_kernels:
-                lm_head, _ = out_major((lm_head, ()), None, NamedSharding(mesh, P(*swap_spec(specs["lm_head"]))))
+                lm_head, _ = kernel_layout((lm_head, ()), None, mesh, specs["lm_head"])
         self.lm_head = None if lm_head is None else nnx.Param(lm_head)
 
     def forward(self, tokens: jax.Array, cache: KVCache, num_new: jax.Array | int,

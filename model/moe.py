@@ -33,12 +33,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
-from . import expert_gemv, grouped_matmul, quantize
+from . import expert_gemv, gpu_linear, grouped_matmul, quantize
 from .config import MixtralConfig
 from .grouped_matmul import GroupedRows
-from .linear import Linear, Matrix, Weights, out_major, out_major_matmul, swap_spec
+from .linear import Linear, Matrix, Weights, out_major_matmul
 from .sharding import EXPERT, MODEL
 
 MOE_TILE = 64  # tokens per expert matmul in prefill; up to this many tokens take the cond path
@@ -98,16 +98,14 @@ class ExpertLayout:
     def num_groups(self) -> int:
         return self.num_experts // self.group_size
 
-    def stored_spec(self, spec: tuple) -> tuple:
-        return swap_spec(spec) if self.out_major else spec
-
     def shard_map(self, local, routing_specs):
         """`local(xs, routing, w1, w3, w2)` on each device over its experts, the partial sums added up."""
         names = quantize.PARAMS.get(self.quantization, ())
 
         def matrix_specs(spec):
-            params = tuple(P(*quantize.param_spec(spec, self.quantization)) for _ in names)
-            return [(P(*self.stored_spec(spec)), params)] * self.num_groups
+            if self.out_major:
+                return [gpu_linear.stored_specs(spec, self.quantization)] * self.num_groups
+            return [(P(*spec), tuple(P(*quantize.param_spec(spec, self.quantization)) for _ in names))] * self.num_groups
 
         sum_axes = (EXPERT, MODEL) if self.ffn_split else (EXPERT,)
         return jax.shard_map(
@@ -225,7 +223,7 @@ class MoE(nnx.Module):
         self.config, self.branchless = config, branchless
         self.router = nnx.Param(weights.dense(f"{prefix}.router", specs["router"]))
         # the kernels' dtype for the weights (int4: packed two per byte)
-        kernel_dtype = {"int8": jnp.int8, "int4": jnp.uint8}.get(config.quantization, config.dtype)
+        kernel_dtype = gpu_linear.kernel_dtype(config.quantization, config.dtype)
         group_size = config.num_experts if branchless else mesh.shape[EXPERT]
         self.layout = ExpertLayout(
             mesh=mesh, num_experts=config.num_experts, group_size=group_size,
@@ -255,7 +253,7 @@ class MoE(nnx.Module):
         """The [.., in, out] (kernel, params) a Weights source hands out -> the layout kept in memory."""
         if not self.layout.out_major:
             return matrix
-        return out_major(matrix, self.config.quantization, NamedSharding(self.layout.mesh, P(*self.layout.stored_spec(spec))))
+        return gpu_linear.kernel_layout(matrix, self.config.quantization, self.layout.mesh, spec)
 
     def __call__(self, x: jax.Array, live: jax.Array) -> jax.Array:
         """x [B, T, D]; live [T] marks real tokens (bucket padding is not routed). -> [B, T, D]."""

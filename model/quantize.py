@@ -7,8 +7,9 @@
   row in the low nibble); in device memory the array is `jnp.uint4`, which XLA packs two per byte.
 
 A quantized weight keeps its name for the values and adds one tensor per parameter
-(`<name>.scale`, `<name>.offset`), in `PARAMS[mode]` order. Embeddings, the router, norms and the LM
-head stay in the model dtype.
+(`<name>.scale`, `<name>.offset`), in `PARAMS[mode]` order. Which weights are quantized: the
+`quantizable` ones of weight_table.py (the linear layers; embeddings, the router, norms and the LM
+head stay in the model dtype).
 """
 
 from __future__ import annotations
@@ -17,8 +18,21 @@ import jax
 import ml_dtypes
 import numpy as np
 
-QUANTIZED_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
 PARAMS = {"int8": ("scale",), "int4": ("scale", "offset")}  # the tensors beside a quantized weight
+
+
+def stored_values(shape: tuple[int, ...], mode: str) -> tuple[np.dtype, tuple[int, ...]]:
+    """(dtype, shape) on disk of the values of a quantized weight [..., in, out]."""
+    if mode == "int8":
+        return np.dtype(np.int8), tuple(shape)
+    *lead, n_in, n_out = shape
+    return np.dtype(np.uint8), (*lead, n_in // 2, n_out)  # two int4 per byte
+
+
+def param_shape(shape: tuple[int, ...], mode: str, group: int) -> tuple[int, ...]:
+    """Shape of each quantization parameter (float32) of a weight [..., in, out]."""
+    *lead, n_in, n_out = shape
+    return (*lead, n_out) if mode == "int8" else (*lead, n_in // group, n_out)
 
 
 def quantize(w: np.ndarray, mode: str, group: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:

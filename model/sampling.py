@@ -58,12 +58,11 @@ def sample(logits: jax.Array, seen: jax.Array, key: jax.Array, s: SamplingArrays
     """logits float32 [B, V], seen bool [B, V] (tokens of the conversation so far) -> token ids int32 [B]."""
     logits = penalize_repeats(logits, seen, s.repetition_penalty)
 
-    def greedy(_):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def stochastic(key):
         values, ids = jax.lax.top_k(logits, min(CANDIDATES, logits.shape[-1]))  # [B, C], descending
-        values = values / s.temperature
+        values = values / jnp.maximum(s.temperature, 1e-6)  # (temperature 0 takes the greedy token below)
         rank = jnp.arange(values.shape[-1])
         values = jnp.where((s.top_k > 0) & (rank >= s.top_k), -jnp.inf, values)
         probs = jax.nn.softmax(values, axis=-1)
@@ -72,4 +71,5 @@ def sample(logits: jax.Array, seen: jax.Array, key: jax.Array, s: SamplingArrays
         choice = jax.random.categorical(key, values, axis=-1)
         return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
-    return jax.lax.cond(s.temperature > 0, stochastic, greedy, key)
+    # both, then a select: a cond on a GPU waits for the host, which then cannot run ahead of the device
+    return jnp.where(s.temperature > 0, stochastic(key), greedy)

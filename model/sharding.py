@@ -17,12 +17,14 @@ import re
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from . import weight_table
 from .config import MixtralConfig
+from .errors import UserError
 
 EXPERT, MODEL = "expert", "model"
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """A mesh shape that does not fit the devices or the model, with the reason."""
 
 
@@ -67,25 +69,29 @@ def sharding(mesh: Mesh, *spec) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 
 
-def weight_specs(config: MixtralConfig, mesh: Mesh) -> dict[str, tuple]:
-    """Partition spec (one entry per array dim) of each kind of weight, by our checkpoint name's suffix.
-
-    Experts live in groups of shape [A, D, I] (A = expert-axis size), see docs/architecture.md.
-    """
+def sharding_rules(config: MixtralConfig, mesh: Mesh) -> dict[str, str | None]:
+    """The mesh axis each named weight axis (weight_table.AXES) is split over; None: replicated."""
     # int4 scales come per group of input rows: a split input dim (wo, w2) must also split its groups
     group = config.quant_group_size if config.quantization == "int4" else 1
-    heads = split_if_divisible(mesh, MODEL, math.gcd(config.num_heads, config.num_heads * config.head_dim // group))
-    kv_heads = split_if_divisible(mesh, MODEL, config.num_kv_heads)
-    ffn = split_if_divisible(mesh, MODEL, math.gcd(config.intermediate_size, config.intermediate_size // group))
-    vocab = split_if_divisible(mesh, MODEL, config.vocab_size)
     return {
-        "embed": (vocab, None),
-        "attn_norm": (None,), "ffn_norm": (None,), "final_norm": (None,),
-        "wq": (None, heads), "wk": (None, kv_heads), "wv": (None, kv_heads), "wo": (heads, None),
-        "router": (None, None),
-        "w1": (EXPERT, None, ffn), "w3": (EXPERT, None, ffn), "w2": (EXPERT, ffn, None),
-        "lm_head": (None, vocab),
+        weight_table.VOCAB: split_if_divisible(mesh, MODEL, config.vocab_size),
+        weight_table.HIDDEN: None,
+        weight_table.Q: split_if_divisible(
+            mesh, MODEL, math.gcd(config.num_heads, config.num_heads * config.head_dim // group)),  # whole heads
+        weight_table.KV: split_if_divisible(mesh, MODEL, config.num_kv_heads),
+        weight_table.EXPERTS: EXPERT,  # check_mesh_fits: the expert axis divides the experts
+        weight_table.FFN: split_if_divisible(
+            mesh, MODEL, math.gcd(config.intermediate_size, config.intermediate_size // group)),
+        weight_table.ROUTES: None,
     }
+
+
+def weight_specs(config: MixtralConfig, mesh: Mesh) -> dict[str, tuple]:
+    """Partition spec (one entry per array dim) of each kind of weight (weight_table's kinds), from
+    its named axes and `sharding_rules`. Experts are handed out in groups of stacked experts (moe.py)
+    whose first dim splits over the expert axis."""
+    rules = sharding_rules(config, mesh)
+    return {kind: tuple(rules[axis] for axis in info.axes) for kind, info in weight_table.weight_table(config).items()}
 
 
 def cache_spec(config: MixtralConfig, mesh: Mesh) -> tuple:

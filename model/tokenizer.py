@@ -17,10 +17,11 @@ from typing import Any, Protocol
 import sentencepiece
 import tokenizers
 
-from model.chat_format import CHAT_FORMATS
+from model.config import CHAT_FORMATS
+from model.errors import UserError
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A checkpoint's tokenizer files are missing, unreadable or contradict each other."""
 
 

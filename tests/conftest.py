@@ -11,8 +11,8 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# the app's caches (JAX's compilation cache) go to a folder of this test run, not the user's
+# the app's caches (its compiled executables) go to a folder of this test run, not the user's
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mixtral-chat-tests-")
 
 from fake_hub import cache_dir, hub, repo_folder  # noqa: E402,F401  (fixtures for every test module)
-from tiny_model import endless_ckpt, tiny_ckpt, tiny_hf  # noqa: E402,F401
+from tiny_model import tiny_ckpt, tiny_hf  # noqa: E402,F401

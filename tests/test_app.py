@@ -405,6 +405,14 @@ def test_bad_key_remaps_are_reported_not_fatal(tmp_path):
     assert keymap == {} and "could not be read" in problems[0] and str(settings) in problems[0]
 
 
+def test_every_screens_bindings_can_be_remapped(tmp_path):
+    settings = paths.settings_path(tmp_path)
+    settings.write_text('[keys]\nwizard.back = "f9"\npersonas.close = "f8"\nprompt.send = "ctrl+s"\n')
+    keymap, problems = load_keymap(settings)
+    assert problems == []
+    assert keymap == {"wizard.back": "f9", "personas.close": "f8", "prompt.send": "ctrl+s"}
+
+
 async def test_broken_settings_file_still_starts(data_dir):
     paths.settings_path(data_dir).write_text("not toml at all = =")
     app = ChatApp(data_dir)

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 import model
+from chat_app.engine_factory import engine_factory
 from chat_app.worker import (
     EngineFailed,
     EngineLoading,
@@ -50,7 +51,7 @@ class Posted(list):
 @pytest.mark.slow
 def test_worker_serves_the_queue_in_order_batches_text_and_stops(tiny_ckpt):
     posted = Posted()
-    worker = EngineWorker(tiny_ckpt, posted, mesh_shape=(1, 1), context_length=512)
+    worker = EngineWorker(tiny_ckpt, posted, engine_factory(mesh_shape=(1, 1), context_length=512))
     greedy = SamplingParams(temperature=0.0, max_new_tokens=40)
     # Queued before the thread even starts (as when the user sends while the model loads).
     cancelled = worker.generate("a", MESSAGES, greedy)
@@ -94,7 +95,7 @@ def test_worker_serves_the_queue_in_order_batches_text_and_stops(tiny_ckpt):
 def test_worker_reports_a_checkpoint_that_cannot_load(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     posted = Posted()
-    worker = EngineWorker(tmp_path, posted, mesh_shape=(1, 1))
+    worker = EngineWorker(tmp_path, posted, engine_factory(mesh_shape=(1, 1)))
     request = worker.generate("a", MESSAGES, SamplingParams())
     worker.start()
     failed = posted.wait_for(lambda m: isinstance(m, ReplyFailed))

@@ -145,8 +145,8 @@ def test_a_message_longer_than_the_context_is_a_clear_error_and_is_kept(engine, 
 # --- the process: python -m chat_app --headless ------------------------------------------------------
 @pytest.fixture(scope="module")
 def jax_cache(tmp_path_factory):
-    """One XDG cache dir for every headless process of this module: the JAX compilation cache in it
-    lets the later processes skip most compiling."""
+    """One XDG cache dir for every headless process of this module: the compiled executables in it
+    let the later processes skip compiling."""
     return tmp_path_factory.mktemp("xdg-cache")
 
 

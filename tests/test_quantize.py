@@ -60,6 +60,10 @@ def test_quantized_checkpoint_is_smaller_and_close(tiny_hf, tiny_ckpt, reference
     for mesh, branchless in (((2, 4), False), ((1, 1), True), ((2, 4), True)):
         other = model.load(ckpt, model.make_mesh(mesh), branchless=branchless)
         np.testing.assert_allclose(np.asarray(other(IDS)), logits, atol=1e-5)
+        if branchless:  # the GPU's layout: attention weights [out, in] (int4 packed along in), read by our kernels
+            wq = other.layers[0].attn.wq
+            assert wq.gpu_kernels and wq.kernel.shape == (config.num_heads * config.head_dim,
+                                                          config.hidden_size // (2 if mode == "int4" else 1))
     # the GPU's decode path (the expert_gemv kernel, interpreted) decodes the CPU path's tokens
     cpu_tokens = greedy_tokens(model.load(ckpt, model.make_mesh((1, 1))), IDS[0].tolist())
     assert greedy_tokens(model.load(ckpt, model.make_mesh((1, 1)), branchless=True), IDS[0].tolist()) == cpu_tokens

@@ -17,6 +17,7 @@ from pilot import wait_until
 from textual.app import App
 from textual.widgets import Button, Checkbox, Input, ProgressBar, Select, Static
 
+import chat_app
 import model
 from chat_app import model_registry, paths
 from chat_app.app import ChatApp
@@ -27,8 +28,9 @@ SIZE = (120, 50)
 
 
 class WizardApp(App[None]):
-    """Just the wizard, recording what it is dismissed with."""
+    """Just the wizard (styled as in the app), recording what it is dismissed with."""
 
+    CSS_PATH = Path(chat_app.__file__).with_name("app.tcss")
     NOT_DISMISSED = object()
 
     def __init__(self, data_dir: Path, **wizard_options) -> None:

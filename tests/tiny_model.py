@@ -26,12 +26,11 @@ TINY_MIXTRAL = dict(
 
 
 def build_hf_mixtral(out_dir: Path, seed: int = 0, max_shard_size: str = "50MB", qk_scale: float = 1.0,
-                     endless: bool = False, **overrides) -> Path:
+                     **overrides) -> Path:
     """A random Mixtral saved as the hub has it (safetensors, classic expert names) + the real tokenizer.
     `overrides` change the MixtralConfig (sizes, sliding_window, ...); `qk_scale` multiplies the query and
     key weights, which makes attention sharp (random init alone gives near-uniform attention, which
-    hides masking and position bugs). `endless` zeroes the EOS row of the LM head: its logit is always
-    0, never the largest of 32000, so greedy replies never end by themselves."""
+    hides masking and position bugs)."""
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -41,8 +40,6 @@ def build_hf_mixtral(out_dir: Path, seed: int = 0, max_shard_size: str = "50MB",
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(qk_scale)
             layer.self_attn.k_proj.weight.mul_(qk_scale)
-        if endless:
-            model.lm_head.weight[TINY_MIXTRAL["eos_token_id"]] = 0
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     shutil.copyfile(MIXTRAL_TOKENIZER, out_dir / "tokenizer.model")
     (out_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
@@ -65,15 +62,6 @@ def tiny_hf(tmp_path_factory) -> Path:
 def tiny_ckpt(tmp_path_factory, tiny_hf) -> Path:
     """Our converted checkpoint of the tiny Mixtral (read-only: copy it before changing it)."""
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-mixtral", tiny_hf)
-
-
-@pytest.fixture(scope="session")
-def endless_ckpt(tmp_path_factory) -> Path:
-    """A tiny Mixtral whose greedy replies never end by themselves (see `build_hf_mixtral`), with room
-    for 32768 tokens of context."""
-    root = tmp_path_factory.mktemp("endless")
-    hf = build_hf_mixtral(root / "hf", endless=True, max_position_embeddings=32768)
-    return build_tiny_checkpoint(root / "endless-mixtral", hf)
 
 
 

@@ -9,7 +9,6 @@ is killed) and its partial text is kept when it is stopped, fails, or the app qu
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from chat_app.personas import Persona, PersonaError
 from chat_app.screens.confirm import ConfirmScreen
 from chat_app.screens.personas import PersonaScreen
 from chat_app.screens.text_prompt import TextPromptScreen
-from chat_app.store import Conversation, Message, ReplyRecorder, StoreError, title_from
+from chat_app.store import Conversation, Message, ReplyRecorder, StoreError, title_from, turn_outcome
 from chat_app.widgets.chat_view import ChatView
 from chat_app.widgets.conversation_list import ConversationList
 from chat_app.widgets.message_box import MessageBox, reply_note
@@ -500,16 +499,14 @@ class ChatScreen(Screen):
         reply = self.reply
         if reply is None or reply.request_id != event.request_id:
             return
-        status = "cancelled" if event.finish_reason == "cancelled" else "complete"
-        stats = None
         if event.turn is not None:
-            stats = dataclasses.asdict(event.turn)
-            del stats["text"]
             self.status.context_used = event.turn.context_used
             self.status.context_limit = event.turn.context_limit
             if event.turn.generated_tokens > 1:  # a speed needs two tokens: keep the last one shown
                 self.status.tokens_per_s = event.turn.tokens_per_s
-        await self._finish_reply(event.text, status, stats)
+            await self._finish_reply(event.text, *turn_outcome(event.turn))
+        else:  # cancelled before the engine started on it
+            await self._finish_reply(event.text, "cancelled", None)
 
     async def on_reply_failed(self, event: ReplyFailed) -> None:
         reply = self.reply
