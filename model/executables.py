@@ -38,7 +38,7 @@ def _code_digest() -> str:
     """The source of model/ and its native kernels: a change to either changes the programs."""
     root = Path(__file__).parent
     h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cc", ".h", ".so") and p.is_file()):
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cc", ".h", ".inc", ".so") and p.is_file()):
         h.update(path.relative_to(root).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()
