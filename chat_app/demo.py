@@ -26,7 +26,6 @@ import model
 from chat_app import paths
 from chat_app.errors import UserError
 from model.disk import DiskError, describe, make_folder
-from model.gguf_import import gguf_to_hf
 
 DEMO_NAME = "demo"
 UPCYCLE_EXPERTS = 4
@@ -75,6 +74,8 @@ def build_demo(data_dir: Path, *, on_status: Status | None = None) -> Path:
     gguf_file = demo_gguf(paths.downloads_dir(data_dir), on_status)
     hf_dir = paths.downloads_dir(data_dir) / ".demo-hf"  # scratch, 0.5 GB: left over only if killed
     shutil.rmtree(hf_dir, ignore_errors=True)
+    from model.gguf_import import gguf_to_hf  # imports gguf (~0.6 s): only when building, not on every start
+
     try:
         say("Unpacking the GGUF into a Hugging Face folder")
         gguf_to_hf(gguf_file, hf_dir)
