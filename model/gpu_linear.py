@@ -55,7 +55,7 @@ class GpuKernels:
             if n_rows == 1:
                 out = expert_gemv.expert_gemv(rows, jnp.zeros(1, jnp.int32), kernel, *params, interpret=interpret)
             else:
-                block = grouped_matmul.SMALL.block_rows if n_rows < 256 else grouped_matmul.TILING.block_rows
+                block = grouped_matmul.block_rows_for(n_rows)
                 padded = -(-n_rows // block) * block
                 rows = jnp.pad(rows, ((0, padded - n_rows), (0, 0)))
                 out = grouped_matmul.grouped_matmul(rows, jnp.zeros(padded // block, jnp.int32), kernel, *params,

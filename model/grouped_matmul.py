@@ -92,6 +92,12 @@ def _kernel(tile_expert_ref, *refs, kind: str, tiling: Tiling, n_in: int, group:
         out_ref[rows, outs] = acc
 
 
+def block_rows_for(rows: int) -> int:
+    """Rows per tile for about `rows` rows in all: the default tile's, or the small one's for few rows
+    (where most of a big tile would be padding)."""
+    return TILING.block_rows if rows >= 256 else SMALL.block_rows
+
+
 def tiling_for(n_in: int, n_out: int, dtype, group: int | None = None) -> Tiling | None:
     for t in (TILING, SMALL):
         if n_in % t.block_in == 0 and n_out % t.block_out == 0 and (

@@ -39,11 +39,12 @@ def use_cpu_kernels(mesh: Mesh, config: MixtralConfig) -> bool:
     return cpu_matmul.available() and cpu_matmul.supports(config.quantization, config.quant_group_size)
 
 
-def out_major(matrix: Matrix, quantization: str | None, sharding: NamedSharding) -> Matrix:
-    """[..., in, out] (int4 as uint4) -> [..., out, in] (int4 packed two per byte along `in`, its
-    scales and offsets [..., out, in/group]; int8 scales unchanged), placed by `sharding`: the layout of
-    the CPU kernels and of the GPU's quantized expert kernels."""
+def out_major(matrix: Matrix, quantization: str | None, mesh: Mesh, spec: tuple) -> Matrix:
+    """[..., in, out] (int4 as uint4), split by `spec` -> [..., out, in] (int4 packed two per byte along
+    `in`, its scales and offsets [..., out, in/group]; int8 scales unchanged), split the same way: the
+    layout of the CPU kernels and of the GPU's quantized kernels."""
     kernel, params = matrix
+    sharding = NamedSharding(mesh, P(*swap_spec(spec)))
     if quantization == "int4":
         return (_relayout(expert_gemv.pack_int4, sharding)(kernel),
                 tuple(_relayout(_swap_last, sharding)(p) for p in params))
@@ -142,7 +143,7 @@ class Linear(nnx.Module):
             kernels = None
         self.kernels = kernels
         if kernels is not None:
-            kernel, params = out_major(weights, self.quantization, NamedSharding(kernels.mesh, P(*swap_spec(kernels.spec))))
+            kernel, params = out_major(weights, self.quantization, kernels.mesh, kernels.spec)
         self.kernel = nnx.Param(kernel)
         self.qparams = nnx.List([nnx.Param(p) for p in params])
 

@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from .config import MixtralConfig
 from .gpu_linear import GpuKernels
@@ -198,7 +198,7 @@ class Mixtral(nnx.Module):
         if not config.tie_word_embeddings:
             lm_head = weights.dense("lm_head", lm_head_spec)
             if cpu_kernels:
-                lm_head, _ = out_major((lm_head, ()), None, NamedSharding(mesh, P(*specs["embed"])))
+                lm_head, _ = out_major((lm_head, ()), None, mesh, lm_head_spec)
         self.lm_head = None if lm_head is None else nnx.Param(lm_head)
 
     def forward(self, tokens: jax.Array, cache: KVCache, num_new: jax.Array | int,

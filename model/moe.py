@@ -33,12 +33,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from . import expert_gemv, gpu_linear, grouped_matmul, quantize
 from .config import MixtralConfig
 from .grouped_matmul import GroupedRows
-from .linear import Linear, Matrix, Weights, out_major, out_major_matmul, out_major_specs, swap_spec
+from .linear import Linear, Matrix, Weights, out_major, out_major_matmul, out_major_specs
 from .sharding import EXPERT, MODEL
 
 MOE_TILE = 64  # tokens per expert matmul in prefill; up to this many tokens take the cond path
@@ -253,7 +253,7 @@ class MoE(nnx.Module):
         """The [.., in, out] (kernel, params) a Weights source hands out -> the layout kept in memory."""
         if not self.layout.out_major:
             return matrix
-        return out_major(matrix, self.config.quantization, NamedSharding(self.layout.mesh, P(*swap_spec(spec))))
+        return out_major(matrix, self.config.quantization, self.layout.mesh, spec)
 
     def __call__(self, x: jax.Array, live: jax.Array) -> jax.Array:
         """x [B, T, D]; live [T] marks real tokens (bucket padding is not routed). -> [B, T, D]."""
@@ -266,7 +266,7 @@ class MoE(nnx.Module):
         if N == 1 and self.in_place_decode:
             out = decode_in_place(self.layout, xs, ChosenExperts(top_e[0], top_w[0]), *matrices)
         elif self.grouped_prefill:
-            block_rows = grouped_matmul.TILING.block_rows if N * c.experts_per_token >= 256 else grouped_matmul.SMALL.block_rows
+            block_rows = grouped_matmul.block_rows_for(N * c.experts_per_token)
             out = grouped_rows(self.layout, xs, GroupedRows.of(top_w, top_e, E, block_rows), *matrices)
         elif N <= MOE_TILE:
             weights = jnp.zeros((N, E + 1), jnp.float32).at[jnp.arange(N)[:, None], top_e].add(top_w)[:, :E]
