@@ -235,7 +235,10 @@ class EngineWorker:
             try:
                 request = self._requests.get(block=not preparing)
             except queue.Empty:
-                preparing = engine.prepare_next()
+                try:
+                    preparing = engine.prepare_next()
+                except Exception:  # noqa: BLE001 (idle work: a turn that needs that program reports the error)
+                    preparing = False
                 continue
             if request is _STOP:
                 break

@@ -45,8 +45,9 @@ class ScriptedEngine:
     (`requests`: (conversation_id, messages) per turn; `forgotten`: conversation ids)."""
 
     def __init__(self, turns: Iterable[Turn] = (), *, then: Turn = Turn(), context_limit: int = 512,
-                 device_summary: str = "1 x cpu, mesh 1x1"):
+                 device_summary: str = "1 x cpu, mesh 1x1", prepare_error: Exception | None = None):
         self._turns = deque(turns)
+        self._prepare_error = prepare_error  # raised by prepare_next (a program that fails to compile)
         self._then = then
         self.model_name = "scripted"
         self.context_limit = context_limit
@@ -78,6 +79,8 @@ class ScriptedEngine:
         self.forgotten.append(conversation_id)
 
     def prepare_next(self) -> bool:
+        if self._prepare_error is not None:
+            raise self._prepare_error
         return False  # no programs to get ready
 
     def generate(self, conversation_id: str, messages: list[dict], sampling: SamplingParams,

@@ -22,6 +22,7 @@ from chat_app.worker import (
     TokensCounted,
 )
 from model.engine_api import SamplingParams
+from scripted_engine import ScriptedEngine, Turn
 
 MESSAGES = [{"role": "user", "content": "Hello there"}]
 
@@ -103,3 +104,16 @@ def test_worker_reports_a_checkpoint_that_cannot_load(tmp_path):
     assert str(tmp_path) in load_error.error
     assert failed.request_id == request and load_error.error in failed.error
     assert worker.stop(timeout=60)
+
+
+def test_a_program_that_fails_to_compile_while_idle_does_not_stop_the_worker(tmp_path):
+    """Idle preparation (Engine.prepare_next) that raises ends the preparing, not the worker."""
+    engine = ScriptedEngine([Turn(deltas=["Still ", "here."])], prepare_error=MemoryError("out of memory"))
+    posted = Posted()
+    worker = EngineWorker(tmp_path, posted, engine.factory())
+    worker.start()
+    posted.wait_for(lambda m: isinstance(m, EngineReady))
+    request = worker.generate("a", MESSAGES, SamplingParams())
+    done = posted.wait_for(lambda m: isinstance(m, ReplyDone), timeout=30)
+    assert (done.request_id, done.text) == (request, "Still here.")
+    assert worker.stop(timeout=10)
