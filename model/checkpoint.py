@@ -101,9 +101,20 @@ def load(ckpt_dir: str | Path, mesh: Mesh | None = None, *, dtype: str | None = 
     (default: every device on the tensor-parallel axis). `dtype` overrides the checkpoint's;
     `branchless` the backend's choice of decode path, `cpu_kernels` of matmuls (see `Mixtral`). The
     checkpoint is verified first (`verify`: files not hashed since they changed are hashed now).
-    `on_progress(fraction, what)` reports the verifying, then the loading, each from 0 to 1."""
+    `on_progress(fraction, what)` reports one fraction from 0 to 1 that never goes back: the verifying
+    takes its first half when files are hashed, the loading the rest."""
     ckpt_dir = Path(ckpt_dir)
-    config = verify(ckpt_dir, on_progress=on_progress)
+    hashed = False
+
+    def verifying(fraction: float, what: str) -> None:
+        nonlocal hashed
+        hashed = True
+        on_progress(fraction / 2, what)
+
+    def loading(fraction: float, what: str) -> None:
+        on_progress(0.5 + fraction / 2 if hashed else fraction, what)
+
+    config = verify(ckpt_dir, on_progress=verifying if on_progress else None)
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype)
     mesh = mesh if mesh is not None else make_mesh()
@@ -112,4 +123,5 @@ def load(ckpt_dir: str | Path, mesh: Mesh | None = None, *, dtype: str | None = 
     except SafetensorsError as e:
         raise CheckpointError(f"{e}; convert the model again") from None
     with jax.set_mesh(mesh):
-        return Mixtral(config, CheckpointWeights(files, config, mesh, on_progress), mesh, branchless, cpu_kernels)
+        return Mixtral(config, CheckpointWeights(files, config, mesh, loading if on_progress else None), mesh,
+                       branchless, cpu_kernels)
