@@ -9,6 +9,7 @@ fast on a scripted engine in test_app_turns.py.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,21 @@ async def test_send_regenerate_edit_persona_and_switch(tmp_path, tiny_ckpt):
         older = store.create_conversation("Older chat", "tiny", persona_snapshot(tmp_path))
         store.add_message(older.id, "user", "An old question")
         store.add_message(older.id, "assistant", "An old answer")
-    app = ChatApp(tmp_path, tiny_ckpt, sampling_overrides={**GREEDY, "max_new_tokens": 12},
-                  open_engine=engine_factory(mesh_shape=(1, 1), context_length=512))
+    first_turn = threading.Event()  # the first reply waits until the test has looked at what was stored
+    real_engine = engine_factory(mesh_shape=(1, 1), context_length=512)
+
+    def open_engine(ckpt_dir, on_progress):
+        engine = real_engine(ckpt_dir, on_progress)
+        generate = engine.generate
+
+        def held_generate(*args, **kwargs):
+            first_turn.wait(60)
+            yield from generate(*args, **kwargs)
+
+        engine.generate = held_generate
+        return engine
+
+    app = ChatApp(tmp_path, tiny_ckpt, sampling_overrides={**GREEDY, "max_new_tokens": 12}, open_engine=open_engine)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("ctrl+n")
         await send(pilot, app, "Hello there")
@@ -49,6 +63,7 @@ async def test_send_regenerate_edit_persona_and_switch(tmp_path, tiny_ckpt):
         [user, reply] = stored(tmp_path, conversation_id)
         assert (user.role, user.content, reply.role, reply.status) == ("user", "Hello there", "assistant", "streaming")
         assert app.chat.conversation.title == "Hello there"
+        first_turn.set()
         await reply_done(pilot, app)
 
         [user, reply] = stored(tmp_path, conversation_id)

@@ -5,6 +5,7 @@ fixture of tiny_model.py, registered in conftest.py.)"""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -108,12 +109,15 @@ def test_worker_reports_a_checkpoint_that_cannot_load(tmp_path):
 
 def test_a_program_that_fails_to_compile_while_idle_does_not_stop_the_worker(tmp_path):
     """Idle preparation (Engine.prepare_next) that raises ends the preparing, not the worker."""
-    engine = ScriptedEngine([Turn(deltas=["Still ", "here."])], prepare_error=MemoryError("out of memory"))
+    engine = ScriptedEngine([Turn(deltas=["First."]), Turn(deltas=["Still ", "here."])],
+                            prepare_error=MemoryError("out of memory"))
     posted = Posted()
     worker = EngineWorker(tmp_path, posted, engine.factory())
     worker.start()
-    posted.wait_for(lambda m: isinstance(m, EngineReady))
-    request = worker.generate("a", MESSAGES, SamplingParams())
-    done = posted.wait_for(lambda m: isinstance(m, ReplyDone), timeout=30)
-    assert (done.request_id, done.text) == (request, "Still here.")
+    first = worker.generate("a", MESSAGES, SamplingParams())  # after it, the worker prepares while idle
+    posted.wait_for(lambda m: isinstance(m, ReplyDone) and m.request_id == first, timeout=30)
+    time.sleep(0.2)  # idle: prepare_next raises
+    second = worker.generate("a", MESSAGES, SamplingParams())
+    done = posted.wait_for(lambda m: isinstance(m, ReplyDone) and m.request_id == second, timeout=30)
+    assert done.text == "Still here."
     assert worker.stop(timeout=10)
