@@ -141,7 +141,8 @@ def test_says_once_why_when_the_kernels_cannot_load(tmp_path):
 
 def uses_kernels(m) -> bool:
     layer = m.layers[0]
-    return isinstance(layer.attn.wq.kernels, CpuKernels) and layer.moe.layout.cpu_kernels and m.cpu_lm_head is not None
+    lm_head = m.tied_lm_head if m.lm_head is None else m.lm_head.kernels
+    return isinstance(layer.attn.wq.kernels, CpuKernels) and layer.moe.layout.cpu_kernels and isinstance(lm_head, CpuKernels)
 
 
 IDS = np.random.default_rng(5).integers(3, 32000, (2, 12)).astype(np.int32)
