@@ -20,7 +20,8 @@ jax is imported only to look at the devices (the wizard opens without it).
 
 Defaults (a user's explicit choice always wins): dtype bfloat16 on GPU/TPU, float32 on CPU (the native kernels of
 model/cpu_matmul.py compute in float32); quantization int4 on CPU (a fifth of float32's memory, the fastest
-decode), and on GPU/TPU none when the model fits in bfloat16, else int8, else int4 (`default_quantization`).
+decode), and on GPU/TPU (or a CPU without the native kernels, where only float32 runs at memory speed) none
+when the model fits in the dtype, else int8, else int4 (`default_quantization`).
 """
 
 from __future__ import annotations
@@ -249,23 +250,25 @@ def int4_possible(hf_config: dict) -> bool:
     return all(n % config.quant_group_size == 0 for n in inputs)
 
 
-def default_quantization(hf_config: dict, dtype: str, devices: DeviceMemory) -> tuple[str | None, str]:
-    """(quantization, why) when the user chose none. On a CPU int4 (int8 for a model whose shapes int4 cannot
-    group): about a fifth of float32's memory and the fastest decode, as local-LLM users expect. On a GPU/TPU
-    the most exact setting that fits: `dtype` unquantized, else int8, else int4."""
-    if devices.platform == "cpu":
+def default_quantization(hf_config: dict, dtype: str, devices: DeviceMemory,
+                         cpu_kernels: bool = True) -> tuple[str | None, str]:
+    """(quantization, why) when the user chose none. On a CPU with the native kernels (`cpu_kernels`) int4 (int8
+    for a model whose shapes int4 cannot group): about a fifth of float32's memory and the fastest decode, as
+    local-LLM users expect. Elsewhere the most exact setting that fits: `dtype` unquantized, else int8, else int4
+    (on a CPU without the kernels only float32 runs at memory speed)."""
+    if devices.platform == "cpu" and cpu_kernels:
         if int4_possible(hf_config):
             return "int4", ("int4: the default on CPU, about a fifth of float32's memory and the fastest decode; "
                             "--quantize none or int8 keeps more precision")
         return "int8", "int8: the default on CPU for this model (its shapes do not split into int4's groups of 32)"
-    where = devices.platform.upper()
+    where = devices.platform.upper() + ("" if cpu_kernels else " without the native kernels")
     for quantization in (None, "int8"):
         try:
             fits = plan_memory(hf_config, dtype, quantization, devices=devices).needed_bytes <= devices.total_bytes
         except ConfigError:
             fits = True  # plan_setup reports the config itself
         if fits:
-            return quantization, (f"no quantization: {dtype} fits in the {where}'s memory" if quantization is None
+            return quantization, (f"no quantization: the default on {where} when {dtype} fits" if quantization is None
                                   else f"int8: the default on {where} when {dtype} does not fit and int8 does")
     return "int4", f"int4: the default on {where} when neither {dtype} nor int8 fits"
 
@@ -380,8 +383,10 @@ def plan_setup(source: Source, *, data_dir: Path, devices: DeviceMemory | None =
         dtype, dtype_reason = devices.default_dtype, devices.default_dtype_reason
     else:
         dtype_reason = f"{dtype}: as chosen"
+    kernels_missing = _cpu_kernels_missing() if devices.platform == "cpu" else None
     if quantization is None:
-        quantization, quantization_reason = default_quantization(source.hf_config, dtype, devices)
+        quantization, quantization_reason = default_quantization(source.hf_config, dtype, devices,
+                                                                 cpu_kernels=kernels_missing is None)
     else:
         quantization_reason = f"{quantization}: as chosen"
         quantization = None if quantization == "none" else quantization
@@ -411,8 +416,8 @@ def plan_setup(source: Source, *, data_dir: Path, devices: DeviceMemory | None =
                             "programs before chatting, or the model will load slowly or not at all.")
         if problem := _disk_problem(source, destination, output_bytes):
             problems.append(problem)
-    if devices.platform == "cpu" and (quantization or dtype != "float32") and (why := _cpu_kernels_missing()):
-        warnings.append(f"{why}: until then {memory.label if memory else dtype} decodes many times slower than "
+    if kernels_missing and (quantization or dtype != "float32"):
+        warnings.append(f"{kernels_missing}: until then {memory.label if memory else dtype} decodes many times slower than "
                         "shown (only float32 runs at memory speed without them).")
     return SetupPlan(source=source, name=name, destination=destination, dtype=dtype, dtype_reason=dtype_reason,
                      quantization=quantization, quantization_reason=quantization_reason, devices=devices,

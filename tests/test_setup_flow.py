@@ -29,6 +29,7 @@ from chat_app.setup_flow import (
     SetupError,
     Source,
     default_name,
+    default_quantization,
     folder_source,
     install,
     plan_memory,
@@ -347,7 +348,7 @@ def test_mixtral_8x7b_needs_two_80gb_gpus_in_bfloat16_or_one_with_int8(tmp_path)
     # with no choice made: bfloat16 where it fits, else the most exact quantization that does
     two_gpus = plan_setup(source, data_dir=tmp_path / "data", devices=h100s(2))
     assert (two_gpus.dtype, two_gpus.quantization) == ("bfloat16", None) and memory_problems(two_gpus) == []
-    assert two_gpus.quantization_reason == "no quantization: bfloat16 fits in the GPU's memory"
+    assert two_gpus.quantization_reason == "no quantization: the default on GPU when bfloat16 fits"
     auto = plan_setup(source, data_dir=tmp_path / "data", devices=h100s(1))
     assert (auto.dtype, auto.quantization) == ("bfloat16", "int8") and memory_problems(auto) == []
     assert auto.name == "Mixtral-8x7B-Instruct-v0.1-int8" and "does not fit and int8 does" in auto.quantization_reason
@@ -366,6 +367,11 @@ def test_on_a_cpu_the_default_is_int4_and_an_explicit_choice_wins(tmp_path):
                           bandwidth=Bandwidth(20e9, "measured"))
         assert plan.quantization == (None if chosen == "none" else chosen)
         assert plan.quantization_reason == f"{chosen}: as chosen"
+    # without the native kernels (only float32 at memory speed): the most exact setting that fits, as on a GPU
+    assert default_quantization(source.hf_config, "float32", desktop, cpu_kernels=False) == (
+        "int8", "int8: the default on CPU without the native kernels when float32 does not fit and int8 does")
+    assert default_quantization(source.hf_config, "float32", dataclasses.replace(desktop, total_bytes=512 * GB),
+                                cpu_kernels=False)[0] is None
     # a model whose inputs int4's groups of 32 cannot split: int8
     odd = dataclasses.replace(source, hf_config={**MIXTRAL_8X7B_CONFIG, "intermediate_size": 14336 + 16})
     plan = plan_setup(odd, data_dir=tmp_path / "data", devices=desktop, bandwidth=Bandwidth(20e9, "measured"))
