@@ -258,8 +258,7 @@ def default_quantization(hf_config: dict, dtype: str, devices: DeviceMemory,
     (on a CPU without the kernels only float32 runs at memory speed)."""
     if devices.platform == "cpu" and cpu_kernels:
         if int4_possible(hf_config):
-            return "int4", ("int4: the default on CPU, about a fifth of float32's memory and the fastest decode; "
-                            "--quantize none or int8 keeps more precision")
+            return "int4", "int4: the default on CPU, about a fifth of float32's memory and the fastest decode"
         return "int8", "int8: the default on CPU for this model (its shapes do not split into int4's groups of 32)"
     where = devices.platform.upper() + ("" if cpu_kernels else " without the native kernels")
     for quantization in (None, "int8"):
@@ -339,7 +338,7 @@ class SetupPlan:
                                                            if per_device else "")
             speed = self.bandwidth.tokens_per_s(setting.token_read_bytes)
             verdict = "<- chosen" if chosen else "too big" if setting.needed_bytes > self.devices.total_bytes else ""
-            rows.append((setting.label, memory, "unknown" if speed is None else f"{format_rate(speed)} tok/s", verdict))
+            rows.append((setting.label, memory, "unknown" if speed is None else f"{_format_rate(speed)} tok/s", verdict))
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         lines = [f"{'Settings:' if i == 0 else '':11}{label:{widths[0]}}  {memory:>{widths[1]}}  {speed:>{widths[2]}}  "
                  f"{verdict}".rstrip() for i, (label, memory, speed, verdict) in enumerate(rows)]
@@ -349,9 +348,9 @@ class SetupPlan:
         return lines
 
 
-def format_rate(per_s: float) -> str:
-    """A rate with two significant figures at most: 0.041, 0.85, 7.3, 42, 138."""
-    return f"{per_s:.0f}" if per_s >= 10 else f"{per_s:.2g}"
+def _format_rate(per_s: float) -> str:
+    """A rate to two significant figures, or whole above 10: 0.041, 0.85, 3.0, 7.3, 42, 138."""
+    return f"{per_s:.0f}" if per_s >= 10 else f"{per_s:.1f}" if per_s >= 1 else f"{per_s:.2g}"
 
 
 def default_name(source: Source, quantization: str | None) -> str:
@@ -388,8 +387,8 @@ def plan_setup(source: Source, *, data_dir: Path, devices: DeviceMemory | None =
         quantization, quantization_reason = default_quantization(source.hf_config, dtype, devices,
                                                                  cpu_kernels=kernels_missing is None)
     else:
-        quantization_reason = f"{quantization}: as chosen"
         quantization = None if quantization == "none" else quantization
+        quantization_reason = f"{quantization or 'no quantization'}: as chosen"
     name = default_name(source, quantization) if name is None else name
     destination = paths.models_dir(data_dir) / name
     problems, warnings = [], []

@@ -125,7 +125,7 @@ def test_setup_downloads_converts_and_the_model_is_listed_and_intact(hub, dirs):
 
 def test_a_second_setup_reuses_the_download_and_names_the_quantized_model(hub, dirs):
     first = run(setup_command(hub, dirs, "--yes", "--quantize", "none"), dirs)  # an explicit choice wins
-    assert first.returncode == 0 and "none: as chosen" in first.stderr
+    assert first.returncode == 0 and "no quantization: as chosen" in first.stderr
     hub.requests.clear()
 
     result = run(setup_command(hub, dirs, "--yes", "--quantize", "int4", "--dtype", "bfloat16"), dirs)
@@ -366,7 +366,7 @@ def test_on_a_cpu_the_default_is_int4_and_an_explicit_choice_wins(tmp_path):
         plan = plan_setup(source, data_dir=tmp_path / "data", devices=desktop, quantization=chosen,
                           bandwidth=Bandwidth(20e9, "measured"))
         assert plan.quantization == (None if chosen == "none" else chosen)
-        assert plan.quantization_reason == f"{chosen}: as chosen"
+        assert plan.quantization_reason == ("no quantization" if chosen == "none" else chosen) + ": as chosen"
     # without the native kernels (only float32 at memory speed): the most exact setting that fits, as on a GPU
     assert default_quantization(source.hf_config, "float32", desktop, cpu_kernels=False) == (
         "int8", "int8: the default on CPU without the native kernels when float32 does not fit and int8 does")
