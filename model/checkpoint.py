@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from . import quantize
 from .config import MixtralConfig
 from .manifest import CheckpointError, verify
+from .linear import swap_spec
 from .mixtral import Mixtral
 from .safetensors_io import NUMPY_DTYPES, SafetensorsError, TensorFiles
 from .sharding import make_mesh
@@ -40,9 +41,12 @@ class CheckpointWeights:
         self.done = 0
 
     def _array(self, name: str, expected: tuple[int, ...], spec: tuple, rows: slice | None,
-               convert: Callable[[np.ndarray], np.ndarray], packed_axis: int | None = None) -> jax.Array:
+               convert: Callable[[np.ndarray], np.ndarray], packed_axis: int | None = None,
+               swap_last: bool = False) -> jax.Array:
         """`expected`: the tensor's shape on disk (from the weight table); `rows` selects a range of the
-        first dim; `packed_axis` is an axis stored at half length on disk (int4 pairs) that `convert` doubles."""
+        first dim; `packed_axis` is an axis stored at half length on disk (int4 pairs) that `convert`
+        doubles; `swap_last`: the array has the last two dims of the tensor on disk swapped (`spec` is
+        the disk layout's), each device's block transposed as it is read."""
         try:
             shape = list(self.files.shape(name))
         except SafetensorsError as e:
@@ -54,18 +58,22 @@ class CheckpointWeights:
             shape[packed_axis] *= 2
         if rows is not None:
             shape[0] = rows.stop - rows.start
+        if swap_last:
+            shape[-2:], spec = shape[:-3:-1], swap_spec(spec)
         seen: dict[tuple, np.ndarray] = {}
 
         def read(index):
             index = _normalise(index, shape)
             key = tuple((s.start, s.stop) for s in index)
             if key not in seen:
+                if swap_last:
+                    index = index[:-2] + index[:-3:-1]
                 if rows is not None:
                     index = (slice(index[0].start + rows.start, index[0].stop + rows.start),) + index[1:]
                 if packed_axis is not None:
                     s = index[packed_axis]
                     index = index[:packed_axis] + (slice(s.start // 2, s.stop // 2),) + index[packed_axis + 1:]
-                part = self.files.read_slice(name, index)
+                part = self.files.read_slice(name, index, swap_last)
                 self.done += part.nbytes
                 seen[key] = convert(part)
             return seen[key]
@@ -75,21 +83,31 @@ class CheckpointWeights:
             self.on_progress(min(1.0, self.done / max(self.total, 1)), f"loading weights ({name})")
         return array
 
-    def dense(self, name: str, spec: tuple, rows: slice | None = None) -> jax.Array:
+    def dense(self, name: str, spec: tuple, rows: slice | None = None, swap_last: bool = False) -> jax.Array:
         dtype = NUMPY_DTYPES[self.config.dtype]
-        return self._array(name, info_of(self.table, name).shape, spec, rows, lambda a: a.astype(dtype, copy=False))
+        return self._array(name, info_of(self.table, name).shape, spec, rows, lambda a: a.astype(dtype, copy=False),
+                           swap_last=swap_last)
 
-    def linear(self, name: str, spec: tuple, rows: slice | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    def linear(self, name: str, spec: tuple, rows: slice | None = None, out_major: bool = False
+               ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         mode, info = self.config.quantization, info_of(self.table, name)
         if mode is None or not info.quantizable:
-            return self.dense(name, spec, rows), ()
+            return self.dense(name, spec, rows, swap_last=out_major), ()
         _, stored = quantize.stored_values(info.shape, mode)
-        if mode == "int8":
-            kernel = self._array(name, stored, spec, rows, lambda a: a)
-        else:
-            kernel = self._array(name, stored, spec, rows, quantize.unpack_int4, packed_axis=len(spec) - 2)
         param_shape = quantize.param_shape(info.shape, mode, self.config.quant_group_size)
-        params = tuple(self._array(f"{name}.{param}", param_shape, quantize.param_spec(spec, mode), rows, lambda a: a)
+        param_spec = quantize.param_spec(spec, mode)
+        if out_major:
+            # the kernels' layout is the one on disk transposed: int4's bytes [.., in/2, out] (even input in
+            # the low nibble) become [.., out, in/2] as they are; int8's scales [.., out] stay as they are
+            kernel = self._array(name, stored, spec, rows, lambda a: a, swap_last=True)
+            swap_params = mode == "int4"
+        else:
+            if mode == "int8":
+                kernel = self._array(name, stored, spec, rows, lambda a: a)
+            else:
+                kernel = self._array(name, stored, spec, rows, quantize.unpack_int4, packed_axis=len(spec) - 2)
+            swap_params = False
+        params = tuple(self._array(f"{name}.{param}", param_shape, param_spec, rows, lambda a: a, swap_last=swap_params)
                        for param in quantize.PARAMS[mode])
         return kernel, params
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from .config import MixtralConfig
 from .gpu_linear import GpuKernels
 from .kv_cache import KVCache
-from .linear import CpuKernels, Linear, Weights, out_major, swap_spec, use_cpu_kernels
+from .linear import CpuKernels, Linear, Weights, swap_spec, use_cpu_kernels
 from .moe import MoE
 from .sharding import check_mesh_fits, weight_specs
 
@@ -126,8 +126,10 @@ class Attention(nnx.Module):
 
         def linear(name: str) -> Linear:
             spec = specs[name]
-            kernels = CpuKernels(mesh, spec) if cpu_kernels else GpuKernels(mesh, spec) if branchless else None
-            return Linear(weights.linear(f"{prefix}.{name}", spec), config, kernels)
+            if cpu_kernels:  # read in their layout
+                return Linear(weights.linear(f"{prefix}.{name}", spec, out_major=True), config, CpuKernels(mesh, spec),
+                              laid_out=True)
+            return Linear(weights.linear(f"{prefix}.{name}", spec), config, GpuKernels(mesh, spec) if branchless else None)
 
 
         self.wq, self.wk, self.wv, self.wo = linear("wq"), linear("wk"), linear("wv"), linear("wo")
@@ -196,9 +198,7 @@ class Mixtral(nnx.Module):
         self.cpu_lm_head = CpuKernels(mesh, lm_head_spec) if cpu_kernels else None
         lm_head = None
         if not config.tie_word_embeddings:
-            lm_head = weights.dense("lm_head", lm_head_spec)
-            if cpu_kernels:
-                lm_head, _ = out_major((lm_head, ()), None, mesh, lm_head_spec)
+            lm_head, _ = weights.linear("lm_head", lm_head_spec, out_major=cpu_kernels)  # not quantized
         self.lm_head = None if lm_head is None else nnx.Param(lm_head)
 
     def forward(self, tokens: jax.Array, cache: KVCache, num_new: jax.Array | int,

@@ -227,12 +227,13 @@ class TensorFiles:
             raise SafetensorsError(f"{e.path} is truncated: tensor {name} is incomplete")
         return data.reshape(shape)
 
-    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    def read_slice(self, name: str, index: tuple[slice, ...], swap_last: bool = False) -> np.ndarray:
         """One block of the tensor (a device's shard), through a memory map opened and closed for this
-        read, so only the block's pages are touched and none stay mapped."""
+        read, so only the block's pages are touched and none stay mapped. `swap_last`: the block with
+        its last two dims swapped (copied once, in that order)."""
         e = self._entry(name)
         mapped = np.memmap(e.path, dtype=e.dtype, mode="r", offset=e.offset, shape=e.shape)
-        block = np.array(mapped[index])
+        block = np.ascontiguousarray(mapped[index].swapaxes(-1, -2)) if swap_last else np.array(mapped[index])
         del mapped  # unmapped here: nothing else refers to it
         return block
 
