@@ -8,7 +8,7 @@ in `PREFILL_BUCKETS`, one decode step; a conversation that grows never compiles 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,15 +23,25 @@ from .sampling import SamplingArrays, sample
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
 PREFILL_CHUNK = PREFILL_BUCKETS[-1]  # longer inputs are fed in chunks of this many tokens
+READY_CHUNK_MIN = 64  # chunks of a program already compiled, rather than compile a bigger one (chunk_buckets)
 
 
 def bucket_for(n: int) -> int:
     return next(b for b in PREFILL_BUCKETS if b >= n)
 
 
-def chunk_buckets(n: int) -> list[int]:
-    """The buckets a prefill of n tokens runs: full chunks, then the rest."""
-    return [bucket_for(min(PREFILL_CHUNK, n - first)) for first in range(0, n, PREFILL_CHUNK)]
+def chunk_buckets(n: int, ready: Collection[int] = ()) -> list[int]:
+    """The buckets a prefill of n tokens runs, one per chunk: chunks of PREFILL_CHUNK tokens, the rest
+    in its bucket. Unless some of those programs are not `ready` (compiled, or in the executable cache)
+    while a bucket of READY_CHUNK_MIN tokens or more is: then chunks of the largest ready bucket and the
+    rest in the smallest ready one that holds it, so that a conversation resumed after a restart
+    prefills its history through the programs its last turns used, compiling nothing."""
+    full = [bucket_for(min(PREFILL_CHUNK, n - first)) for first in range(0, n, PREFILL_CHUNK)]
+    if set(full) <= set(ready) or max(ready, default=0) < READY_CHUNK_MIN:
+        return full
+    chunk = max(ready)
+    chunks, rest = divmod(n, chunk)
+    return [chunk] * chunks + ([min(b for b in ready if b >= rest)] if rest else [])
 
 
 # The programs that have run, by (model shape, program name): jit compiles each once.
@@ -117,17 +127,22 @@ class Generator:
         token (device int32 [1], sampled with step 0 of `seed`'s stream) and the cache. The caller keeps
         end + bucket <= capacity."""
         assert len(token_ids) > 0
-        next_token = None
-        for first, bucket in zip(range(0, len(token_ids), PREFILL_CHUNK), chunk_buckets(len(token_ids))):
-            chunk = token_ids[first:first + PREFILL_CHUNK]
-            padded = np.zeros((1, bucket), np.int32)
-            padded[0, :len(chunk)] = chunk
-            tokens = jax.device_put(padded, self._replicated)
-            program = program_name(f"prefill {bucket}", cache)
-            next_token, cache = self._run(_prefill_step, program, cache, tokens, np.int32(len(chunk)), seen, seed,
-                                          sampling)
-            _compiled.add((self.model_def, program))
+        next_token, first = None, 0
+        for bucket in chunk_buckets(len(token_ids), self.ready_buckets(cache.capacity)):
+            chunk = token_ids[first:first + bucket]
+            first += len(chunk)
+            next_token, cache = self._prefill_chunk(cache, chunk, bucket, seen, seed, sampling)
         return next_token, cache
+
+    def _prefill_chunk(self, cache: KVCache, chunk: Sequence[int], bucket: int, seen: jax.Array, seed: jax.Array,
+                       sampling: SamplingArrays) -> tuple[jax.Array, KVCache]:
+        padded = np.zeros((1, bucket), np.int32)
+        padded[0, :len(chunk)] = chunk
+        program = program_name(f"prefill {bucket}", cache)
+        result = self._run(_prefill_step, program, cache, jax.device_put(padded, self._replicated),
+                           np.int32(len(chunk)), seen, seed, sampling)
+        _compiled.add((self.model_def, program))
+        return result
 
     def decode(self, cache: KVCache, token: jax.Array, seen: jax.Array, seed: jax.Array, step: int,
                sampling: SamplingArrays) -> tuple[jax.Array, KVCache, jax.Array]:
@@ -150,13 +165,21 @@ class Generator:
             out.append(int(np.asarray(token)[0]))
         return out
 
+    def _ready(self, program: str) -> bool:
+        """Whether the program runs without being compiled first."""
+        if self.executables is not None:
+            return program in self._loaded or self.executables.has(program)
+        return (self.model_def, program) in _compiled
+
+    def ready_buckets(self, capacity: int) -> set[int]:
+        """The prefill buckets whose programs for a one-row cache of `capacity` are ready."""
+        return {b for b in PREFILL_BUCKETS if self._ready(program_name(f"prefill {b}", capacity=capacity))}
+
     def will_compile(self, n_tokens: int, capacity: int) -> bool:
         """Whether a turn prefilling n_tokens (then decoding) in one row compiles a program first."""
-        programs = {program_name(f"prefill {b}", capacity=capacity) for b in chunk_buckets(n_tokens)}
-        programs.add(program_name("decode", capacity=capacity))
-        if self.executables is not None:
-            return any(p not in self._loaded and not self.executables.has(p) for p in programs)
-        return any((self.model_def, p) not in _compiled for p in programs)
+        programs = {program_name(f"prefill {b}", capacity=capacity)
+                    for b in chunk_buckets(n_tokens, self.ready_buckets(capacity))}
+        return not all(self._ready(p) for p in programs | {program_name("decode", capacity=capacity)})
 
     def warm_up(self, capacity: int) -> None:
         """Compile (or load) every program now, so no turn waits for the compiler."""
@@ -171,7 +194,7 @@ class Generator:
         seed = self.seed(0)
 
         def prefill(bucket: int):
-            return self.prefill(self.new_cache(capacity), [0] * bucket, self.seen_mask([]), seed, sampling)
+            return self._prefill_chunk(self.new_cache(capacity), [0] * bucket, bucket, self.seen_mask([]), seed, sampling)
 
         first, *rest = PREFILL_BUCKETS
         token, cache = prefill(first)

@@ -171,6 +171,15 @@ def _read_header(path: Path) -> dict[str, _Entry]:
     return entries
 
 
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on an `alignment`-byte boundary: XLA's CPU client uses
+    such memory in place (`jax.device_put` without a copy, ~10x faster for a model's weights)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 class TensorFiles:
     """The tensors of a folder of safetensors (one file, or shards + `*.safetensors.index.json`).
 
@@ -233,7 +242,9 @@ class TensorFiles:
         its last two dims swapped (copied once, in that order)."""
         e = self._entry(name)
         mapped = np.memmap(e.path, dtype=e.dtype, mode="r", offset=e.offset, shape=e.shape)
-        block = np.ascontiguousarray(mapped[index].swapaxes(-1, -2)) if swap_last else np.array(mapped[index])
+        view = mapped[index].swapaxes(-1, -2) if swap_last else mapped[index]
+        block = aligned_empty(view.shape, view.dtype)
+        np.copyto(block, view)
         del mapped  # unmapped here: nothing else refers to it
         return block
 
