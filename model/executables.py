@@ -56,11 +56,13 @@ def _cpu_features() -> str:
 
 def model_key(config_json: dict, mesh) -> str:
     """What makes one model's programs differ from another's, known before its weights load: the
-    config, the mesh and its devices, the CPU's features, jax and jaxlib, the source of `model/` and of
-    its native kernels (which decide every parameter's layout). Computed without tracing anything."""
+    config, the mesh and its devices, the CPU's features, jax and jaxlib, XLA's flags, the source of
+    `model/` and of its native kernels (which decide every parameter's layout). Computed without
+    tracing anything."""
     devices = [f"{d.platform}:{d.device_kind}:{d.id}:{d.process_index}" for d in mesh.devices.flat]
     parts = {"config": config_json, "mesh": dict(mesh.shape), "devices": devices, "jax": jax.__version__,
-             "jaxlib": importlib.metadata.version("jaxlib"), "cpu": _cpu_features(), "code": _code_digest()}
+             "jaxlib": importlib.metadata.version("jaxlib"), "cpu": _cpu_features(), "code": _code_digest(),
+             "xla_flags": os.environ.get("XLA_FLAGS", "")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
