@@ -119,8 +119,9 @@ class Engine:
         self.forget("__warm_up__")
 
     def prepare_next(self) -> bool:
-        """Compile (or load from the executable cache) the next program a turn may need, smallest first;
-        False once every one is ready. The app calls it while idle, so later turns never wait."""
+        """Compile (or load from the executable cache) the next program a turn may need (the decode step,
+        then the prefill buckets smallest first); False once every one is ready. The app calls it while
+        idle, so later turns never wait."""
         if self._preparing is None:
             self._preparing = self.generator.warm_up_steps(self.capacity)
         return next(self._preparing, None) is not None

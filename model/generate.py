@@ -187,21 +187,14 @@ class Generator:
             pass
 
     def warm_up_steps(self, capacity: int) -> Iterator[str]:
-        """Compile (or load) the programs one at a time, yielding after each: the smallest prefill bucket
-        and the decode step first (what a short first message needs), then the bigger buckets. A caller
-        can serve a turn between two steps."""
+        """Compile (or load) the programs one at a time, yielding after each: the decode step first
+        (every turn needs it, and it takes the longest to compile), then the prefill buckets smallest
+        first (a short first message needs the smallest). A caller can serve a turn between two steps."""
         sampling = SamplingArrays.of(SamplingParams())
-        seed = self.seed(0)
-
-        def prefill(bucket: int):
-            return self._prefill_chunk(self.new_cache(capacity), [0] * bucket, bucket, self.seen_mask([]), seed, sampling)
-
-        first, *rest = PREFILL_BUCKETS
-        token, cache = prefill(first)
-        yield f"prefill {first}"
-        self.decode(cache, token, self.seen_mask([]), seed, 1, sampling)[0].block_until_ready()
-        del token, cache  # no cache kept alive between steps
+        seed, token = self.seed(0), jax.device_put(np.zeros(1, np.int32), self._replicated)
+        self.decode(self.new_cache(capacity), token, self.seen_mask([]), seed, 1, sampling)[0].block_until_ready()
         yield "decode"
-        for bucket in rest:
-            prefill(bucket)[0].block_until_ready()
+        for bucket in PREFILL_BUCKETS:
+            self._prefill_chunk(self.new_cache(capacity), [0] * bucket, bucket, self.seen_mask([]), seed,
+                                sampling)[0].block_until_ready()
             yield f"prefill {bucket}"
