@@ -121,12 +121,12 @@ def measure(config: MixtralConfig, mesh_shape: tuple[int, int] | None, profile_d
     gen = Generator(model)
     del model
     greedy = SamplingArrays.of(SamplingParams(temperature=0))
-    key = gen.seed(0)
+    seed = gen.seed(0)
     ids = jax.random.randint(jax.random.key(1), (PREFILL,), 3, config.vocab_size).tolist()
 
     def prefill(n):
         cache, seen = gen.new_cache(CAPACITY), gen.seen_mask([])
-        token, cache = gen.prefill(cache, ids[:n], seen, key, greedy)
+        token, cache = gen.prefill(cache, ids[:n], seen, seed, greedy)
         return token, cache, seen
 
     dispatch = []  # seconds the host took to enqueue each timed run of steps
@@ -135,7 +135,7 @@ def measure(config: MixtralConfig, mesh_shape: tuple[int, int] | None, profile_d
         token, cache, seen = state
         start = time.perf_counter()
         for _ in range(steps):
-            token, cache, seen = gen.decode(cache, token, seen, key, 1, greedy)
+            token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)
         dispatch.append(time.perf_counter() - start)
         return token, cache, seen
 
@@ -172,12 +172,12 @@ def profile_decode(gen: Generator, state, steps: int, trace_dir: str, top: int =
     import glob
     import gzip
 
-    greedy, key = SamplingArrays.of(SamplingParams(temperature=0)), gen.seed(0)
+    greedy, seed = SamplingArrays.of(SamplingParams(temperature=0)), gen.seed(0)
     token, cache, seen = state
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         start = time.perf_counter()
         for _ in range(steps):
-            token, cache, seen = gen.decode(cache, token, seen, key, 1, greedy)
+            token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)
         token.block_until_ready()
         wall = time.perf_counter() - start
     trace = json.load(gzip.open(sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]))
