@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bench.bandwidth import best_time
 from bench.run import MINI_MIXTRAL
-from model import quantize
+from model import linear, quantize
 from model.config import MixtralConfig
 from model.engine_api import SamplingParams
 from model.generate import Generator
@@ -83,7 +83,11 @@ class RandomWeights:
     def dense(self, name: str, spec: tuple, rows: slice | None = None) -> jax.Array:
         return self._draw(info_of(self.table, name).init, self._shape(name, rows), self.config.dtype, spec)
 
-    def linear(self, name: str, spec: tuple, rows: slice | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    def linear(self, name: str, spec: tuple, rows: slice | None = None, out_major: bool = False
+               ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        if out_major:  # drawn [in, out], laid out on the devices
+            mode = self.config.quantization if info_of(self.table, name).quantizable else None
+            return linear.out_major(self.linear(name, spec, rows), mode, self.mesh, spec)
         mode, group = self.config.quantization, self.config.quant_group_size
         if mode is None or not info_of(self.table, name).quantizable:
             return self.dense(name, spec, rows), ()
@@ -117,12 +121,12 @@ def measure(config: MixtralConfig, mesh_shape: tuple[int, int] | None, profile_d
     gen = Generator(model)
     del model
     greedy = SamplingArrays.of(SamplingParams(temperature=0))
-    key = jax.random.key(0)
+    seed = gen.seed(0)
     ids = jax.random.randint(jax.random.key(1), (PREFILL,), 3, config.vocab_size).tolist()
 
     def prefill(n):
         cache, seen = gen.new_cache(CAPACITY), gen.seen_mask([])
-        token, cache = gen.prefill(cache, ids[:n], seen, key, greedy)
+        token, cache = gen.prefill(cache, ids[:n], seen, seed, greedy)
         return token, cache, seen
 
     dispatch = []  # seconds the host took to enqueue each timed run of steps
@@ -131,7 +135,7 @@ def measure(config: MixtralConfig, mesh_shape: tuple[int, int] | None, profile_d
         token, cache, seen = state
         start = time.perf_counter()
         for _ in range(steps):
-            token, cache, seen = gen.decode(cache, token, seen, key, greedy)
+            token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)
         dispatch.append(time.perf_counter() - start)
         return token, cache, seen
 
@@ -168,12 +172,12 @@ def profile_decode(gen: Generator, state, steps: int, trace_dir: str, top: int =
     import glob
     import gzip
 
-    greedy, key = SamplingArrays.of(SamplingParams(temperature=0)), jax.random.key(0)
+    greedy, seed = SamplingArrays.of(SamplingParams(temperature=0)), gen.seed(0)
     token, cache, seen = state
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         start = time.perf_counter()
         for _ in range(steps):
-            token, cache, seen = gen.decode(cache, token, seen, key, greedy)
+            token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)
         token.block_until_ready()
         wall = time.perf_counter() - start
     trace = json.load(gzip.open(sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]))

@@ -101,19 +101,19 @@ def worker_ours(hf_dir: Path, ckpt: Path, turns: bool = True) -> dict:
     engine = Engine(ckpt, mesh_shape=(1, 1))
     gen = engine.generator
     greedy = SamplingArrays.of(SamplingParams(temperature=0))
-    key = jax.random.key(0)
+    seed = gen.seed(0)
     ids = np.random.default_rng(0).integers(3, engine.config.vocab_size, PREFILL).tolist()
 
     def prefill(n):
         cache, seen = gen.new_cache(engine.capacity), gen.seen_mask([])
-        token, cache = gen.prefill(cache, ids[:n], seen, key, greedy)
+        token, cache = gen.prefill(cache, ids[:n], seen, seed, greedy)
         token.block_until_ready()
         return token, cache, seen
 
     # a new conversation: the bucket of its first prompt and the decode step, compiled cold
     compile_s.clear()
     token, cache, seen = prefill(TTFT_PROMPT)
-    token, cache, seen = gen.decode(cache, token, seen, key, greedy)
+    token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)
     token.block_until_ready()
     new_conversation_compile_s = sum(compile_s)
 
@@ -128,7 +128,7 @@ def worker_ours(hf_dir: Path, ckpt: Path, turns: bool = True) -> dict:
         nonlocal state
         token, cache, seen = state
         for _ in range(steps):
-            token, cache, seen = gen.decode(cache, token, seen, key, greedy)
+            token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)
         token.block_until_ready()
         state = token, cache, seen
 

@@ -16,11 +16,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import quantize
 from .config import MixtralConfig
+from .linear import swap_spec
 from .manifest import CheckpointError, verify
 from .mixtral import Mixtral
 from .safetensors_io import NUMPY_DTYPES, SafetensorsError, TensorFiles
 from .sharding import make_mesh
-from .weight_table import info_of, weight_table
+from .weight_table import info_of, stored_out_major, swap_last, weight_table
 
 
 def _normalise(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -39,33 +40,45 @@ class CheckpointWeights:
         self.total = sum(f.stat().st_size for f in files.files())
         self.done = 0
 
-    def _array(self, name: str, expected: tuple[int, ...], spec: tuple, rows: slice | None,
-               convert: Callable[[np.ndarray], np.ndarray], packed_axis: int | None = None) -> jax.Array:
-        """`expected`: the tensor's shape on disk (from the weight table); `rows` selects a range of the
-        first dim; `packed_axis` is an axis stored at half length on disk (int4 pairs) that `convert` doubles."""
+    def _array(self, name: str, shape: tuple[int, ...], spec: tuple, rows: slice | None,
+               convert: Callable[[np.ndarray], np.ndarray], packed_axis: int | None = None,
+               stored_swapped: bool = False, swapped: bool = False) -> jax.Array:
+        """A tensor whose [.., in, out] shape and spec are `shape` (as a format-1 checkpoint stores it:
+        the weight table's, int4 values packed) and `spec`; `stored_swapped`: the file holds it with its
+        last two dims swapped; `swapped`: so does the array made (each device's block transposed as it is
+        read where the two differ). `rows` selects a range of the first dim; `packed_axis` is an axis
+        stored at half length (int4 pairs) that `convert` doubles."""
+        on_disk = swap_last(shape) if stored_swapped else tuple(shape)
         try:
-            shape = list(self.files.shape(name))
+            found = self.files.shape(name)
         except SafetensorsError as e:
             raise CheckpointError(f"{e}: the checkpoint does not match its config; convert it again") from None
-        if tuple(shape) != tuple(expected):
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(shape)}, its config says {tuple(expected)}: "
+        if tuple(found) != on_disk:
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(found)}, its config says {on_disk}: "
                                   "the checkpoint does not match its config; convert it again")
+        shape = list(shape)
         if packed_axis is not None:
             shape[packed_axis] *= 2
         if rows is not None:
             shape[0] = rows.stop - rows.start
+        if swapped:
+            shape, spec = list(swap_last(shape)), swap_spec(spec)
         seen: dict[tuple, np.ndarray] = {}
 
         def read(index):
             index = _normalise(index, shape)
             key = tuple((s.start, s.stop) for s in index)
             if key not in seen:
+                if swapped:  # to [.., in, out] coordinates
+                    index = swap_last(index)
                 if rows is not None:
                     index = (slice(index[0].start + rows.start, index[0].stop + rows.start),) + index[1:]
                 if packed_axis is not None:
                     s = index[packed_axis]
                     index = index[:packed_axis] + (slice(s.start // 2, s.stop // 2),) + index[packed_axis + 1:]
-                part = self.files.read_slice(name, index)
+                if stored_swapped:  # to the file's
+                    index = swap_last(index)
+                part = self.files.read_slice(name, index, swap_last=swapped != stored_swapped)
                 self.done += part.nbytes
                 seen[key] = convert(part)
             return seen[key]
@@ -75,21 +88,30 @@ class CheckpointWeights:
             self.on_progress(min(1.0, self.done / max(self.total, 1)), f"loading weights ({name})")
         return array
 
-    def dense(self, name: str, spec: tuple, rows: slice | None = None) -> jax.Array:
-        dtype = NUMPY_DTYPES[self.config.dtype]
-        return self._array(name, info_of(self.table, name).shape, spec, rows, lambda a: a.astype(dtype, copy=False))
+    def dense(self, name: str, spec: tuple, rows: slice | None = None, out_major: bool = False) -> jax.Array:
+        """`out_major`: a 2-d weight with its dims swapped (the LM head, for the CPU kernels)."""
+        dtype, info = NUMPY_DTYPES[self.config.dtype], info_of(self.table, name)
+        return self._array(name, info.shape, spec, rows, lambda a: a.astype(dtype, copy=False),
+                           stored_swapped=stored_out_major(info, self.config), swapped=out_major)
 
-    def linear(self, name: str, spec: tuple, rows: slice | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    def linear(self, name: str, spec: tuple, rows: slice | None = None, out_major: bool = False
+               ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         mode, info = self.config.quantization, info_of(self.table, name)
         if mode is None or not info.quantizable:
-            return self.dense(name, spec, rows), ()
-        _, stored = quantize.stored_values(info.shape, mode)
-        if mode == "int8":
-            kernel = self._array(name, stored, spec, rows, lambda a: a)
+            return self.dense(name, spec, rows, out_major), ()
+        stored_swapped = stored_out_major(info, self.config)
+        _, values = quantize.stored_values(info.shape, mode)
+        if out_major or mode == "int8":
+            # out-major int4 is the [.., in/2, out] bytes (even input in the low nibble) swapped, as they are
+            kernel = self._array(name, values, spec, rows, lambda a: a, stored_swapped=stored_swapped, swapped=out_major)
         else:
-            kernel = self._array(name, stored, spec, rows, quantize.unpack_int4, packed_axis=len(spec) - 2)
-        param_shape = quantize.param_shape(info.shape, mode, self.config.quant_group_size)
-        params = tuple(self._array(f"{name}.{param}", param_shape, quantize.param_spec(spec, mode), rows, lambda a: a)
+            kernel = self._array(name, values, spec, rows, quantize.unpack_int4, packed_axis=len(spec) - 2,
+                                 stored_swapped=stored_swapped)
+        # int4's scales and offsets [.., in/group, out] swap with the values; int8's scales [.., out] have no `in`
+        swaps = mode == "int4"
+        params = tuple(self._array(f"{name}.{param}", quantize.param_shape(info.shape, mode, self.config.quant_group_size),
+                                   quantize.param_spec(spec, mode), rows, lambda a: a,
+                                   stored_swapped=stored_swapped and swaps, swapped=out_major and swaps)
                        for param in quantize.PARAMS[mode])
         return kernel, params
 

@@ -13,6 +13,8 @@ DEFAULT_CONTEXT = 4096  # tokens of conversation the engine keeps unless told ot
 QUANTIZATIONS = (None, "int8", "int4")  # weight-only, see quantize.py; None: the dtype as it is
 DTYPES = ("float32", "bfloat16", "float16")
 CHAT_FORMATS = ("mixtral-instruct", "template")  # see chat_format.py
+FORMAT_VERSIONS = {"in_major": 1, "out_major": 2}  # of our checkpoints, by how they store linear weights
+WEIGHT_LAYOUTS = tuple(FORMAT_VERSIONS)
 
 
 class ConfigError(UserError, ValueError):
@@ -38,12 +40,14 @@ class MixtralConfig:
     dtype: str = "float32"  # of the weights, the activations and the KV cache
     quantization: str | None = None  # weight-only: None, "int8" (per output channel), "int4" (group-wise)
     quant_group_size: int = 32  # int4: input rows sharing one scale
-    # the (untied) LM head is quantized too: conversions since it could be; older quantized checkpoints
-    # (no such key in their config.json) keep it in `dtype`
+    # the (untied) LM head is quantized too (format 2; format 1 checkpoints, without the key, keep it in `dtype`)
     lm_head_quantized: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     chat_format: str = "mixtral-instruct"
+    # How a checkpoint stores its linear weights (weight_table.stored_out_major): "out_major" (format 2,
+    # the layout our kernels read), or "in_major" [.., in, out] (format 1: checkpoints converted before)
+    weight_layout: str = "out_major"
 
     def __post_init__(self):
         def need(ok: bool, what: str):
@@ -58,6 +62,7 @@ class MixtralConfig:
         need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.quantization in QUANTIZATIONS, f"quantization must be none, int8 or int4, got {self.quantization!r}")
         need(self.chat_format in CHAT_FORMATS, f"chat_format must be one of {', '.join(CHAT_FORMATS)}, got {self.chat_format!r}")
+        need(self.weight_layout in WEIGHT_LAYOUTS, f"weight_layout must be one of {', '.join(WEIGHT_LAYOUTS)}, got {self.weight_layout!r}")
         if self.quantization == "int4":
             need(self.quant_group_size % 2 == 0, "the int4 group size must be even")
 
@@ -109,7 +114,7 @@ class MixtralConfig:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
-        return {"format": "mixtral-chat", "format_version": 1, **d}
+        return {"format": "mixtral-chat", "format_version": FORMAT_VERSIONS[self.weight_layout], **d}
 
     @classmethod
     def from_json(cls, d: dict) -> MixtralConfig:
@@ -118,6 +123,7 @@ class MixtralConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in fields}
         kw["eos_token_ids"] = tuple(kw.get("eos_token_ids", (2,)))
+        kw.setdefault("weight_layout", "in_major")  # format 1 had only that
         try:
             return cls(**kw)
         except TypeError as e:

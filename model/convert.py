@@ -13,6 +13,7 @@ expert pair the router picks then sums to the dense MLP.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import re
@@ -23,12 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from . import disk, quantize
-from .config import ConfigError, MixtralConfig
+from .config import FORMAT_VERSIONS, ConfigError, MixtralConfig
 from .errors import UserError
 from .manifest import CONFIG, MANIFEST, TOKENIZER_FILES, read_config, sha256_file, vocabulary_problem
 from .safetensors_io import NUMPY_DTYPES, Producer, SafetensorsError, TensorFiles, TensorSpec, write_sharded
 from .tokenizer import TokenizerError, load_tokenizer
-from .weight_table import WeightInfo, checkpoint_weights
+from .weight_table import WeightInfo, checkpoint_weights, stored_out_major, swap_last
 
 Progress = Callable[[int, int, str], None]  # (tensors done, tensors in all, current tensor)
 
@@ -86,9 +87,19 @@ def _plan(source: _Source, config: MixtralConfig) -> list[tuple[TensorSpec, Prod
     plan: list[tuple[TensorSpec, Producer]] = []
 
     def add(name: str, info: WeightInfo, read_parts: Callable[[], Iterator[np.ndarray]]):
-        """A weight produced part by part (experts stack on the first dim)."""
+        """A weight produced part by part (experts stack on the first dim), its tensors of its rank
+        stored out-major where the table says so."""
+        swapped = stored_out_major(info, c)
+
+        def stored(shape: tuple[int, ...]) -> tuple[int, ...]:
+            return swap_last(shape) if swapped and len(shape) == len(info.shape) else shape
+
+        def laid_out(part: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(part.swapaxes(-1, -2)) if swapped and part.ndim == len(info.shape) else part
+
         if c.quantization is None or not info.quantizable:
-            plan.append((TensorSpec(name, dtype, info.shape), lambda: (p.astype(dtype) for p in read_parts())))
+            plan.append((TensorSpec(name, dtype, stored(info.shape)),
+                         lambda: (laid_out(p.astype(dtype)) for p in read_parts())))
             return
         mode, group = c.quantization, c.quant_group_size
         if mode == "int4" and info.shape[-2] % group:
@@ -100,11 +111,12 @@ def _plan(source: _Source, config: MixtralConfig) -> list[tuple[TensorSpec, Prod
             for part in read_parts():
                 q, part_params = quantize.quantize(part, mode, group)
                 for collected, p in zip(params, part_params):
-                    collected.append(p)
-                yield q
+                    collected.append(laid_out(p))
+                yield laid_out(q)
 
-        plan.append((TensorSpec(name, *quantize.stored_values(info.shape, mode)), value_parts))
-        param_shape = quantize.param_shape(info.shape, mode, group)
+        values_dtype, values_shape = quantize.stored_values(info.shape, mode)
+        plan.append((TensorSpec(name, values_dtype, stored(values_shape)), value_parts))
+        param_shape = stored(quantize.param_shape(info.shape, mode, group))
         for param, collected in zip(names, params):  # written right after the values that fill them
             plan.append((TensorSpec(f"{name}.{param}", np.dtype(np.float32), param_shape), lambda parts=collected: parts))
 
@@ -165,7 +177,7 @@ def _write_checkpoint(out_dir: Path, config: MixtralConfig, plan: list[tuple[Ten
         for f in sorted(tmp.iterdir()):
             if f.name not in listed and f.name != MANIFEST:
                 listed[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-        manifest = {"format": "mixtral-chat", "format_version": 1,
+        manifest = {"format": "mixtral-chat", "format_version": FORMAT_VERSIONS[config.weight_layout],
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     **manifest, "files": listed}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -181,10 +193,12 @@ def _write_checkpoint(out_dir: Path, config: MixtralConfig, plan: list[tuple[Ten
 
 def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32", quantize: str | None = None,
                upcycle_experts: int | None = None, *, overwrite: bool = False, source: str | None = None,
-               on_progress: Progress | None = None, max_file_bytes: int = 4 << 30) -> Path:
+               on_progress: Progress | None = None, max_file_bytes: int = 4 << 30,
+               weight_layout: str = "out_major") -> Path:
     """An HF folder (config.json + safetensors) -> our checkpoint at out_dir. Returns out_dir.
     `source` describes where the weights came from, for `mixtral-chat models` (default: the hub repo
-    or the folder)."""
+    or the folder). `weight_layout` "in_major" writes format 1, as versions before 2 did (tests): linear
+    weights [in, out], the LM head not quantized."""
     hf_dir = Path(hf_dir)
     quantization = None if quantize in (None, "none") else quantize
     try:
@@ -194,8 +208,9 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32", 
     except (OSError, ValueError) as e:
         raise ConversionError(f"cannot read {hf_dir / 'config.json'}: {e}") from None
     try:
-        config = MixtralConfig.from_hf(hf_config, upcycle_experts=upcycle_experts, dtype=dtype,
-                                       quantization=quantization)
+        config = MixtralConfig.from_hf(hf_config, upcycle_experts=upcycle_experts, dtype=dtype, quantization=quantization)
+        config = dataclasses.replace(config, weight_layout=weight_layout,
+                                     lm_head_quantized=config.lm_head_quantized and weight_layout == "out_major")
         files = TensorFiles(hf_dir)
     except (ConfigError, SafetensorsError) as e:
         raise ConversionError(str(e)) from None
@@ -237,7 +252,11 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_file_bytes: int 
         name = info.name(layer)
 
         def read(tensor: str) -> np.ndarray:
-            return files.read(tensor) if expert is None else files.read_rows(tensor, expert, expert + 1)[0]
+            """In the [.., in, out] layout (an out-major tensor of the weight's rank swapped back)."""
+            a = files.read(tensor) if expert is None else files.read_rows(tensor, expert, expert + 1)
+            if stored_out_major(info, c) and a.ndim == len(info.shape):
+                a = a.swapaxes(-1, -2)
+            return a if expert is None else a[0]
 
         if c.quantization and info.quantizable:
             params = tuple(read(f"{name}.{p}") for p in quantize.PARAMS[c.quantization])

@@ -20,16 +20,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import jax
+import numpy as np
 
-from . import checkpoint, manifest, sharding
+from . import checkpoint, cpu_matmul, manifest, sharding
 from .chat_format import encode_chat
 from .config import DEFAULT_CONTEXT
 from .detokenize import StreamDecoder
 from .engine_api import Compiling, ContextTrimmed, Event, SamplingParams, TextDelta, TurnDone
 from .errors import UserError
-from .executables import ExecutableCache
-from .generate import PREFILL_CHUNK, Generator
+from .executables import ExecutableCache, model_key
+from .generate import PREFILL_CHUNK, Generator, program_name
 from .kv_cache import KVCache
 from .sampling import SamplingArrays, validate
 from .tokenizer import TokenizerError, load_tokenizer
@@ -52,6 +52,29 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
+def _context(config, context_length: int | None) -> tuple[int, int]:
+    """(tokens a conversation may hold, capacity of its KV cache: one prefill chunk more)."""
+    limit = min(context_length or DEFAULT_CONTEXT, config.max_position_embeddings)
+    return limit, KVCache.capacity_for(limit + PREFILL_CHUNK)
+
+
+def _executables(directory: str | Path, ckpt_dir: Path, mesh, dtype: str | None,
+                 context_length: int | None) -> ExecutableCache | None:
+    """The executable cache of this checkpoint on this mesh, its decode step already loading (in the
+    background, while the weights load); None when the config cannot be read (the load says why)."""
+    try:
+        config = manifest.read_config(ckpt_dir)
+    except manifest.CheckpointError:
+        return None
+    if dtype is not None:
+        config = dataclasses.replace(config, dtype=dtype)
+    if mesh.devices.flat[0].platform == "cpu":
+        cpu_matmul.available()  # the programs that call the native kernels load only once they are registered
+    executables = ExecutableCache(directory, model_key(config.to_json(), mesh), list(mesh.devices.flat))
+    executables.start_loading([program_name("decode", capacity=_context(config, context_length)[1])])
+    return executables
+
+
 class Engine:
     """Loads a checkpoint and runs chat turns on it. Use from one thread at a time.
 
@@ -65,19 +88,19 @@ class Engine:
         report = on_progress or (lambda fraction, what: None)
         ckpt_dir = Path(ckpt_dir)
         mesh = sharding.make_mesh(mesh_shape)
+        executables = _executables(executable_cache, ckpt_dir, mesh, dtype, context_length) if executable_cache else None
         model = checkpoint.load(ckpt_dir, mesh, dtype=dtype, on_progress=lambda f, what: report(0.8 * f, what))
         self.config = model.config
+        self.context_limit, self.capacity = _context(self.config, context_length)
         try:
             self.tokenizer = load_tokenizer(ckpt_dir)
         except TokenizerError as e:
             raise manifest.CheckpointError(f"{e}; convert the model again") from None
         if problem := manifest.vocabulary_problem(self.config, self.tokenizer.vocab_size, ckpt_dir):
             raise manifest.CheckpointError(problem)
-        self.generator = Generator(model, ExecutableCache(executable_cache) if executable_cache else None)
+        self.generator = Generator(model, executables)
         self.model_name = ckpt_dir.name
         self.device_summary = sharding.describe(mesh)
-        self.context_limit = min(context_length or DEFAULT_CONTEXT, self.config.max_position_embeddings)
-        self.capacity = KVCache.capacity_for(self.context_limit + PREFILL_CHUNK)
         self.max_cached_conversations = max(1, cache_budget_bytes // KVCache.bytes_for(self.config, self.capacity))
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()  # least recently used first
         self._busy = threading.Lock()
@@ -96,8 +119,9 @@ class Engine:
         self.forget("__warm_up__")
 
     def prepare_next(self) -> bool:
-        """Compile (or load from the executable cache) the next program a turn may need, smallest first;
-        False once every one is ready. The app calls it while idle, so later turns never wait."""
+        """Compile (or load from the executable cache) the next program a turn may need (the decode step,
+        then the prefill buckets smallest first); False once every one is ready. The app calls it while
+        idle, so later turns never wait."""
         if self._preparing is None:
             self._preparing = self.generator.warm_up_steps(self.capacity)
         return next(self._preparing, None) is not None
@@ -182,10 +206,10 @@ class Engine:
             yield Compiling()
         cache, conv.cache, conv.tokens = conv.cache, None, []  # donated below: invalid if a step fails
         cache = cache.rewind(reuse)
-        key = jax.random.key(sampling.seed if sampling.seed is not None else secrets.randbits(63))
+        seed = self.generator.seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
         arrays = SamplingArrays.of(sampling)
         seen = self.generator.seen_mask(prompt)
-        pending, cache = self.generator.prefill(cache, prompt[reuse:], seen, jax.random.fold_in(key, 0), arrays)
+        pending, cache = self.generator.prefill(cache, prompt[reuse:], seen, seed, arrays)
         fed = list(prompt)
 
         decoder = StreamDecoder(self.tokenizer)
@@ -196,9 +220,8 @@ class Engine:
             while True:
                 # Feed the pending token and sample the next one (async), then read the pending one:
                 # the device works on step n+1 while the host handles token n.
-                following, cache, seen = self.generator.decode(
-                    cache, pending, seen, jax.random.fold_in(key, len(generated) + 1), arrays)
-                token = int(pending[0])
+                following, cache, seen = self.generator.decode(cache, pending, seen, seed, len(generated) + 1, arrays)
+                token = int(np.asarray(pending)[0])  # (indexing the device array would compile a program)
                 fed.append(token)
                 if token in self.tokenizer.eos_ids:
                     break

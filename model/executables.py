@@ -3,15 +3,16 @@
 JAX's persistent compilation cache skips XLA's compiler but is asked only after the program has been
 traced and lowered (seconds for a 32-layer model). This cache keeps the compiled executable itself
 (`jax.experimental.serialize_executable`) under a key computed without tracing: everything that changes
-the program (`fingerprint`: the model's config, each parameter's shape, dtype and placement, the mesh and
-its devices, the CPU's features, jax and jaxlib, the source of `model/` and of its native kernels) plus
-the program's name and shapes. A file that is stale never matches a key; one that is corrupt or fails to
-load is deleted and rebuilt, silently.
+the program (`model_key`: the model's config, the mesh and its devices, the CPU's features, jax and
+jaxlib, the source of `model/` and of its native kernels) plus the program's name and shapes. A file
+that is stale never matches a key; one that is corrupt, fails to load or was made for parameters laid
+out otherwise is deleted and rebuilt, silently. The key needs no weights, so a start deserializes its
+first programs while the weights load.
 
 Do not combine it with JAX's persistent compilation cache: an executable that XLA:CPU took from that cache
-serializes without some of its functions ("Function ... not found" when the copy runs). The small
-programs around the model's (a zeroed cache, a random key) compile in well under a second, which is
-below what that cache keeps by default anyway.
+serializes without some of its functions ("Function ... not found" when the copy runs). Around the
+model's programs nothing is compiled: the cache, the random seed and the sampling settings are made on
+the host and copied (generate.py, kv_cache.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import pickle
 import platform
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -52,50 +54,86 @@ def _cpu_features() -> str:
         return platform.processor()
 
 
-def fingerprint(config_json: dict, params: list[jax.Array], mesh) -> str:
-    """What makes one model's programs differ from another's (computed without tracing anything)."""
+def model_key(config_json: dict, mesh) -> str:
+    """What makes one model's programs differ from another's, known before its weights load: the
+    config, the mesh and its devices, the CPU's features, jax and jaxlib, XLA's flags, the source of
+    `model/` and of its native kernels (which decide every parameter's layout). Computed without
+    tracing anything."""
     devices = [f"{d.platform}:{d.device_kind}:{d.id}:{d.process_index}" for d in mesh.devices.flat]
-    arrays = [(a.shape, str(a.dtype), str(a.sharding.spec) if hasattr(a.sharding, "spec") else str(a.sharding))
-              for a in params]
-    parts = {"config": config_json, "arrays": arrays, "mesh": dict(mesh.shape), "devices": devices,
-             "jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"),
-             "cpu": _cpu_features(), "code": _code_digest()}
+    parts = {"config": config_json, "mesh": dict(mesh.shape), "devices": devices, "jax": jax.__version__,
+             "jaxlib": importlib.metadata.version("jaxlib"), "cpu": _cpu_features(), "code": _code_digest(),
+             "xla_flags": os.environ.get("XLA_FLAGS", "")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def layout_digest(params: list[jax.Array]) -> str:
+    """Each parameter's shape, dtype and placement: a program is used only with the parameters it was
+    compiled for (a check behind `model_key`, which implies them)."""
+    arrays = [(a.shape, str(a.dtype), str(a.sharding.spec) if hasattr(a.sharding, "spec") else str(a.sharding))
+              for a in params]
+    return hashlib.sha256(json.dumps(arrays, default=str).encode()).hexdigest()
+
+
 class ExecutableCache:
-    """A folder of serialized executables, one file per (model fingerprint, program)."""
+    """A folder of serialized executables, one file per (model key, program), for one model on `devices`.
 
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
+    `start_loading` deserializes programs in a background thread (XLA does it without holding the GIL)
+    while the weights load; `get` takes a program from there, or from disk, or compiles and saves it."""
 
-    def _path(self, model: str, program: str) -> Path:
-        return self.directory / (hashlib.sha256(f"{model}\0{program}".encode()).hexdigest()[:32] + SUFFIX)
+    def __init__(self, directory: str | Path, model: str, devices: list):
+        self.directory, self.model, self.devices = Path(directory), model, devices
+        self._loading: dict[str, Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
-    def has(self, model: str, program: str) -> bool:
-        return self._path(model, program).is_file()
+    def _path(self, program: str) -> Path:
+        return self.directory / (hashlib.sha256(f"{self.model}\0{program}".encode()).hexdigest()[:32] + SUFFIX)
 
-    def load_or_compile(self, model: str, program: str, devices: list, lower: Callable[[], jax.stages.Lowered]
-                        ) -> jax.stages.Compiled:
-        """The program for `devices` from disk if it is there and loads; else lowered, compiled and saved."""
-        path = self._path(model, program)
-        try:
-            payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-            return serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=devices)
-        except FileNotFoundError:
-            pass
-        except Exception:  # noqa: BLE001 (truncated, corrupt or from another build: rebuild it)
-            path.unlink(missing_ok=True)
+    def has(self, program: str) -> bool:
+        return program in self._loading or self._path(program).is_file()
+
+    def start_loading(self, programs: list[str]) -> None:
+        """Deserialize these programs (those on disk), in this order, in a background thread. The native
+        code they call (FFI targets) must be registered before."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="executables")
+        for program in programs:
+            if program not in self._loading and self._path(program).is_file():
+                self._loading[program] = self._pool.submit(self._load, program)
+
+    def get(self, program: str, layout: str, lower: Callable[[], jax.stages.Lowered]) -> jax.stages.Compiled:
+        """The program compiled for parameters of this `layout` (`layout_digest`): loaded (or being
+        loaded) from disk if it is there and loads; else lowered, compiled and saved."""
+        loading = self._loading.pop(program, None)
+        found = loading.result() if loading is not None and not loading.cancel() else self._load(program)
+        if found is not None:
+            if found[0] == layout:
+                return found[1]
+            self._path(program).unlink(missing_ok=True)  # made for other parameters (a stale key)
         compiled = lower().compile()
-        self._save(path, compiled)
+        self._save(program, layout, compiled)
         return compiled
 
-    def _save(self, path: Path, compiled: jax.stages.Compiled) -> None:
+    def _load(self, program: str) -> tuple[str, jax.stages.Compiled] | None:
+        """(layout, program) from disk; None if absent. One that is truncated, corrupt or from another
+        build is deleted (and rebuilt by `get`)."""
+        path = self._path(program)
+        try:
+            layout, payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+            return layout, serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                                     execution_devices=self.devices)
+        except FileNotFoundError:
+            return None
+        except Exception:  # noqa: BLE001 (truncated, corrupt or from another build: rebuild it)
+            path.unlink(missing_ok=True)
+            return None
+
+    def _save(self, program: str, layout: str, compiled: jax.stages.Compiled) -> None:
         """Atomically; a cache that cannot be written (read-only, full disk) only costs the next start."""
         try:
-            data = pickle.dumps(serialize_executable.serialize(compiled))
+            data = pickle.dumps((layout, *serialize_executable.serialize(compiled)))
         except (ValueError, NotImplementedError, pickle.PicklingError):
             return  # this backend cannot serialize it: the next start compiles it again
+        path = self._path(program)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ in `PREFILL_BUCKETS`, one decode step; a conversation that grows never compiles 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,46 +16,68 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .engine_api import SamplingParams
-from .executables import ExecutableCache, fingerprint
+from .executables import ExecutableCache, layout_digest
 from .kv_cache import KVCache
 from .mixtral import Mixtral, ModelDef
 from .sampling import SamplingArrays, sample
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
 PREFILL_CHUNK = PREFILL_BUCKETS[-1]  # longer inputs are fed in chunks of this many tokens
+READY_CHUNK_MIN = 64  # chunks of a program already compiled, rather than compile a bigger one (chunk_buckets)
 
 
 def bucket_for(n: int) -> int:
     return next(b for b in PREFILL_BUCKETS if b >= n)
 
 
-def chunk_buckets(n: int) -> list[int]:
-    """The buckets a prefill of n tokens runs: full chunks, then the rest."""
-    return [bucket_for(min(PREFILL_CHUNK, n - first)) for first in range(0, n, PREFILL_CHUNK)]
+def chunk_buckets(n: int, ready: Collection[int] = ()) -> list[int]:
+    """The buckets a prefill of n tokens runs, one per chunk: chunks of PREFILL_CHUNK tokens, the rest
+    in its bucket. Unless some of those programs are not `ready` (compiled, or in the executable cache)
+    while a bucket of READY_CHUNK_MIN tokens or more is: then chunks of the largest ready bucket and the
+    rest in the smallest ready one that holds it, so that a conversation resumed after a restart
+    prefills its history through the programs its last turns used, compiling nothing."""
+    full = [bucket_for(min(PREFILL_CHUNK, n - first)) for first in range(0, n, PREFILL_CHUNK)]
+    if set(full) <= set(ready) or max(ready, default=0) < READY_CHUNK_MIN:
+        return full
+    chunk = max(ready)
+    chunks, rest = divmod(n, chunk)
+    return [chunk] * chunks + ([min(b for b in ready if b >= rest)] if rest else [])
 
 
 # The programs that have run, by (model shape, program name): jit compiles each once.
 _compiled: set[tuple[ModelDef, str]] = set()
 
 
-def _program_name(program: str, cache: KVCache | None = None, *, capacity: int | None = None, batch: int = 1) -> str:
-    """A program and the shapes it was compiled for: 'decode, cache 4608 x 1'."""
+def program_name(program: str, cache: KVCache | None = None, *, capacity: int | None = None, batch: int = 1) -> str:
+    """A program and the shapes it was compiled for: 'decode, cache 4608 x 1' (the executable cache's
+    name for it)."""
     if cache is not None:
         capacity, batch = cache.capacity, cache.batch
     return f"{program}, cache {capacity} x {batch}"
 
 
+def seed_data(seed: int) -> np.ndarray:
+    """uint32 [2]: the raw data of the random key of `seed` (< 2**64), made on the host (jax.random.key
+    would compile a program); the programs fold each step's number into it."""
+    return np.array([seed >> 32 & 0xFFFFFFFF, seed & 0xFFFFFFFF], np.uint32)
+
+
+def _step_key(seed: jax.Array, step: jax.Array) -> jax.Array:
+    return jax.random.fold_in(jax.random.wrap_key_data(seed), step)
+
+
 @functools.partial(jax.jit, static_argnames=("model_def",), donate_argnames=("cache",))
-def _prefill_step(model_def: ModelDef, params, cache: KVCache, tokens, num_new, seen, key,
+def _prefill_step(model_def: ModelDef, params, cache: KVCache, tokens, num_new, seen, seed,
                   sampling: SamplingArrays):
     logits, cache = model_def.merge(params).forward(tokens, cache, num_new, last_only=True)
-    return sample(logits, seen, key, sampling), cache
+    return sample(logits, seen, _step_key(seed, 0), sampling), cache
 
 
 @functools.partial(jax.jit, static_argnames=("model_def",), donate_argnames=("cache", "seen"))
-def _decode_step(model_def: ModelDef, params, cache: KVCache, token, seen, key, sampling: SamplingArrays):
+def _decode_step(model_def: ModelDef, params, cache: KVCache, token, seen, seed, step,
+                 sampling: SamplingArrays):
     logits, cache = model_def.merge(params).forward(token[:, None], cache, 1, last_only=True)
-    next_token = sample(logits, seen, key, sampling)
+    next_token = sample(logits, seen, _step_key(seed, step), sampling)
     seen = seen.at[jnp.arange(seen.shape[0]), next_token].set(True)
     return next_token, cache, seen
 
@@ -75,7 +97,7 @@ class Generator:
         if any(a.dtype in (jnp.int4, jnp.uint4) for a in jax.tree.leaves(self.params)):
             executables = None
         self.executables = executables
-        self._fingerprint = fingerprint(self.config.to_json(), self.params, self.mesh) if executables else ""
+        self._layout = layout_digest(self.params) if executables else ""
         self._loaded: dict[str, jax.stages.Compiled] = {}  # programs from the executable cache, by name
 
     def _run(self, step, program: str, *args):
@@ -85,15 +107,17 @@ class Generator:
             return step(self.model_def, self.params, *args)
         compiled = self._loaded.get(program)
         if compiled is None:
-            compiled = self._loaded[program] = self.executables.load_or_compile(
-                self._fingerprint, program, list(self.mesh.devices.flat),
-                lambda: step.lower(self.model_def, self.params, *args))
+            compiled = self._loaded[program] = self.executables.get(
+                program, self._layout, lambda: step.lower(self.model_def, self.params, *args))
         return compiled(self.params, *args)
 
     # --- host side --------------------------------------------------------------------------------
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
-        with jax.set_mesh(self.mesh):
-            return KVCache.create(self.config, self.mesh, batch, capacity)
+        return KVCache.allocate(self.config, self.mesh, batch, capacity)
+
+    def seed(self, seed: int) -> jax.Array:
+        """The random stream of a turn: uint32 [2] on the devices (`seed_data`)."""
+        return jax.device_put(seed_data(seed), self._replicated)
 
     def seen_mask(self, token_ids: Sequence[int]) -> jax.Array:
         """bool [1, V]: the tokens the repetition penalty applies to."""
@@ -101,27 +125,34 @@ class Generator:
         seen[0, np.asarray(token_ids, np.int64)] = True
         return jax.device_put(seen, self._replicated)
 
-    def prefill(self, cache: KVCache, token_ids: Sequence[int], seen: jax.Array, key: jax.Array,
+    def prefill(self, cache: KVCache, token_ids: Sequence[int], seen: jax.Array, seed: jax.Array,
                 sampling: SamplingArrays) -> tuple[jax.Array, KVCache]:
-        """Feed token_ids (one row) at the cache's end, in chunks padded to a bucket; returns the sampled
-        next token (device int32 [1]) and the cache. The caller keeps end + bucket <= capacity."""
+        """Feed token_ids (one row) at the cache's end, in chunks padded to a bucket; returns the next
+        token (device int32 [1], sampled with step 0 of `seed`'s stream) and the cache. The caller keeps
+        end + bucket <= capacity."""
         assert len(token_ids) > 0
-        next_token = None
-        for first, bucket in zip(range(0, len(token_ids), PREFILL_CHUNK), chunk_buckets(len(token_ids))):
-            chunk = token_ids[first:first + PREFILL_CHUNK]
-            padded = np.zeros((1, bucket), np.int32)
-            padded[0, :len(chunk)] = chunk
-            tokens = jax.device_put(padded, self._replicated)
-            program = _program_name(f"prefill {bucket}", cache)
-            next_token, cache = self._run(_prefill_step, program, cache, tokens, jnp.int32(len(chunk)), seen, key,
-                                          sampling)
-            _compiled.add((self.model_def, program))
+        next_token, first = None, 0
+        for bucket in chunk_buckets(len(token_ids), self.ready_buckets(cache.capacity)):
+            chunk = token_ids[first:first + bucket]
+            first += len(chunk)
+            next_token, cache = self._prefill_chunk(cache, chunk, bucket, seen, seed, sampling)
         return next_token, cache
 
-    def decode(self, cache: KVCache, token: jax.Array, seen: jax.Array, key: jax.Array,
+    def _prefill_chunk(self, cache: KVCache, chunk: Sequence[int], bucket: int, seen: jax.Array, seed: jax.Array,
+                       sampling: SamplingArrays) -> tuple[jax.Array, KVCache]:
+        padded = np.zeros((1, bucket), np.int32)
+        padded[0, :len(chunk)] = chunk
+        program = program_name(f"prefill {bucket}", cache)
+        result = self._run(_prefill_step, program, cache, jax.device_put(padded, self._replicated),
+                           np.int32(len(chunk)), seen, seed, sampling)
+        _compiled.add((self.model_def, program))
+        return result
+
+    def decode(self, cache: KVCache, token: jax.Array, seen: jax.Array, seed: jax.Array, step: int,
                sampling: SamplingArrays) -> tuple[jax.Array, KVCache, jax.Array]:
-        program = _program_name("decode", cache)
-        result = self._run(_decode_step, program, cache, token, seen, key, sampling)
+        """Feed token [1] and sample the next one with step `step` (> 0) of `seed`'s stream."""
+        program = program_name("decode", cache)
+        result = self._run(_decode_step, program, cache, token, seen, seed, np.int32(step), sampling)
         _compiled.add((self.model_def, program))
         return result
 
@@ -130,21 +161,29 @@ class Generator:
         streams its turns instead)."""
         cache = self.new_cache(capacity)
         greedy = SamplingArrays.of(SamplingParams(temperature=0))
-        seen, key = self.seen_mask([]), jax.random.key(0)
-        token, cache = self.prefill(cache, token_ids, seen, key, greedy)
-        out = [int(token[0])]
+        seen, seed = self.seen_mask([]), self.seed(0)
+        token, cache = self.prefill(cache, token_ids, seen, seed, greedy)
+        out = [int(np.asarray(token)[0])]
         while len(out) < n:
-            token, cache, seen = self.decode(cache, token, seen, key, greedy)
-            out.append(int(token[0]))
+            token, cache, seen = self.decode(cache, token, seen, seed, len(out), greedy)
+            out.append(int(np.asarray(token)[0]))
         return out
+
+    def _ready(self, program: str) -> bool:
+        """Whether the program runs without being compiled first."""
+        if self.executables is not None:
+            return program in self._loaded or self.executables.has(program)
+        return (self.model_def, program) in _compiled
+
+    def ready_buckets(self, capacity: int) -> set[int]:
+        """The prefill buckets whose programs for a one-row cache of `capacity` are ready."""
+        return {b for b in PREFILL_BUCKETS if self._ready(program_name(f"prefill {b}", capacity=capacity))}
 
     def will_compile(self, n_tokens: int, capacity: int) -> bool:
         """Whether a turn prefilling n_tokens (then decoding) in one row compiles a program first."""
-        programs = {_program_name(f"prefill {b}", capacity=capacity) for b in chunk_buckets(n_tokens)}
-        programs.add(_program_name("decode", capacity=capacity))
-        if self.executables is not None:
-            return any(p not in self._loaded and not self.executables.has(self._fingerprint, p) for p in programs)
-        return any((self.model_def, p) not in _compiled for p in programs)
+        programs = {program_name(f"prefill {b}", capacity=capacity)
+                    for b in chunk_buckets(n_tokens, self.ready_buckets(capacity))}
+        return not all(self._ready(p) for p in programs | {program_name("decode", capacity=capacity)})
 
     def warm_up(self, capacity: int) -> None:
         """Compile (or load) every program now, so no turn waits for the compiler."""
@@ -152,21 +191,14 @@ class Generator:
             pass
 
     def warm_up_steps(self, capacity: int) -> Iterator[str]:
-        """Compile (or load) the programs one at a time, yielding after each: the smallest prefill bucket
-        and the decode step first (what a short first message needs), then the bigger buckets. A caller
-        can serve a turn between two steps."""
+        """Compile (or load) the programs one at a time, yielding after each: the decode step first
+        (every turn needs it, and it takes the longest to compile), then the prefill buckets smallest
+        first (a short first message needs the smallest). A caller can serve a turn between two steps."""
         sampling = SamplingArrays.of(SamplingParams())
-        key = jax.random.key(0)
-
-        def prefill(bucket: int):
-            return self.prefill(self.new_cache(capacity), [0] * bucket, self.seen_mask([]), key, sampling)
-
-        first, *rest = PREFILL_BUCKETS
-        token, cache = prefill(first)
-        yield f"prefill {first}"
-        self.decode(cache, token, self.seen_mask([]), key, sampling)[0].block_until_ready()
-        del token, cache  # no cache kept alive between steps
+        seed, token = self.seed(0), jax.device_put(np.zeros(1, np.int32), self._replicated)
+        self.decode(self.new_cache(capacity), token, self.seen_mask([]), seed, 1, sampling)[0].block_until_ready()
         yield "decode"
-        for bucket in rest:
-            prefill(bucket)[0].block_until_ready()
+        for bucket in PREFILL_BUCKETS:
+            self._prefill_chunk(self.new_cache(capacity), [0] * bucket, bucket, self.seen_mask([]), seed,
+                                sampling)[0].block_until_ready()
             yield f"prefill {bucket}"

@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .config import MixtralConfig
@@ -44,7 +45,7 @@ class KVCache:
     def rewind(self, end: int) -> KVCache:
         """Forget every slot from `end` on (they are overwritten by what is fed next). The new `end`
         keeps the old one's placement, so the compiled programs still match."""
-        return self.replace(end=jax.device_put(jnp.int32(end), self.end.sharding))
+        return self.replace(end=jax.device_put(np.int32(end), self.end.sharding))
 
     @staticmethod
     def block_for(capacity: int) -> int:
@@ -57,19 +58,30 @@ class KVCache:
 
     @staticmethod
     def create(config: MixtralConfig, mesh: Mesh, batch: int, capacity: int, start=None) -> KVCache:
-        """An empty cache; `capacity` must be a multiple of ATTENTION_BLOCK or at most one block."""
+        """An empty cache, inside a program (`start` may be traced); `capacity` must be a multiple of
+        ATTENTION_BLOCK or at most one block."""
+        sharding = NamedSharding(mesh, P(*cache_spec(config, mesh)))
+        return KVCache._empty(config, batch, capacity, lambda shape: jnp.zeros(shape, config.dtype, device=sharding),
+                              jnp.zeros((), jnp.int32),
+                              jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32))
+
+    @staticmethod
+    def allocate(config: MixtralConfig, mesh: Mesh, batch: int, capacity: int) -> KVCache:
+        """An empty cache made from host zeros: no program to compile (a start that loads its programs
+        from the executable cache compiles nothing)."""
+        sharding = NamedSharding(mesh, P(*cache_spec(config, mesh)))
+        dtype = jnp.dtype(config.dtype)
+        return KVCache._empty(config, batch, capacity, lambda shape: jax.device_put(np.zeros(shape, dtype), sharding),
+                              jax.device_put(np.int32(0)), jax.device_put(np.zeros((batch,), np.int32)))
+
+    @staticmethod
+    def _empty(config: MixtralConfig, batch: int, capacity: int, zeros, end, start) -> KVCache:
         if capacity > ATTENTION_BLOCK and capacity % ATTENTION_BLOCK:
             raise ValueError(f"cache capacity {capacity} must be a multiple of {ATTENTION_BLOCK}")
-        sharding = NamedSharding(mesh, P(*cache_spec(config, mesh)))
-        zeros = lambda *shape: jnp.zeros(shape, config.dtype, device=sharding)  # noqa: E731
         B, KV, Dh = batch, config.num_kv_heads, config.head_dim
-        return KVCache(
-            k=tuple(zeros(B, KV, Dh, capacity) for _ in range(config.num_layers)),
-            v=tuple(zeros(B, KV, capacity, Dh) for _ in range(config.num_layers)),
-            end=jnp.zeros((), jnp.int32),
-            start=jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32),
-            block=KVCache.block_for(capacity),
-        )
+        return KVCache(k=tuple(zeros((B, KV, Dh, capacity)) for _ in range(config.num_layers)),
+                       v=tuple(zeros((B, KV, capacity, Dh)) for _ in range(config.num_layers)),
+                       end=end, start=start, block=KVCache.block_for(capacity))
 
     @property
     def nbytes(self) -> int:

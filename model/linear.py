@@ -126,23 +126,27 @@ class Kernels(Protocol):
 class Weights(Protocol):
     def dense(self, name: str, spec: tuple, rows: slice | None = None) -> jax.Array: ...
 
-    def linear(self, name: str, spec: tuple, rows: slice | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        """(kernel, quantization parameters: none for a dense kernel, see quantize.PARAMS)."""
+    def linear(self, name: str, spec: tuple, rows: slice | None = None, out_major: bool = False
+               ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """(kernel, quantization parameters: none for a dense kernel, see quantize.PARAMS), [.., in, out]
+        split by `spec`, or with `out_major` as `out_major` lays them out (read so, without a relayout
+        on the devices, where the source can)."""
         ...
 
 
 class Linear(nnx.Module):
     """y = x @ W, W dense or weight-only quantized (quantize.py): [in, out] for XLA's matmuls, or
-    out-major for our kernels (`kernels` given and able to tile W: laid out here, once)."""
+    out-major for our kernels (`kernels` given and able to tile W: laid out here, once, unless the
+    weights come `laid_out` already, as `Weights.linear(..., out_major=True)` hands them out)."""
 
-    def __init__(self, weights: Matrix, config: MixtralConfig, kernels: Kernels | None = None):
+    def __init__(self, weights: Matrix, config: MixtralConfig, kernels: Kernels | None = None, laid_out: bool = False):
         kernel, params = weights
         self.quantization = config.quantization if params else None  # a dense weight has no parameters
         self.group = config.quant_group_size
         if kernels is not None and not kernels.supports(kernel.shape, self.quantization, self.group):
             kernels = None
         self.kernels = kernels
-        if kernels is not None:
+        if kernels is not None and not laid_out:
             kernel, params = out_major(weights, self.quantization, kernels.mesh, kernels.spec)
         self.kernel = nnx.Param(kernel)
         self.qparams = nnx.List([nnx.Param(p) for p in params])

@@ -119,16 +119,22 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
     return acc / l[..., None]
 
 
+def linear_layer(weights: Weights, name: str, spec: tuple, config: MixtralConfig, mesh: Mesh, branchless: bool,
+                 cpu_kernels: bool) -> Linear:
+    """The Linear of weight `name`: through the CPU kernels (read in their layout), the GPU's (quantized
+    weights, laid out at load) or XLA's matmuls."""
+    if cpu_kernels:
+        return Linear(weights.linear(name, spec, out_major=True), config, CpuKernels(mesh, spec), laid_out=True)
+    return Linear(weights.linear(name, spec), config, GpuKernels(mesh, spec) if branchless else None)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict, mesh: Mesh,
                  branchless: bool, cpu_kernels: bool):
         self.config, self.branchless = config, branchless
 
         def linear(name: str) -> Linear:
-            spec = specs[name]
-            kernels = CpuKernels(mesh, spec) if cpu_kernels else GpuKernels(mesh, spec) if branchless else None
-            return Linear(weights.linear(f"{prefix}.{name}", spec), config, kernels)
-
+            return linear_layer(weights, f"{prefix}.{name}", specs[name], config, mesh, branchless, cpu_kernels)
 
         self.wq, self.wk, self.wv, self.wo = linear("wq"), linear("wk"), linear("wv"), linear("wo")
 
@@ -193,9 +199,9 @@ class Mixtral(nnx.Module):
         self.final_norm = RMSNorm(weights.dense("final_norm", specs["final_norm"]), config.rms_norm_eps)
         # the LM head: [D, V] (out-major for our kernels), or the embedding [V, D] it is tied to
         lm_head_spec = swap_spec(specs["embed"])
-        kernels = CpuKernels(mesh, lm_head_spec) if cpu_kernels else GpuKernels(mesh, lm_head_spec) if branchless else None
-        self.tied_lm_head = kernels if config.tie_word_embeddings and cpu_kernels else None
-        self.lm_head = None if config.tie_word_embeddings else Linear(weights.linear("lm_head", lm_head_spec), config, kernels)
+        self.tied_lm_head = CpuKernels(mesh, lm_head_spec) if config.tie_word_embeddings and cpu_kernels else None
+        self.lm_head = None if config.tie_word_embeddings else linear_layer(
+            weights, "lm_head", lm_head_spec, config, mesh, branchless, cpu_kernels)
 
     def forward(self, tokens: jax.Array, cache: KVCache, num_new: jax.Array | int,
                 last_only: bool = False) -> tuple[jax.Array, KVCache]:

@@ -238,8 +238,8 @@ class MoE(nnx.Module):
 
         def stored(name: str) -> nnx.List:
             groups = [slice(g, g + group_size) for g in range(0, config.num_experts, group_size)]
-            return nnx.List([Linear(self._stored(weights.linear(f"{prefix}.{name}", specs[name], rows=rows), specs[name]),
-                                    config) for rows in groups])
+            return nnx.List([Linear(self._stored(weights, f"{prefix}.{name}", specs[name], rows), config)
+                             for rows in groups])
 
         self.w1, self.w3, self.w2 = stored("w1"), stored("w3"), stored("w2")
 
@@ -249,11 +249,13 @@ class MoE(nnx.Module):
         ffn = c.intermediate_size // (layout.mesh.shape[MODEL] if layout.ffn_split else 1)
         return [(c.hidden_size, ffn), (ffn, c.hidden_size)]
 
-    def _stored(self, matrix: Matrix, spec: tuple) -> Matrix:
-        """The [.., in, out] (kernel, params) a Weights source hands out -> the layout kept in memory."""
-        if not self.layout.out_major:
-            return matrix
-        return out_major(matrix, self.config.quantization, self.layout.mesh, spec)
+    def _stored(self, weights: Weights, name: str, spec: tuple, rows: slice) -> Matrix:
+        """The experts `rows` of a weight in the layout kept in memory: read out-major for the CPU
+        kernels, laid out on the devices for the GPU's."""
+        if self.layout.cpu_kernels:
+            return weights.linear(name, spec, rows, out_major=True)
+        matrix = weights.linear(name, spec, rows)
+        return out_major(matrix, self.config.quantization, self.layout.mesh, spec) if self.layout.out_major else matrix
 
     def __call__(self, x: jax.Array, live: jax.Array) -> jax.Array:
         """x [B, T, D]; live [T] marks real tokens (bucket padding is not routed). -> [B, T, D]."""

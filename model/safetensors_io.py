@@ -171,6 +171,15 @@ def _read_header(path: Path) -> dict[str, _Entry]:
     return entries
 
 
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on an `alignment`-byte boundary: XLA's CPU client uses
+    such memory in place (`jax.device_put` without a copy, ~10x faster for a model's weights)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 class TensorFiles:
     """The tensors of a folder of safetensors (one file, or shards + `*.safetensors.index.json`).
 
@@ -227,12 +236,15 @@ class TensorFiles:
             raise SafetensorsError(f"{e.path} is truncated: tensor {name} is incomplete")
         return data.reshape(shape)
 
-    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    def read_slice(self, name: str, index: tuple[slice, ...], swap_last: bool = False) -> np.ndarray:
         """One block of the tensor (a device's shard), through a memory map opened and closed for this
-        read, so only the block's pages are touched and none stay mapped."""
+        read, so only the block's pages are touched and none stay mapped. `swap_last`: the block with
+        its last two dims swapped (copied once, in that order)."""
         e = self._entry(name)
         mapped = np.memmap(e.path, dtype=e.dtype, mode="r", offset=e.offset, shape=e.shape)
-        block = np.array(mapped[index])
+        view = mapped[index].swapaxes(-1, -2) if swap_last else mapped[index]
+        block = aligned_empty(view.shape, view.dtype)
+        np.copyto(block, view)
         del mapped  # unmapped here: nothing else refers to it
         return block
 

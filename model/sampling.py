@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .engine_api import SamplingParams
 
@@ -30,8 +31,9 @@ class SamplingArrays:
 
     @staticmethod
     def of(p: SamplingParams) -> SamplingArrays:
-        return SamplingArrays(jnp.float32(p.temperature), jnp.int32(p.top_k), jnp.float32(p.top_p),
-                              jnp.float32(p.repetition_penalty))
+        """Copied from the host (no program to compile)."""
+        return SamplingArrays(*jax.device_put((np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p),
+                                               np.float32(p.repetition_penalty))))
 
 
 def validate(p: SamplingParams) -> None:

@@ -7,8 +7,9 @@ random-weight bench (bench/full_size.py) all read this table.
 Our checkpoint stores weight `kind` of layer l as `layers.{l}.{kind}` (the others by their kind alone)
 in the layout declared here: linear weights `[in, out]` (y = x @ w), a layer's experts stacked on a
 first dim. A quantized weight keeps its name for the values and adds its parameters (quantize.py).
-A layout a backend prefers in memory (the GPU kernels read experts out-major, moe.py) is made from this
-one at load; a new one adds its own preparation there, not a second description here.
+Checkpoints of format 2 (config `weight_layout` "out_major") store the linear weights with their last
+two dims swapped (`stored_out_major`): the layout our kernels read (linear.out_major), so loading them
+is a plain read; a backend that wants the other layout gets each block transposed as it is read.
 """
 
 from __future__ import annotations
@@ -95,6 +96,17 @@ def weight_table(config: MixtralConfig) -> dict[str, WeightInfo]:
         weights.append(WeightInfo("lm_head", (D, V), (HIDDEN, VOCAB), "lm_head.weight", True, False,
                                   quantizable=config.lm_head_quantized))
     return {info.kind: info for info in weights}
+
+
+def stored_out_major(info: WeightInfo, config: MixtralConfig) -> bool:
+    """Whether the checkpoint stores this weight's tensors of its rank with their last two dims swapped:
+    [.., out, in] (int4 values packed two per byte along `in`, their scales and offsets [.., out, in/group];
+    int8 scales [.., out] as they are). The linear weights of an "out_major" checkpoint."""
+    return config.weight_layout == "out_major" and (info.quantizable or info.kind == "lm_head")
+
+
+def swap_last(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (*shape[:-2], shape[-1], shape[-2])
 
 
 def checkpoint_weights(config: MixtralConfig) -> list[tuple[int | None, WeightInfo]]:

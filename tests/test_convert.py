@@ -185,3 +185,34 @@ def test_conversion_streams_with_bounded_memory(tmp_path):
     print(f"model {model_bytes / 1e6:.0f} MB, peak RSS growth while converting {growth / 1e6:.0f} MB")
     assert growth < 0.1 * model_bytes
     model.verify(tmp_path / "out", deep=True)
+
+
+@pytest.mark.parametrize("dtype, quantization", [("float32", None), ("bfloat16", None), ("float32", "int8"),
+                                                 ("float32", "int4")])
+def test_format_1_checkpoints_still_load(tiny_hf, tmp_path, dtype, quantization):
+    """Format 2 stores the linear weights out-major (the CPU kernels' layout, read as they are); format 1
+    ([in, out]) is read transposed for them. Both give the same model, on the CPU kernels' path and on
+    XLA's (the GPU's, which reads format 2 transposed), sharded too."""
+    ids = np.array([[1, 733, 16289, 28793, 22557, 28804]], np.int32)
+    logits = {}
+    for layout in ("in_major", "out_major"):
+        ckpt = model.convert_hf(tiny_hf, tmp_path / layout, dtype=dtype, quantize=quantization, weight_layout=layout)
+        config = json.loads((ckpt / "config.json").read_text())
+        assert config["format_version"] == (1 if layout == "in_major" else 2)
+        if layout == "in_major":  # as versions before 2 wrote it: no weight_layout, a dense LM head
+            del config["weight_layout"], config["lm_head_quantized"]
+            (ckpt / "config.json").write_text(json.dumps(config))
+            manifest = json.loads((ckpt / "manifest.json").read_text())
+            manifest["files"]["config.json"] = {"bytes": (ckpt / "config.json").stat().st_size,
+                                                "sha256": model.manifest.sha256_file(ckpt / "config.json")}
+            (ckpt / "manifest.json").write_text(json.dumps(manifest))
+        for mesh, branchless in (((1, 1), False), ((2, 4), False), ((1, 1), True)):
+            logits[layout, mesh, branchless] = np.asarray(model.load(ckpt, model.make_mesh(mesh), branchless=branchless)(ids))
+    for key, value in logits.items():  # each format the same on every path
+        np.testing.assert_allclose(value, logits[key[0], (1, 1), False], atol=2e-2 if dtype == "bfloat16" else 1e-5,
+                                   err_msg=str(key))
+    old, new = logits["in_major", (1, 1), False], logits["out_major", (1, 1), False]
+    if quantization is None:  # the same weights
+        np.testing.assert_allclose(old, new, atol=2e-2 if dtype == "bfloat16" else 1e-5)
+    else:  # format 2 quantizes the LM head too (the bounds of test_quantize's whole-model check)
+        assert np.abs(old - new).max() < (0.02 if quantization == "int8" else 0.25) * np.abs(new).max()

@@ -12,33 +12,47 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-# One engine, one greedy turn, in a fresh process; prints what jax traced and compiled meanwhile.
+# In a fresh process: one engine (which prepares `prepare` programs, as the app's worker does while idle),
+# then one greedy turn on `messages`; prints what jax traced, lowered and compiled during each phase.
 TURN = r"""
 import json, sys, jax
 from jax._src import dispatch
-events = {"trace": [], "lower": [], "compile": []}
+spec = json.loads(sys.stdin.read())
+events = []
 names = {dispatch.JAXPR_TRACE_EVENT: "trace", dispatch.JAXPR_TO_MLIR_MODULE_EVENT: "lower",
          dispatch.BACKEND_COMPILE_EVENT: "compile"}
 def listen(event, seconds, **kw):
     if event in names:
-        events[names[event]].append(kw.get("fun_name", "?"))
+        events.append((names[event], kw.get("fun_name", "?")))
 jax.monitoring.register_event_duration_secs_listener(listen)
 from model.engine import Engine
-from model.engine_api import Compiling, SamplingParams, TextDelta
-engine = Engine(sys.argv[1], mesh_shape=(1, 1), context_length=256, executable_cache=sys.argv[2])
-before = {k: list(v) for k, v in events.items()}
-turn = list(engine.generate("c", [{"role": "user", "content": "Hello there"}], SamplingParams(temperature=0, max_new_tokens=8)))
+from model.engine_api import Compiling, SamplingParams, TextDelta, TurnDone
+engine = Engine(sys.argv[1], mesh_shape=(1, 1), context_length=600, executable_cache=sys.argv[2])
+for _ in range(spec.get("prepare", 0)):
+    engine.prepare_next()
+start = list(events)
+turn = list(engine.generate("c", spec["messages"], SamplingParams(temperature=0, max_new_tokens=8)))
+done = next(e for e in turn if isinstance(e, TurnDone))
+phases = {"start": start, "turn": events[len(start):]}
 print(json.dumps({"text": "".join(e.text for e in turn if isinstance(e, TextDelta)),
                   "compiling": any(isinstance(e, Compiling) for e in turn),
-                  "turn": {k: v[len(before[k]):] for k, v in events.items()}}))
+                  "prompt_tokens": done.prompt_tokens, "prefilled_tokens": done.prefilled_tokens,
+                  **{phase: {kind: [name for k, name in found if k == kind] for kind in names.values()}
+                     for phase, found in phases.items()}}))
 """
+HELLO = [{"role": "user", "content": "Hello there"}]
 
 
-def run_turn(ckpt, cache) -> dict:
+def run_turn(ckpt, cache, messages=HELLO, prepare: int = 0) -> dict:
     done = subprocess.run([sys.executable, "-c", TURN, str(ckpt), str(cache)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+                          input=json.dumps({"messages": messages, "prepare": prepare}), text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1])
+
+
+def nothing_built(run: dict) -> bool:
+    """Nothing traced, lowered or compiled, from the process start to the end of the turn."""
+    return not any(run[phase][kind] for phase in ("start", "turn") for kind in ("trace", "lower", "compile"))
 
 
 @pytest.mark.slow
@@ -50,9 +64,9 @@ def test_warm_start_loads_programs_instead_of_tracing_them(tiny_ckpt, tmp_path):
 
     warm = run_turn(tiny_ckpt, tmp_path)
     assert warm["text"] == cold["text"] and not warm["compiling"]
-    # the model's programs were neither traced, lowered nor compiled
-    for kind in ("trace", "lower", "compile"):
-        assert not [name for name in warm["turn"][kind] if "step" in name], warm["turn"]
+    # neither the model's programs nor anything around them (the cache, the seed, the loading) was
+    # traced, lowered or compiled
+    assert nothing_built(warm), warm
 
     # a damaged executable (cut short) and another one's bytes in its place: rebuilt silently
     saved[0].write_bytes(saved[0].read_bytes()[:1000])
@@ -60,10 +74,29 @@ def test_warm_start_loads_programs_instead_of_tracing_them(tiny_ckpt, tmp_path):
     again = run_turn(tiny_ckpt, tmp_path)
     assert again["text"] == cold["text"]
     assert len([name for name in again["turn"]["compile"] if "step" in name]) == 2
-    assert run_turn(tiny_ckpt, tmp_path)["turn"]["compile"] == warm["turn"]["compile"]  # and saved again
+    assert nothing_built(run_turn(tiny_ckpt, tmp_path))  # and saved again
 
 
-def test_idle_preparation_readies_every_program_smallest_first(tiny_ckpt, tmp_path):
+@pytest.mark.slow
+def test_resumed_conversation_compiles_nothing_a_new_one_did_not(tiny_ckpt, tmp_path):
+    """A conversation continued after a restart prefills its whole history at once, in chunks of the
+    programs the earlier session prepared, instead of compiling the bucket its length would pick."""
+    from model.generate import PREFILL_BUCKETS, READY_CHUNK_MIN
+
+    prepared = 2 + PREFILL_BUCKETS.index(READY_CHUNK_MIN)  # what a short idle time prepares: decode, buckets up to that one
+    first = run_turn(tiny_ckpt, tmp_path, prepare=prepared)
+    history = HELLO + [{"role": "assistant", "content": first["text"]},
+                       {"role": "user", "content": " ".join(["tell me more about that"] * 40)},
+                       {"role": "assistant", "content": "Well, " * 30},
+                       {"role": "user", "content": "And then?"}]
+    resumed = run_turn(tiny_ckpt, tmp_path, history)
+    assert resumed["prompt_tokens"] > READY_CHUNK_MIN * 2  # several chunks (its own bucket was not prepared)
+    assert resumed["prefilled_tokens"] == resumed["prompt_tokens"]  # the whole history, once
+    assert not resumed["compiling"] and nothing_built(resumed), resumed
+    assert len(list(tmp_path.glob("*.executable"))) == prepared  # no new program
+
+
+def test_idle_preparation_readies_every_program_decode_then_smallest_first(tiny_ckpt, tmp_path):
     """What the app's worker does while idle: one program per call, until a turn of any length compiles
     nothing; the programs land in the executable cache."""
     from model.engine import Engine
@@ -71,8 +104,8 @@ def test_idle_preparation_readies_every_program_smallest_first(tiny_ckpt, tmp_pa
 
     engine = Engine(tiny_ckpt, mesh_shape=(1, 1), context_length=600, executable_cache=tmp_path)
     assert engine.generator.will_compile(10, engine.capacity)
-    assert engine.prepare_next()  # the smallest prefill bucket
-    assert engine.prepare_next()  # the decode step: a short first message compiles nothing now
+    assert engine.prepare_next()  # the decode step
+    assert engine.prepare_next()  # the smallest prefill bucket: a short first message compiles nothing now
     assert not engine.generator.will_compile(10, engine.capacity)
     assert engine.generator.will_compile(100, engine.capacity)
     while engine.prepare_next():
@@ -84,19 +117,15 @@ def test_idle_preparation_readies_every_program_smallest_first(tiny_ckpt, tmp_pa
 def test_int4_weights_on_xla_run_without_the_executable_cache(tiny_hf, tmp_path):
     """jax refuses sub-byte arguments (int4 weights kept for XLA's matmuls when the CPU kernels are not
     used) to a program compiled through lower().compile(): such a model compiles as usual instead."""
-    import jax
     import model
-    from model.engine_api import SamplingParams
-    from model.executables import ExecutableCache
+    from model.executables import ExecutableCache, model_key
     from model.generate import Generator
-    from model.sampling import SamplingArrays
 
     ckpt = model.convert_hf(tiny_hf, tmp_path / "int4", quantize="int4")
     on_xla = model.load(ckpt, model.make_mesh((1, 1)), cpu_kernels=False)
-    generator = Generator(on_xla, ExecutableCache(tmp_path / "executables"))
+    cache = ExecutableCache(tmp_path / "executables", model_key(on_xla.config.to_json(), on_xla.mesh),
+                            list(on_xla.mesh.devices.flat))
+    generator = Generator(on_xla, cache)
     assert generator.executables is None
-    greedy, key = SamplingArrays.of(SamplingParams(temperature=0)), jax.random.key(0)
-    token, cache = generator.prefill(generator.new_cache(64), [1, 415, 2936], generator.seen_mask([]), key, greedy)
-    token, _, _ = generator.decode(cache, token, generator.seen_mask([]), key, greedy)
-    assert 0 <= int(token[0]) < on_xla.config.vocab_size
+    assert generator.greedy([1, 415, 2936], 3) == Generator(on_xla).greedy([1, 415, 2936], 3)
     assert not list((tmp_path / "executables").glob("*.executable"))

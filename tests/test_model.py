@@ -134,7 +134,7 @@ def test_long_context_decode_crosses_attention_blocks(tiny_ckpt):
     gen = Generator(m)
     cache = gen.new_cache(1024)
     greedy = SamplingArrays.of(SamplingParams(temperature=0))
-    seen, key = gen.seen_mask([]), jax.random.key(0)
+    seen, key = gen.seen_mask([]), gen.seed(0)
     token, cache = gen.prefill(cache, ids[0, :700].tolist(), seen, key, greedy)
     assert int(token[0]) == full[699].argmax()
 

@@ -73,9 +73,8 @@ def test_quantized_checkpoint_is_smaller_and_close(tiny_hf, tiny_ckpt, reference
 
 
 def test_the_lm_head_is_quantized_and_older_checkpoints_keep_theirs(tiny_hf, tiny_ckpt, reference, tmp_path):
-    """Conversions quantize the (untied) LM head with the rest; a checkpoint converted before that (its
-    config has no `lm_head_quantized`, its LM head in float32) still loads, with a dense LM head."""
-    from model import convert
+    """Conversions quantize the (untied) LM head with the rest; a checkpoint of format 1 (written before
+    that: no `lm_head_quantized` in its config, the LM head in float32) still loads, with a dense LM head."""
     from model.config import MixtralConfig
 
     new = model.convert_hf(tiny_hf, tmp_path / "new", quantize="int8")
@@ -83,16 +82,14 @@ def test_the_lm_head_is_quantized_and_older_checkpoints_keep_theirs(tiny_hf, tin
     assert config.lm_head_quantized and model.safetensors_io.TensorFiles(new).read("lm_head").dtype == np.int8
     assert model.load(new, model.make_mesh((1, 1))).lm_head.quantization == "int8"
 
-    old_config = MixtralConfig(**{**config.__dict__, "lm_head_quantized": False})
-    files = model.safetensors_io.TensorFiles(tiny_hf)
-    plan = convert._plan(convert._Source(files, old_config, upcycled=False), old_config)
-    old = convert._write_checkpoint(tmp_path / "old", old_config, plan, [tiny_hf / "tokenizer.model"], {}, False,
-                                    None, 4 << 30)
+    old = model.convert_hf(tiny_hf, tmp_path / "old", quantize="int8", weight_layout="in_major")
     saved = json.loads((old / "config.json").read_text())
-    del saved["lm_head_quantized"]  # as written before the key existed
-    assert MixtralConfig.from_json(saved) == old_config
+    for key in ("lm_head_quantized", "weight_layout"):  # as format 1 wrote it
+        del saved[key]
+    assert MixtralConfig.from_json(saved) == model.verify(old)
     assert model.safetensors_io.TensorFiles(old).read("lm_head").dtype == np.float32
-    loaded = model.load(old, model.make_mesh((1, 1)))
-    assert loaded.lm_head.quantization is None and loaded.layers[0].attn.wq.quantization == "int8"
-    logits = np.asarray(loaded(IDS))
-    assert np.abs(logits - reference).max() / np.abs(reference).max() < 0.02
+    for cpu_kernels in (True, False):
+        loaded = model.load(old, model.make_mesh((1, 1)), cpu_kernels=cpu_kernels)
+        assert loaded.lm_head.quantization is None and loaded.layers[0].attn.wq.quantization == "int8"
+        logits = np.asarray(loaded(IDS))
+        assert np.abs(logits - reference).max() / np.abs(reference).max() < 0.02

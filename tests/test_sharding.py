@@ -76,8 +76,8 @@ def test_cache_split_by_kv_heads_and_collectives_compiled(ckpt):
     assert cache.k[0].addressable_shards[0].data.shape[1] == 1  # 4 kv heads over 4 devices
     sampling = SamplingArrays.of(SamplingParams())
     token = jax.numpy.zeros((1,), jax.numpy.int32)
-    hlo = _decode_step.lower(gen.model_def, gen.params, cache, token, gen.seen_mask([]), jax.random.key(0),
-                             sampling).compile().as_text()
+    hlo = _decode_step.lower(gen.model_def, gen.params, cache, token, gen.seen_mask([]), gen.seed(0),
+                             np.int32(1), sampling).compile().as_text()
     assert "all-reduce" in hlo
 
 
