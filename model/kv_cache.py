@@ -69,10 +69,11 @@ class KVCache:
     def allocate(config: MixtralConfig, mesh: Mesh, batch: int, capacity: int) -> KVCache:
         """An empty cache made from host zeros: no program to compile (a start that loads its programs
         from the executable cache compiles nothing)."""
-        sharding = NamedSharding(mesh, P(*cache_spec(config, mesh)))
+        sharding, replicated = NamedSharding(mesh, P(*cache_spec(config, mesh))), NamedSharding(mesh, P())
         dtype = jnp.dtype(config.dtype)
         return KVCache._empty(config, batch, capacity, lambda shape: jax.device_put(np.zeros(shape, dtype), sharding),
-                              jax.device_put(np.int32(0)), jax.device_put(np.zeros((batch,), np.int32)))
+                              jax.device_put(np.int32(0), replicated),
+                              jax.device_put(np.zeros((batch,), np.int32), replicated))
 
     @staticmethod
     def _empty(config: MixtralConfig, batch: int, capacity: int, zeros, end, start) -> KVCache:
