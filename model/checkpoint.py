@@ -29,7 +29,9 @@ def _normalise(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
 
 class CheckpointWeights:
     """Hands each weight to the model as a jax.Array already split into its device shards: every device
-    reads only its own slice from disk (`jax.make_array_from_callback` + `TensorFiles.read_slice`)."""
+    reads only its own slice from disk (`jax.make_array_from_callback` + `TensorFiles.read_slice`); with
+    several processes each reads only its own devices' slices. Progress counts the checkpoint's bytes
+    whose arrays are made (the same fraction on every process, however little of them it reads)."""
 
     def __init__(self, files: TensorFiles, config: MixtralConfig, mesh: Mesh,
                  on_progress: Callable[[float, str], None] | None = None):
@@ -40,9 +42,11 @@ class CheckpointWeights:
         self.done = 0
 
     def _array(self, name: str, expected: tuple[int, ...], spec: tuple, rows: slice | None,
-               convert: Callable[[np.ndarray], np.ndarray], packed_axis: int | None = None) -> jax.Array:
+               convert: Callable[[np.ndarray], np.ndarray], dtype: np.dtype | None = None,
+               packed_axis: int | None = None) -> jax.Array:
         """`expected`: the tensor's shape on disk (from the weight table); `rows` selects a range of the
-        first dim; `packed_axis` is an axis stored at half length on disk (int4 pairs) that `convert` doubles."""
+        first dim; `dtype`: what `convert` gives (default: the dtype on disk); `packed_axis` is an axis
+        stored at half length on disk (int4 pairs) that `convert` doubles."""
         try:
             shape = list(self.files.shape(name))
         except SafetensorsError as e:
@@ -50,9 +54,12 @@ class CheckpointWeights:
         if tuple(shape) != tuple(expected):
             raise CheckpointError(f"tensor {name!r} has shape {tuple(shape)}, its config says {tuple(expected)}: "
                                   "the checkpoint does not match its config; convert it again")
+        on_disk = self.files.dtype(name)
+        read_bytes = int(np.prod(shape, dtype=np.int64)) * on_disk.itemsize
         if packed_axis is not None:
             shape[packed_axis] *= 2
         if rows is not None:
+            read_bytes = read_bytes // shape[0] * (rows.stop - rows.start)
             shape[0] = rows.stop - rows.start
         seen: dict[tuple, np.ndarray] = {}
 
@@ -65,19 +72,20 @@ class CheckpointWeights:
                 if packed_axis is not None:
                     s = index[packed_axis]
                     index = index[:packed_axis] + (slice(s.start // 2, s.stop // 2),) + index[packed_axis + 1:]
-                part = self.files.read_slice(name, index)
-                self.done += part.nbytes
-                seen[key] = convert(part)
+                seen[key] = convert(self.files.read_slice(name, index))
             return seen[key]
 
-        array = jax.make_array_from_callback(tuple(shape), NamedSharding(self.mesh, P(*spec)), read)
+        array = jax.make_array_from_callback(tuple(shape), NamedSharding(self.mesh, P(*spec)), read,
+                                             dtype=on_disk if dtype is None else dtype)
+        self.done += read_bytes
         if self.on_progress:
             self.on_progress(min(1.0, self.done / max(self.total, 1)), f"loading weights ({name})")
         return array
 
     def dense(self, name: str, spec: tuple, rows: slice | None = None) -> jax.Array:
         dtype = NUMPY_DTYPES[self.config.dtype]
-        return self._array(name, info_of(self.table, name).shape, spec, rows, lambda a: a.astype(dtype, copy=False))
+        return self._array(name, info_of(self.table, name).shape, spec, rows, lambda a: a.astype(dtype, copy=False),
+                           dtype)
 
     def linear(self, name: str, spec: tuple, rows: slice | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         mode, info = self.config.quantization, info_of(self.table, name)
@@ -87,7 +95,8 @@ class CheckpointWeights:
         if mode == "int8":
             kernel = self._array(name, stored, spec, rows, lambda a: a)
         else:
-            kernel = self._array(name, stored, spec, rows, quantize.unpack_int4, packed_axis=len(spec) - 2)
+            kernel = self._array(name, stored, spec, rows, quantize.unpack_int4, quantize.UNPACKED_INT4,
+                                 packed_axis=len(spec) - 2)
         param_shape = quantize.param_shape(info.shape, mode, self.config.quant_group_size)
         params = tuple(self._array(f"{name}.{param}", param_shape, quantize.param_spec(spec, mode), rows, lambda a: a)
                        for param in quantize.PARAMS[mode])

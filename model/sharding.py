@@ -37,12 +37,20 @@ def parse_mesh_shape(text: str) -> tuple[int, int]:
 
 
 def make_mesh(shape: tuple[int, int] | None = None, devices=None) -> Mesh:
-    """A mesh of shape (expert, model); by default every device on the model axis."""
+    """A mesh of shape (expert, model); by default every device on the model axis, or with several
+    processes (multihost.py) the expert axis across processes and the model axis within each, which
+    then must use every device of every process (jax.devices() lists them process by process)."""
     devices = list(devices if devices is not None else jax.devices())
-    expert, model = shape if shape is not None else (1, len(devices))
+    processes = jax.process_count()
+    if shape is None:
+        shape = (processes, len(devices) // processes) if processes > 1 else (1, len(devices))
+    expert, model = shape
     if expert * model > len(devices):
         raise MeshError(f"mesh {expert}x{model} needs {expert * model} devices, but only {len(devices)} "
                         f"{devices[0].platform} device(s) are available")
+    if processes > 1 and expert * model != len(devices):
+        raise MeshError(f"mesh {expert}x{model} uses {expert * model} devices, but the {processes} processes "
+                        f"have {len(devices)}: with several processes the mesh must use them all")
     return jax.make_mesh((expert, model), (EXPERT, MODEL), axis_types=(AxisType.Auto, AxisType.Auto),
                          devices=devices[: expert * model])
 
@@ -55,9 +63,11 @@ def check_mesh_fits(mesh: Mesh, config: MixtralConfig) -> None:
 
 
 def describe(mesh: Mesh) -> str:
-    """'8 x cpu, mesh 2x4' for the status bar."""
+    """'8 x cpu, mesh 2x4' for the status bar ('8 x cpu in 2 processes, mesh 2x4' across processes)."""
     platform = mesh.devices.flat[0].platform
-    return f"{mesh.size} x {platform}, mesh {mesh.shape[EXPERT]}x{mesh.shape[MODEL]}"
+    processes = len({d.process_index for d in mesh.devices.flat})
+    where = f" in {processes} processes" if processes > 1 else ""
+    return f"{mesh.size} x {platform}{where}, mesh {mesh.shape[EXPERT]}x{mesh.shape[MODEL]}"
 
 
 def split_if_divisible(mesh: Mesh, axis: str, count: int) -> str | None:
