@@ -307,14 +307,50 @@ def plan_setup(source: Source, *, data_dir: Path, devices: DeviceMemory | None =
     if memory is not None:
         if memory.needed_bytes > devices.total_bytes:
             problems.append(_memory_problem(source.hf_config, memory, devices))
+        elif problem := _per_device_problem(source.hf_config, memory, devices):
+            problems.append(problem)
         elif devices.available_bytes is not None and memory.needed_bytes > devices.available_bytes:
             warnings.append(f"Only {format_bytes(devices.available_bytes)} of RAM is free right now: close other "
                             "programs before chatting, or the model will load slowly or not at all.")
+        warnings.extend(_replicated_notes(source.hf_config, memory, devices))
         if problem := _disk_problem(source, destination, output_bytes):
             problems.append(problem)
     return SetupPlan(source=source, name=name, destination=destination, dtype=dtype, dtype_reason=dtype_reason,
                      quantization=quantization, devices=devices, memory=memory, output_bytes=output_bytes,
                      replaces_existing=destination.exists(), problems=tuple(problems), warnings=tuple(warnings))
+
+
+def _default_mesh_split(hf_config: dict, memory: MemoryNeed, devices: DeviceMemory):
+    """(config, mesh shape) of the app's default mesh: every device on the model axis."""
+    from model.sharding import MeshShape
+
+    return MixtralConfig.from_hf(hf_config, dtype=memory.dtype, quantization=memory.quantization), MeshShape(1, devices.count)
+
+
+def _replicated_notes(hf_config: dict, memory: MemoryNeed, devices: DeviceMemory) -> list[str]:
+    """What the default mesh cannot split, so every device holds it whole ("attention replicated on 8 devices")."""
+    from model.sharding import replicated
+
+    notes = replicated(*_default_mesh_split(hf_config, memory, devices))
+    return [f"{note.capitalize()}: the mesh does not divide it (--mesh can choose another split)." for note in notes]
+
+
+def _per_device_problem(hf_config: dict, memory: MemoryNeed, devices: DeviceMemory) -> str | None:
+    """Accelerators: whether each device holds its share of the weights as the default mesh really
+    splits them (what it cannot split, every device holds whole), plus its share of the KV cache."""
+    from model.sharding import replicated, weight_bytes_per_device
+
+    if devices.platform == "cpu" or devices.count == 1:
+        return None  # simulated CPU devices share one RAM: the total is what counts
+    config, mesh = _default_mesh_split(hf_config, memory, devices)
+    share = int((weight_bytes_per_device(config, mesh) + memory.kv_cache_bytes / devices.count) * (1 + MEMORY_HEADROOM))
+    limit = devices.total_bytes // devices.count
+    if share <= limit:
+        return None
+    notes = replicated(config, mesh)
+    why = f" ({'; '.join(notes)})" if notes else ""
+    return (f"Not enough memory per device: as {memory.label} each of the {devices.count} devices would hold "
+            f"{format_bytes(share)}{why}, but has {format_bytes(limit)}. Quantize the model, or use more devices.")
 
 
 def _memory_problem(hf_config: dict, memory: MemoryNeed, devices: DeviceMemory) -> str:

@@ -72,6 +72,7 @@ class Engine:
         report = on_progress or (lambda fraction, what: None)
         ckpt_dir = Path(ckpt_dir)
         mesh = sharding.make_mesh(mesh_shape)
+        self._check_memory(manifest.read_config(ckpt_dir), mesh, dtype, context_length)
         model = checkpoint.load(ckpt_dir, mesh, dtype=dtype, on_progress=lambda f, what: report(0.8 * f, what))
         self.config = model.config
         try:
@@ -82,7 +83,7 @@ class Engine:
             raise manifest.CheckpointError(problem)
         self.generator = Generator(model, ExecutableCache(executable_cache) if executable_cache else None)
         self.model_name = ckpt_dir.name
-        self.device_summary = sharding.describe(mesh)
+        self.device_summary = "; ".join([sharding.describe(mesh), *sharding.replicated(self.config, mesh)])
         self.context_limit = min(context_length or DEFAULT_CONTEXT, self.config.max_position_embeddings)
         self.capacity = KVCache.capacity_for(self.context_limit + PREFILL_CHUNK)
         self.max_cached_conversations = max(1, cache_budget_bytes // KVCache.bytes_for(self.config, self.capacity))
@@ -93,6 +94,15 @@ class Engine:
             report(0.8, "compiling")
             self.warm_up()
         report(1.0, "ready")
+
+    @staticmethod
+    def _check_memory(config, mesh, dtype: str | None, context_length: int | None) -> None:
+        """Refuse, before loading, a mesh whose devices cannot hold their share."""
+        config = dataclasses.replace(config, dtype=dtype or config.dtype)
+        context = min(context_length or DEFAULT_CONTEXT, config.max_position_embeddings)
+        cache = KVCache.bytes_for(config, KVCache.capacity_for(context + PREFILL_CHUNK))
+        if problem := sharding.memory_problem(config, mesh, cache):
+            raise sharding.MeshError(problem)
 
     def warm_up(self) -> None:
         """Compile every program now (each prefill bucket, the decode step, the host-side helpers of a
