@@ -261,7 +261,7 @@ def _chat(args: argparse.Namespace) -> int:
     if model_dir is None:
         raise CliError("--distributed needs the model on every process: pass --model NAME|PATH or --demo")
     _keep_stdout_for_replies(args.headless)
-    link = join(group, identity(model_dir, args.mesh, args.context_length), on_fatal=_fatal)
+    link = join(group, identity(model_dir, args.mesh, args.context_length), on_fatal=_ender(ui=not args.headless))
     if not link.is_driver:
         return _follow(link, model_dir, args)
     try:  # executables compiled for several processes are not kept on disk
@@ -337,11 +337,22 @@ def _follow(link: Link, model_dir: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def _fatal(message: str) -> None:
-    """Another process failed (called from any thread): one line, and this process ends at once, since
-    what it runs can no longer finish."""
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-    os._exit(EXIT_ERROR)
+def _ender(ui: bool) -> Callable[[str], None]:
+    """What ends this process when another one failed (called from any thread): the terminal given back
+    if the UI has it, one line, and the end at once, since what this process runs can no longer finish."""
+    import termios
+
+    terminal = sys.__stdin__.fileno() if ui and sys.__stdin__.isatty() else None
+    settings = termios.tcgetattr(terminal) if terminal is not None else None
+
+    def end(message: str) -> None:
+        if settings is not None:  # Textual's screen: mouse reports off, cursor shown, the main screen back
+            sys.__stderr__.write("\x1b[?1000l\x1b[?1003l\x1b[?1006l\x1b[?25h\x1b[?1049l")
+            termios.tcsetattr(terminal, termios.TCSADRAIN, settings)
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        os._exit(EXIT_ERROR)
+
+    return end
 
 
 def _chosen_model(args: argparse.Namespace, data_dir: Path) -> Path | None:
