@@ -85,22 +85,28 @@ def test_engine_across_processes_matches_one_process(tiny_ckpt):
 
 
 def test_headless_conversation_across_processes(tiny_ckpt, tmp_path):
-    """The CLI: the same greedy replies as one process, stdout holding only the replies; each process
-    exits 0 at the end of stdin."""
+    """The CLI: the same greedy replies as one process, stdout holding only the replies; Ctrl-C on
+    process 0 then ends every process."""
     port = free_port()
     follower = cli(*headless_args(tiny_ckpt, tmp_path / "f"), *group_args(port, 1))
     driver = cli(*headless_args(tiny_ckpt, tmp_path / "d"), *group_args(port, 0))
     alone = cli(*headless_args(tiny_ckpt, tmp_path / "a"), devices=8)
     try:
-        (out, err), (_, follower_err) = driver.communicate(TURNS, timeout=TIMEOUT_S), follower.communicate(timeout=60)
+        driver.stdin.write(TURNS)
+        driver.stdin.flush()
+        replies = [json.loads(driver.stdout.readline()) for _ in range(3)]
+        driver.send_signal(signal.SIGINT)
+        driver.wait(timeout=30)
+        follower.wait(timeout=30)
         alone_out, alone_err = alone.communicate(TURNS, timeout=TIMEOUT_S)
     finally:
         for p in (driver, follower, alone):
             p.kill()
-    assert (driver.returncode, follower.returncode, alone.returncode) == (0, 0, 0), err + follower_err + alone_err
-    replies, expected = [json.loads(line) for line in out.splitlines()], [json.loads(line) for line in alone_out.splitlines()]
-    assert [r["text"] for r in replies] == [r["text"] for r in expected] and len(replies) == 3
+    assert (driver.returncode, follower.returncode, alone.returncode) == (130, 0, 0), alone_err
+    expected = [json.loads(line) for line in alone_out.splitlines()]
+    assert [r["text"] for r in replies] == [r["text"] for r in expected] and len(expected) == 3
     assert [r["prefilled_tokens"] for r in replies] == [r["prefilled_tokens"] for r in expected]
+    assert driver.stdout.read() == ""  # nothing but the replies on stdout
 
 
 def test_dead_follower_ends_the_driver_with_one_line(tiny_ckpt, tmp_path):
