@@ -16,6 +16,7 @@ another checkpoint or mesh (refused by the driver at start), a driver that went 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,6 +33,7 @@ FOLLOWER_START_TIMEOUT_S = 300  # a follower waits this long for the driver (fol
 PEER_TIMEOUT_S = 10  # a follower silent this long is taken for dead
 HEARTBEAT_S = 1.0
 STOP_CHECK_TOKENS = 4  # every process asks "stop?" after this many tokens of a turn (the driver answers)
+CLOSE_WAIT_S = 60  # the driver waits this long for what runs to end before telling the followers to quit
 _WAIT_MS = 60_000  # one wait for the driver's next command (waits repeat while the driver is idle)
 _KEY = "mixtral-chat"
 
@@ -67,14 +69,15 @@ def join(group: ProcessGroup, me: dict, on_fatal: Callable[[str], None]) -> Link
     from jax._src import distributed
 
     auto = group.coordinator == "auto"
-    driver = group.process_id == 0 or (auto and group.process_id is None)  # auto: decided by JAX (below)
-    wait_s = START_TIMEOUT_S if driver else FOLLOWER_START_TIMEOUT_S
-    gave_up = threading.Timer(wait_s, lambda: on_fatal(
-        f"not every one of the {group.num_processes or 'expected'} processes joined within {wait_s} s "
-        f"(coordinator {group.coordinator}): start the others with the same --distributed, --num-processes "
-        "and their own --process-id" if driver else
-        f"the driver (process 0) at {group.coordinator} did not answer within {wait_s} s: start it, or check "
-        "the address and port"))
+    if group.process_id == 0:
+        wait_s = START_TIMEOUT_S
+        late = (f"not every one of the {group.num_processes} processes joined within {wait_s} s: start the others "
+                "with the same --distributed and --num-processes and their own --process-id")
+    else:  # a follower (or, with auto, a process JAX has not numbered yet)
+        wait_s = FOLLOWER_START_TIMEOUT_S
+        late = (f"the process group ({group.coordinator}) did not form within {wait_s} s: start process 0 "
+                "and the others, or check the address and port")
+    gave_up = threading.Timer(wait_s, lambda: on_fatal(late))
     gave_up.daemon = True
     gave_up.start()
     try:
@@ -99,9 +102,12 @@ class Link:
         self._on_fatal = on_fatal
         self._followers = range(1, num_processes)
         self._sent = 0  # commands sent (driver) or received (follower): the current command's number
-        self._sending = threading.Lock()  # the worker thread and the main thread (quit) both send
-        watch = self._watch_followers if self.is_driver else self._beat
-        threading.Thread(target=watch, name="multihost-watch", daemon=True).start()
+        self._running = threading.Lock()  # driver: held while every process runs a command (`together`)
+        self._closed = False
+        self._leaving = threading.Event()
+        self._watch = threading.Thread(target=self._watch_followers if self.is_driver else self._beat,
+                                       name="multihost-watch", daemon=True)
+        self._watch.start()
 
     @property
     def is_driver(self) -> bool:
@@ -133,14 +139,21 @@ class Link:
                            "--context-length")
 
     # --- commands --------------------------------------------------------------------------------
-    def send(self, command: dict) -> int:
-        """Driver: send a command to every follower; returns its number."""
-        with self._sending:
-            self._sent += 1
-            text = json.dumps(command)
-            for follower in self._followers:
-                self._client.key_value_set(f"{_KEY}/command/{follower}/{self._sent}", text)
-            return self._sent
+    @contextlib.contextmanager
+    def together(self, command: dict) -> Iterator[int]:
+        """Driver: send `command` to every follower and hold the group while this process runs it too
+        (`close` waits); gives the command's number. After `close`: MultihostError."""
+        with self._running:
+            if self._closed:
+                raise MultihostError("the other processes have quit")
+            yield self._send(command)
+
+    def _send(self, command: dict) -> int:
+        self._sent += 1
+        text = json.dumps(command)
+        for follower in self._followers:
+            self._client.key_value_set(f"{_KEY}/command/{follower}/{self._sent}", text)
+        return self._sent
 
     def receive(self) -> tuple[int, dict]:
         """Follower: the driver's next command and its number (waits as long as the driver is idle)."""
@@ -151,11 +164,34 @@ class Link:
         """The `should_stop` of the turn sent as `command`, the same on every process."""
         return StopCheck(self, command, should_stop)
 
+    def decide_stop(self, check: str, stop: bool) -> None:
+        """Driver: the answer to the stop check named `check` (a turn's command number / token count)."""
+        for follower in self._followers:
+            self._client.key_value_set(f"{_KEY}/stop/{follower}/{check}", "1" if stop else "0")
+
+    def stop_decided(self, check: str) -> bool:
+        """Follower: the driver's answer to the stop check named `check`."""
+        return self._get(f"{_KEY}/stop/{self.process_id}/{check}") == "1"
+
     def close(self) -> None:
-        """Driver: tell the followers to quit, then leave the process group together."""
+        """Driver: once what runs has ended (a cancelled turn within a few tokens; a program being
+        compiled in idle time: waited for up to CLOSE_WAIT_S), tell the followers to quit and leave the
+        process group together. Past that wait the followers find process 0 gone."""
+        if not self._running.acquire(timeout=CLOSE_WAIT_S):
+            return
+        self._closed = True
+        self._send({"op": "quit"})
+        self._running.release()
+        self.leave()
+
+    def leave(self) -> None:
+        """Leave the process group with the others (the driver's `close`, a follower told to quit). The
+        watch thread ends first: a thread inside the coordination client when the interpreter exits
+        aborts the process."""
         import jax
 
-        self.send({"op": "quit"})
+        self._leaving.set()
+        self._watch.join()
         jax.distributed.shutdown()
 
     # --- the store ----------------------------------------------------------------------------
@@ -183,19 +219,18 @@ class Link:
     def _beat(self) -> None:
         """Follower: a sign of life every HEARTBEAT_S."""
         beats = 0
-        while True:
+        while not self._leaving.is_set():
             beats += 1
             try:
                 self._client.key_value_set(f"{_KEY}/alive/{self.process_id}", str(beats), allow_overwrite=True)
             except Exception:  # noqa: BLE001 (the driver went away: the command loop reports it)
                 return
-            time.sleep(HEARTBEAT_S)
+            self._leaving.wait(HEARTBEAT_S)
 
     def _watch_followers(self) -> None:
         """Driver: end every process when a follower has shown no sign of life for PEER_TIMEOUT_S."""
         last = {f: (None, time.monotonic()) for f in self._followers}
-        while True:
-            time.sleep(HEARTBEAT_S)
+        while not self._leaving.wait(HEARTBEAT_S):
             for follower, (beat, since) in last.items():
                 try:
                     now_beat = self._client.key_value_try_get(f"{_KEY}/alive/{follower}")
@@ -223,12 +258,11 @@ class StopCheck:
         self._calls += 1
         if self._calls % STOP_CHECK_TOKENS:
             return False
-        link = self._link
-        if not link.is_driver:
-            return link._get(f"{_KEY}/stop/{link.process_id}/{self._command}/{self._calls}", None) == "1"
+        check = f"{self._command}/{self._calls}"
+        if not self._link.is_driver:
+            return self._link.stop_decided(check)
         stop = self.forced or self._should_stop()
-        for follower in link._followers:
-            link._client.key_value_set(f"{_KEY}/stop/{follower}/{self._command}/{self._calls}", "1" if stop else "0")
+        self._link.decide_stop(check, stop)
         return stop
 
 
@@ -247,35 +281,35 @@ class DriverEngine:
 
         prompt, dropped = self.engine.plan_turn(messages, sampling)
         sampling = with_seed(sampling)
-        command = self.link.send({"op": "reply", "conversation_id": conversation_id, "prompt": prompt,
-                                  "sampling": dataclasses.asdict(sampling)})
         if dropped:
             yield ContextTrimmed(dropped)
-        stop = self.link.stop_check(command, should_stop)
-        events = self.engine.reply(conversation_id, prompt, sampling, stop)
-        try:
-            for event in events:
-                yield event
-        except GeneratorExit:  # the caller stopped listening: the followers still run up to the next check
-            stop.forced = True
-            for _ in events:
-                pass
-            raise
+        with self.link.together({"op": "reply", "conversation_id": conversation_id, "prompt": prompt,
+                                 "sampling": dataclasses.asdict(sampling)}) as command:
+            stop = self.link.stop_check(command, should_stop)
+            events = self.engine.reply(conversation_id, prompt, sampling, stop)
+            try:
+                for event in events:
+                    yield event
+            except GeneratorExit:  # the caller stopped listening: the followers still run up to the next check
+                stop.forced = True
+                for _ in events:
+                    pass
+                raise
 
     def count_tokens(self, messages: list[dict]) -> int:
         return self.engine.count_tokens(messages)
 
     def forget(self, conversation_id: str) -> None:
-        self.link.send({"op": "forget", "conversation_id": conversation_id})
-        self.engine.forget(conversation_id)
+        with self.link.together({"op": "forget", "conversation_id": conversation_id}):
+            self.engine.forget(conversation_id)
 
     def prepare_next(self) -> bool:
-        self.link.send({"op": "prepare_next"})
-        return self.engine.prepare_next()
+        with self.link.together({"op": "prepare_next"}):
+            return self.engine.prepare_next()
 
     def warm_up(self) -> None:
-        self.link.send({"op": "warm_up"})
-        self.engine.warm_up()
+        with self.link.together({"op": "warm_up"}):
+            self.engine.warm_up()
 
 
 def follow(engine, link: Link) -> None:
@@ -299,7 +333,5 @@ def follow(engine, link: Link) -> None:
         elif op == "warm_up":
             engine.warm_up()
         elif op == "quit":
-            import jax
-
-            jax.distributed.shutdown()
+            link.leave()
             return

@@ -21,10 +21,15 @@ TESTS = Path(__file__).parent
 TIMEOUT_S = 240
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def free_ports(count: int) -> list[int]:
+    """Ports free now, all different (each socket is held until all are chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def environment(devices: int) -> dict:
@@ -61,7 +66,7 @@ def test_engine_across_processes_matches_one_process(tiny_ckpt):
     from model.sharding import make_mesh
     from multihost_engine import MESH, PROMPT, conversation
 
-    port = free_port()
+    (port,) = free_ports(1)
     processes = [subprocess.Popen([sys.executable, str(TESTS / "multihost_engine.py"), str(tiny_ckpt), str(port), "2",
                                    str(i)], env=environment(4), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                  for i in (1, 0)]
@@ -87,7 +92,7 @@ def test_engine_across_processes_matches_one_process(tiny_ckpt):
 def test_headless_conversation_across_processes(tiny_ckpt, tmp_path):
     """The CLI: the same greedy replies as one process, stdout holding only the replies; Ctrl-C on
     process 0 then ends every process."""
-    port = free_port()
+    (port,) = free_ports(1)
     follower = cli(*headless_args(tiny_ckpt, tmp_path / "f"), *group_args(port, 1))
     driver = cli(*headless_args(tiny_ckpt, tmp_path / "d"), *group_args(port, 0))
     alone = cli(*headless_args(tiny_ckpt, tmp_path / "a"), devices=8)
@@ -110,7 +115,7 @@ def test_headless_conversation_across_processes(tiny_ckpt, tmp_path):
 
 
 def test_dead_follower_ends_the_driver_with_one_line(tiny_ckpt, tmp_path):
-    port = free_port()
+    (port,) = free_ports(1)
     follower = cli(*headless_args(tiny_ckpt, tmp_path / "f"), *group_args(port, 1))
     driver = cli(*headless_args(tiny_ckpt, tmp_path / "d"), *group_args(port, 0))
     try:
@@ -133,8 +138,8 @@ def test_dead_follower_ends_the_driver_with_one_line(tiny_ckpt, tmp_path):
 def test_follower_that_never_starts_or_differs(tiny_ckpt, tmp_path):
     """A driver alone gives up after 15 s; a follower with another context length is refused, and so
     is the group."""
-    alone = cli(*headless_args(tiny_ckpt, tmp_path / "d"), *group_args(free_port(), 0))
-    port = free_port()
+    lonely_port, port = free_ports(2)
+    alone = cli(*headless_args(tiny_ckpt, tmp_path / "d"), *group_args(lonely_port, 0))
     follower = cli(*headless_args(tiny_ckpt, tmp_path / "f"), "--context-length", "256", *group_args(port, 1))
     driver = cli(*headless_args(tiny_ckpt, tmp_path / "d2"), *group_args(port, 0))
     try:
