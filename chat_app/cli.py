@@ -261,10 +261,11 @@ def _chat(args: argparse.Namespace) -> int:
     if model_dir is None:
         raise CliError("--distributed needs the model on every process: pass --model NAME|PATH or --demo")
     _keep_stdout_for_replies(args.headless)
-    link = join(group, identity(model_dir, args.mesh, args.context_length), on_fatal=_ender(ui=not args.headless))
+    link = join(group, identity(model_dir, args.mesh, args.context_length),
+                on_fatal=_ender(ui=not args.headless and group.process_id in (0, None)))
     if not link.is_driver:
         return _follow(link, model_dir, args)
-    try:  # executables compiled for several processes are not kept on disk
+    try:  # (programs compiled for a process group are not kept on disk)
         return _chat_on(args, data_dir, model_dir, overrides,
                         engine_factory(mesh_shape=args.mesh, context_length=args.context_length, link=link))
     except Exception as error:

@@ -135,6 +135,7 @@ class Link:
         for follower in self._followers:  # each reads its verdict before a refusing driver goes away
             self._get(f"{_KEY}/verdict-read/{follower}", START_TIMEOUT_S * 1000, late)
         if problems:
+            time.sleep(1)  # and the refused end first: a driver gone before them would abort them
             self._on_fatal("; ".join(problems) + ": start every process with the same model, --mesh and "
                            "--context-length")
 
