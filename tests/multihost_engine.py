@@ -18,9 +18,9 @@ PROMPT = [1, 733, 16289, 28793, 22557, 733, 28748, 16289, 28793]
 
 def conversation(engine) -> dict:
     """What test_multihost.py compares with one process: greedy turns in one conversation (its cache kept
-    between turns), a seeded sampled reply, a cancelled one (cancelled at the first check), a forgotten
-    conversation answered again."""
-    from model.engine_api import SamplingParams, TurnDone
+    between turns), a seeded sampled reply, a cancelled one (cancelled at the first check), a reply
+    whose reader stops listening, a forgotten conversation answered again."""
+    from model.engine_api import SamplingParams, TextDelta, TurnDone
 
     def turn(conversation_id, messages, sampling, should_stop=lambda: False):
         done = [e for e in engine.generate(conversation_id, messages, sampling, should_stop) if isinstance(e, TurnDone)]
@@ -36,6 +36,9 @@ def conversation(engine) -> dict:
     question = [{"role": "user", "content": "Pick a word"}]
     sampled = turn("sampled", question, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=1234)).text
     cancelled = turn("cancelled", question, SamplingParams(temperature=0, max_new_tokens=50), should_stop=lambda: True)
+    abandoned = engine.generate("abandoned", question, SamplingParams(temperature=0, max_new_tokens=50))
+    next(e for e in abandoned if isinstance(e, TextDelta))
+    abandoned.close()  # across processes the others still run to the next stop check, in step
     engine.forget("greedy")
     again = turn("greedy", messages[:1], greedy)
     return {"turns": turns, "sampled": sampled, "cancelled": [cancelled.finish_reason, cancelled.generated_tokens],
