@@ -68,7 +68,8 @@ def prepare(config: str, dtype: str, quantize: str | None) -> tuple[Path, Path]:
         hf_dir = root / "exported"
         if not (hf_dir / "config.json").exists():
             model.export_hf(demo, hf_dir)
-        if dtype == "float32" and quantize is None:
+        built = model.MixtralConfig.load(demo / "config.json")  # int4 where the CPU kernels load, else float32
+        if (built.dtype, built.quantization) == (dtype, quantize):
             return hf_dir, demo
         if not ours.exists():
             model.convert_hf(hf_dir, ours, dtype=dtype, quantize=quantize)

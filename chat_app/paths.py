@@ -8,6 +8,7 @@ Everything the user owns lives under one data dir (platformdirs' per-user data l
     DATA/personas/<name>.toml  the user's personas (chat_app.personas)
     DATA/downloads/            partial and finished hub downloads
     DATA/settings.toml         default model, key remaps
+    DATA/bandwidth.json        this machine's measured memory read speed (chat_app.bandwidth)
 
 The JAX compilation cache is not the user's data (it can be rebuilt), so it lives in the cache dir.
 These functions only compute paths; the module that writes a place creates it.
@@ -48,6 +49,10 @@ def downloads_dir(data_dir: Path) -> Path:
 
 def settings_path(data_dir: Path) -> Path:
     return data_dir / "settings.toml"
+
+
+def bandwidth_path(data_dir: Path) -> Path:
+    return data_dir / "bandwidth.json"
 
 
 def executables_dir() -> Path:

@@ -6,15 +6,22 @@ Shared by the first-run wizard (chat_app.wizard) and `mixtral-chat setup --repo/
     plan = plan_setup(source, data_dir=...)                    name, dtype, sizes, the memory and disk verdicts
     install(plan, token=..., on_download=..., on_convert=...)  download into the HF cache, convert atomically
 
-Nothing is written before `install`: planning reads the hub's file metadata (sizes and hashes, no weights) and
-the config.json, so it can refuse a model that cannot fit with the numbers and what to change. Every error a
-user can act on is a `UserError` (a `SetupError`, a `chat_app.hub.HubError`, ...) that says what to do.
+Nothing is written before `install` (but the measured memory speed, DATA/bandwidth.json): planning reads the
+hub's file metadata (sizes and hashes, no weights) and the config.json, so it can refuse a model that cannot fit
+with the numbers and what to change. Every error a user can act on is a `UserError` (a `SetupError`, a
+`chat_app.hub.HubError`, ...) that says what to do.
 
 Memory: what the weights take in the chosen dtype/quantization, plus the KV cache of one conversation at the
 default context (4096 tokens), plus 10% headroom, against the devices jax sees: the sum of the accelerators'
-`bytes_limit`, or the machine's RAM on CPU. jax is imported only to look at the devices (the wizard opens
-without it). The default dtype follows the devices: bfloat16 on GPU/TPU, float32 on CPU (where the native
-kernels of model/cpu_matmul.py run int8 and int4 weights with float32 activations at memory speed).
+`bytes_limit`, or the machine's RAM on CPU (`plan_memory`; per device too when a mesh splits the model). Speed:
+the most decode can reach, the devices' memory bandwidth (chat_app.bandwidth: measured on a CPU) over the
+bytes one token reads. Both are shown for each setting (`settings_compared`) before anything starts.
+jax is imported only to look at the devices (the wizard opens without it).
+
+Defaults (a user's explicit choice always wins): dtype bfloat16 on GPU/TPU, float32 on CPU (the native kernels of
+model/cpu_matmul.py compute in float32); quantization int4 on CPU (a fifth of float32's memory, the fastest
+decode), and on GPU/TPU (or a CPU without the native kernels, where only float32 runs at memory speed) none
+when the model fits in the dtype, else int8, else int4 (`default_quantization`).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import get_token
 
 from chat_app import hub, paths
+from chat_app.bandwidth import Bandwidth, memory_bandwidth
 from chat_app.errors import PROG, UserError
 from chat_app.terminal import format_bytes, format_duration
 from model.config import DEFAULT_CONTEXT, QUANTIZATIONS, ConfigError, MixtralConfig
@@ -99,8 +107,7 @@ class DeviceMemory:
     @property
     def default_dtype_reason(self) -> str:
         if self.platform == "cpu":
-            return ("float32: the default on CPU; int4 quantization takes about a sixth of the memory and decodes "
-                    "several times faster")
+            return "float32: the default dtype on CPU, where the kernels compute in it"
         return f"bfloat16: the default on {self.platform.upper()}, half the memory of float32 at full speed"
 
     def describe(self) -> str:
@@ -191,31 +198,88 @@ def folder_source(folder: str | Path, repo_id: str | None = None) -> Source:
 # ---- the plan ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MemoryNeed:
-    """What the model takes on the devices, for one dtype/quantization."""
+    """What the model takes on the devices, and reads per decoded token, for one dtype/quantization."""
 
     dtype: str
     quantization: str | None
     weights_bytes: int
     kv_cache_bytes: int  # one conversation of `context_tokens`
     context_tokens: int
+    token_read_bytes: int  # what one decoded token reads: the weights it uses, and the cache half full
+    devices: int  # accelerators a mesh splits it over (CPU devices share one RAM: 1)
+    per_device_bytes: int  # what the fullest of them needs, with the headroom
 
     @property
     def needed_bytes(self) -> int:
-        return int((self.weights_bytes + self.kv_cache_bytes) * (1 + MEMORY_HEADROOM))
+        return _with_headroom(self.weights_bytes + self.kv_cache_bytes)
 
     @property
     def label(self) -> str:
         return f"{self.dtype}{'+' + self.quantization if self.quantization else ''}"
 
 
-def memory_need(hf_config: dict, dtype: str, quantization: str | None) -> MemoryNeed:
-    """Raises ConfigError (in words) for a model we cannot run."""
+def _with_headroom(nbytes: int) -> int:
+    return int(nbytes * (1 + MEMORY_HEADROOM))
+
+
+def plan_memory(hf_config: dict, dtype: str, quantization: str | None, context_length: int = DEFAULT_CONTEXT,
+                devices: DeviceMemory | None = None) -> MemoryNeed:
+    """The memory the model needs as `dtype`+`quantization` with a KV cache of `context_length` tokens (at most
+    the model's own limit), per device when `devices` are accelerators a mesh splits it over (the weights as
+    the default mesh really splits them, `model.sharding`; the cache by kv heads, whole on each device when
+    they do not divide), and what a decoded
+    token reads. Raises ConfigError (in words) for a model we cannot run."""
+    from model.sharding import MeshShape, weight_bytes_per_device
+
     try:
         config = MixtralConfig.from_hf(hf_config, dtype=dtype, quantization=quantization)
     except (KeyError, TypeError) as error:
         raise ConfigError(f"its config.json lacks or garbles {error}") from None
-    tokens = min(DEFAULT_CONTEXT, config.max_position_embeddings)
-    return MemoryNeed(dtype, quantization, config.weight_bytes(), config.kv_cache_bytes(tokens), tokens)
+    tokens = min(context_length, config.max_position_embeddings)
+    weights, kv_cache = config.weight_bytes(), config.kv_cache_bytes(tokens)
+    count = devices.count if devices is not None and devices.platform != "cpu" else 1
+    kv_per_device = kv_cache // count if config.num_kv_heads % count == 0 else kv_cache
+    return MemoryNeed(dtype, quantization, weights, kv_cache, tokens, config.decode_bytes(tokens // 2), count,
+                      _with_headroom(weight_bytes_per_device(config, MeshShape(1, count)) + kv_per_device))
+
+
+def int4_possible(hf_config: dict) -> bool:
+    """Whether every quantized weight's input dim is a whole number of int4 groups (the converter's rule)."""
+    try:
+        config = MixtralConfig.from_hf(hf_config, quantization="int4")
+    except (KeyError, TypeError, ConfigError):
+        return False
+    inputs = (config.hidden_size, config.num_heads * config.head_dim, config.intermediate_size)
+    return all(n % config.quant_group_size == 0 for n in inputs)
+
+
+def default_quantization(hf_config: dict, dtype: str, devices: DeviceMemory,
+                         cpu_kernels: bool = True) -> tuple[str | None, str]:
+    """(quantization, why) when the user chose none. On a CPU with the native kernels (`cpu_kernels`) int4 (int8
+    for a model whose shapes int4 cannot group): about a fifth of float32's memory and the fastest decode, as
+    local-LLM users expect. Elsewhere the most exact setting that fits: `dtype` unquantized, else int8, else int4
+    (on a CPU without the kernels only float32 runs at memory speed)."""
+    if devices.platform == "cpu" and cpu_kernels:
+        if int4_possible(hf_config):
+            return "int4", "int4: the default on CPU, about a fifth of float32's memory and the fastest decode"
+        return "int8", "int8: the default on CPU for this model (its shapes do not split into int4's groups of 32)"
+    where = devices.platform.upper() + ("" if cpu_kernels else " without the native kernels")
+    for quantization in (None, "int8"):
+        try:
+            fits = plan_memory(hf_config, dtype, quantization, devices=devices).needed_bytes <= devices.total_bytes
+        except ConfigError:
+            fits = True  # plan_setup reports the config itself
+        if fits:
+            return quantization, (f"no quantization: the default on {where} when {dtype} fits" if quantization is None
+                                  else f"int8: the default on {where} when {dtype} does not fit and int8 does")
+    return "int4", f"int4: the default on {where} when neither {dtype} nor int8 fits"
+
+
+def settings_compared(hf_config: dict, dtype: str, devices: DeviceMemory) -> tuple[MemoryNeed, ...]:
+    """The settings a user chooses between: `dtype` and bfloat16 unquantized, `dtype` with int8 and with int4."""
+    settings = dict.fromkeys([(dtype, None), ("bfloat16", None), (dtype, "int8")]
+                             + ([(dtype, "int4")] if int4_possible(hf_config) else []))
+    return tuple(plan_memory(hf_config, d, q, devices=devices) for d, q in settings)
 
 
 @dataclass(frozen=True)
@@ -228,8 +292,11 @@ class SetupPlan:
     dtype: str
     dtype_reason: str  # why this dtype: the user's choice or the devices' default
     quantization: str | None
+    quantization_reason: str  # why this quantization: the user's choice or the devices' default
     devices: DeviceMemory
+    bandwidth: Bandwidth  # the devices' memory read speed, which bounds decode
     memory: MemoryNeed | None  # None when the config cannot be read as a Mixtral
+    settings: tuple[MemoryNeed, ...]  # the settings compared before starting (the chosen one among them)
     output_bytes: int  # the converted checkpoint on disk
     replaces_existing: bool  # a model of that name is installed: go ahead only if the user confirms
     problems: tuple[str, ...]  # why it cannot go ahead; each says what to change
@@ -252,15 +319,41 @@ class SetupPlan:
         lines.append(f"Install:   '{self.name}' in {self.destination}"
                      + (" (REPLACES the installed model of that name)" if self.replaces_existing else ""))
         lines.append(f"Weights:   {self.dtype}, {quantization}: {format_bytes(self.output_bytes)} on disk")
+        lines.append(f"           ({self.quantization_reason})")
         lines.append(f"           ({self.dtype_reason})")
-        lines.append(f"Devices:   {self.devices.describe()}")
+        lines.append(f"Devices:   {self.devices.describe()}; {self.bandwidth.describe()}")
         if self.memory is not None:
             m = self.memory
             fits = "fits" if m.needed_bytes <= self.devices.total_bytes else "does NOT fit"
             lines.append(f"Memory:    needs {format_bytes(m.needed_bytes)} of {format_bytes(self.devices.total_bytes)}: {fits}")
             lines.append(f"           (weights {format_bytes(m.weights_bytes)} + KV cache {format_bytes(m.kv_cache_bytes)} "
                          f"for {m.context_tokens} tokens + {MEMORY_HEADROOM:.0%} headroom)")
+            lines.extend(self._settings_table())
         return lines
+
+    def _settings_table(self) -> list[str]:
+        """The settings side by side: memory (per device under a mesh), and the most decode can reach here."""
+        per_device = self.memory.devices > 1
+        rows = [("setting", "memory" + (" (per device)" if per_device else ""), "decode, at most", "")]
+        for setting in self.settings:
+            chosen = (setting.dtype, setting.quantization) == (self.dtype, self.quantization)
+            memory = format_bytes(setting.needed_bytes) + (f" ({format_bytes(setting.per_device_bytes)})"
+                                                           if per_device else "")
+            speed = self.bandwidth.tokens_per_s(setting.token_read_bytes)
+            verdict = "<- chosen" if chosen else "too big" if setting.needed_bytes > self.devices.total_bytes else ""
+            rows.append((setting.label, memory, "unknown" if speed is None else f"{_format_rate(speed)} tok/s", verdict))
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        lines = [f"{'Settings:' if i == 0 else '':11}{label:{widths[0]}}  {memory:>{widths[1]}}  {speed:>{widths[2]}}  "
+                 f"{verdict}".rstrip() for i, (label, memory, speed, verdict) in enumerate(rows)]
+        if self.bandwidth.bytes_per_s is not None:
+            lines.append("           (decode reads every weight a token uses once, so memory speed bounds it; "
+                         "expect less)")
+        return lines
+
+
+def _format_rate(per_s: float) -> str:
+    """A rate to two significant figures, or whole above 10: 0.041, 0.85, 3.0, 7.3, 42, 138."""
+    return f"{per_s:.0f}" if per_s >= 10 else f"{per_s:.1f}" if per_s >= 1 else f"{per_s:.2g}"
 
 
 def default_name(source: Source, quantization: str | None) -> str:
@@ -281,27 +374,40 @@ def name_problem(name: str) -> str | None:
 
 
 def plan_setup(source: Source, *, data_dir: Path, devices: DeviceMemory | None = None, name: str | None = None,
-               dtype: str | None = None, quantization: str | None = None) -> SetupPlan:
+               dtype: str | None = None, quantization: str | None = None,
+               bandwidth: Bandwidth | None = None) -> SetupPlan:
     """Work out what installing `source` takes and whether it fits. `dtype` None: the devices' default;
-    `quantization` None/"none", "int8" or "int4"; `name` None: `default_name`."""
+    `quantization` "none", "int8" or "int4", None: `default_quantization`; `name` None: `default_name`;
+    `bandwidth` None: the devices' (measured once on a CPU, ~0.3 s, then kept in the data dir)."""
     devices = devices or detect_devices()
-    quantization = None if quantization in (None, "none") else quantization
+    bandwidth = bandwidth or memory_bandwidth(devices.platform, devices.kind, devices.count, data_dir)
     if dtype is None:
         dtype, dtype_reason = devices.default_dtype, devices.default_dtype_reason
     else:
         dtype_reason = f"{dtype}: as chosen"
+    kernels_missing = _cpu_kernels_missing() if devices.platform == "cpu" else None
+    if quantization is None:
+        quantization, quantization_reason = default_quantization(source.hf_config, dtype, devices,
+                                                                 cpu_kernels=kernels_missing is None)
+    else:
+        quantization = None if quantization == "none" else quantization
+        quantization_reason = f"{quantization or 'no quantization'}: as chosen"
     name = default_name(source, quantization) if name is None else name
     destination = paths.models_dir(data_dir) / name
     problems, warnings = [], []
     if problem := name_problem(name):
         problems.append(problem)
+    if quantization == "int4" and not int4_possible(source.hf_config):
+        problems.append("int4 needs every layer's input size to be a multiple of 32, and this model's are not: "
+                        "choose int8.")
     try:
         if source.hf_config.get("model_type") in ("llama", "mistral"):
             raise ConfigError(f"it is a dense {source.hf_config['model_type']} model, not a Mixtral "
                               f"(`{PROG} convert HF_DIR OUT_DIR --upcycle-experts N` can turn one into a Mixtral)")
-        memory = memory_need(source.hf_config, dtype, quantization)
+        memory = plan_memory(source.hf_config, dtype, quantization, devices=devices)
+        settings = settings_compared(source.hf_config, dtype, devices)
     except ConfigError as error:
-        memory = None
+        memory, settings = None, ()
         problems.append(f"{source.label} cannot be set up: {error}.")
     output_bytes = memory.weights_bytes if memory else 0
     if memory is not None:
@@ -315,8 +421,12 @@ def plan_setup(source: Source, *, data_dir: Path, devices: DeviceMemory | None =
         warnings.extend(_replicated_notes(source.hf_config, memory, devices))
         if problem := _disk_problem(source, destination, output_bytes):
             problems.append(problem)
+    if kernels_missing and (quantization or dtype != "float32"):
+        warnings.append(f"{kernels_missing}: until then {memory.label if memory else dtype} decodes many times slower than "
+                        "shown (only float32 runs at memory speed without them).")
     return SetupPlan(source=source, name=name, destination=destination, dtype=dtype, dtype_reason=dtype_reason,
-                     quantization=quantization, devices=devices, memory=memory, output_bytes=output_bytes,
+                     quantization=quantization, quantization_reason=quantization_reason, devices=devices,
+                     bandwidth=bandwidth, memory=memory, settings=settings, output_bytes=output_bytes,
                      replaces_existing=destination.exists(), problems=tuple(problems), warnings=tuple(warnings))
 
 
@@ -336,21 +446,25 @@ def _replicated_notes(hf_config: dict, memory: MemoryNeed, devices: DeviceMemory
 
 
 def _per_device_problem(hf_config: dict, memory: MemoryNeed, devices: DeviceMemory) -> str | None:
-    """Accelerators: whether each device holds its share of the weights as the default mesh really
-    splits them (what it cannot split, every device holds whole), plus its share of the KV cache."""
-    from model.sharding import replicated, weight_bytes_per_device
+    """Accelerators under a mesh: whether each holds its share (`plan_memory`: the weights as the default
+    mesh really splits them, what it cannot split held whole by every device)."""
+    from model.sharding import replicated
 
-    if devices.platform == "cpu" or devices.count == 1:
-        return None  # simulated CPU devices share one RAM: the total is what counts
-    config, mesh = _default_mesh_split(hf_config, memory, devices)
-    share = int((weight_bytes_per_device(config, mesh) + memory.kv_cache_bytes / devices.count) * (1 + MEMORY_HEADROOM))
     limit = devices.total_bytes // devices.count
-    if share <= limit:
+    if memory.devices == 1 or memory.per_device_bytes <= limit:
         return None
-    notes = replicated(config, mesh)
+    notes = replicated(*_default_mesh_split(hf_config, memory, devices))
     why = f" ({'; '.join(notes)})" if notes else ""
     return (f"Not enough memory per device: as {memory.label} each of the {devices.count} devices would hold "
-            f"{format_bytes(share)}{why}, but has {format_bytes(limit)}. Quantize the model, or use more devices.")
+            f"{format_bytes(memory.per_device_bytes)}{why}, but has {format_bytes(limit)}. Quantize the model, or "
+            "use more devices.")
+
+
+def _cpu_kernels_missing() -> str | None:
+    """Why the native CPU kernels (int8, int4, bfloat16 at memory speed) cannot run here, or None."""
+    from model import cpu_matmul  # imports jax, as detect_devices does
+
+    return None if cpu_matmul.available() else cpu_matmul.unavailable_reason()
 
 
 def _memory_problem(hf_config: dict, memory: MemoryNeed, devices: DeviceMemory) -> str:
@@ -358,7 +472,7 @@ def _memory_problem(hf_config: dict, memory: MemoryNeed, devices: DeviceMemory) 
     message = (f"Not enough memory: as {memory.label} the model needs {format_bytes(memory.needed_bytes)} "
                f"(weights {format_bytes(memory.weights_bytes)} + KV cache {format_bytes(memory.kv_cache_bytes)} + "
                f"{MEMORY_HEADROOM:.0%} headroom) but this machine has {devices.describe()}.")
-    smaller = [memory_need(hf_config, dtype, quantization)
+    smaller = [plan_memory(hf_config, dtype, quantization, devices=devices)
                for dtype in dict.fromkeys((memory.dtype, "bfloat16"))
                for quantization in QUANTIZATIONS[QUANTIZATIONS.index(memory.quantization):]]
     smaller = sorted((m for m in smaller if m.needed_bytes < memory.needed_bytes), key=lambda m: -m.needed_bytes)

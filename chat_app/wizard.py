@@ -4,7 +4,8 @@ One screen in three steps (a ContentSwitcher, so going back keeps everything typ
 
     choose    where the model comes from (Mixtral-8x7B-Instruct, another hub repo + revision, an HF folder on
               disk, a snapshot already in the HF cache, the demo model), a token, dtype, quantization, name
-    plan      `SetupPlan.describe()`: sizes, memory against the devices, what stops it; Start
+    plan      `SetupPlan.describe()`: sizes, memory against the devices, each setting's memory and decode speed,
+              what stops it; Start
     progress  a ProgressBar with bytes, rate and time left, then the conversion tensor by tensor; Cancel
 
 It ends with `dismiss(checkpoint_dir)`, or `dismiss(None)` when the user quits. The hub, the device check and
@@ -49,8 +50,9 @@ from chat_app.terminal import format_bytes
 MIXTRAL, REPO, LOCAL, CACHED, DEMO = "source-mixtral", "source-repo", "source-local", "source-cached", "source-demo"
 HUB_SOURCES = (MIXTRAL, REPO)
 MIXTRAL_DOWNLOAD_GB = 93  # the safetensors of mistralai/Mixtral-8x7B-Instruct-v0.1
-QUANTIZATION_OPTIONS = [("none: full precision", "none"), ("int8: a quarter of float32", "int8"),
-                        ("int4: an eighth of float32", "int4")]
+QUANTIZATION_OPTIONS = [("automatic: int4 on CPU; on GPU/TPU the most exact that fits", "auto"),
+                        ("none: full precision", "none"), ("int8: a quarter of float32", "int8"),
+                        ("int4: about a fifth of float32", "int4")]
 DTYPE_OPTIONS = [("automatic: float32 on CPU, bfloat16 on GPU/TPU", "auto"), ("bfloat16", "bfloat16"),
                  ("float32", "float32")]
 
@@ -115,7 +117,7 @@ class Choice:
     cached: hub.CachedModel | None = None
     token: str = ""  # typed; empty: HF_TOKEN or the huggingface login
     dtype: str | None = None  # None: the devices' default
-    quantization: str | None = None
+    quantization: str | None = None  # "none", "int8", "int4"; None: the devices' default
     name: str | None = None  # None: from the repo or folder
 
 
@@ -163,7 +165,7 @@ class WizardScreen(Screen[Path | None]):
                         yield Label(f"now: {setup_flow.token_status()}", id="token-status")
                     with Horizontal(classes="row"):
                         yield Label("Quantization")
-                        yield Select(QUANTIZATION_OPTIONS, value="none", allow_blank=False, id="quantization")
+                        yield Select(QUANTIZATION_OPTIONS, value="auto", allow_blank=False, id="quantization")
                     with Horizontal(classes="row"):
                         yield Label("Weights dtype")
                         yield Select(DTYPE_OPTIONS, value="auto", allow_blank=False, id="dtype")
@@ -274,7 +276,7 @@ class WizardScreen(Screen[Path | None]):
             cached=self.cached_models[cached_index] if source == CACHED else None,
             token=text["token"],
             dtype=None if dtype == "auto" else dtype,
-            quantization=None if quantization == "none" else quantization,
+            quantization=None if quantization == "auto" else quantization,
             name=text["name"] or None,
         )
 
@@ -293,7 +295,7 @@ class WizardScreen(Screen[Path | None]):
             return
         self.query_one("#next", Button).disabled = True
         asking = f"Asking {self.endpoint} about {choice.repo_id}" if choice.source in HUB_SOURCES else "Checking"
-        self._show("choose-status", f"{asking} and looking at this machine's devices...")
+        self._show("choose-status", f"{asking} and looking at this machine's devices and memory speed...")
         devices = self.plan.devices if self.plan else None  # detected once
         self.run_worker(lambda: self._check(choice, devices), thread=True, exit_on_error=False, group="check")
 

@@ -38,6 +38,9 @@ class MixtralConfig:
     dtype: str = "float32"  # of the weights, the activations and the KV cache
     quantization: str | None = None  # weight-only: None, "int8" (per output channel), "int4" (group-wise)
     quant_group_size: int = 32  # int4: input rows sharing one scale
+    # the (untied) LM head is quantized too: conversions since it could be; older quantized checkpoints
+    # (no such key in their config.json) keep it in `dtype`
+    lm_head_quantized: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     chat_format: str = "mixtral-instruct"
@@ -65,6 +68,11 @@ class MixtralConfig:
         per_layer = attn + D * E + 3 * E * D * I + 2 * D
         return self.num_layers * per_layer + V * D * (1 if self.tie_word_embeddings else 2) + D
 
+    @property
+    def _lm_head_linear(self) -> int:
+        """Parameters of the LM head counted as a quantized linear weight (0: kept in the model dtype)."""
+        return self.vocab_size * self.hidden_size if self.lm_head_quantized and self.quantization else 0
+
     def _bytes(self, linear: int, other: int) -> int:
         """Bytes of `linear` parameters of linear weights (quantized: 1 or 1/2 byte + scales) and `other`
         parameters in the model dtype."""
@@ -80,15 +88,17 @@ class MixtralConfig:
     def weight_bytes(self) -> int:
         """Bytes of the weights in device memory."""
         D, I, E = self.hidden_size, self.intermediate_size, self.num_experts
-        linear = self.num_layers * (D * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * E * D * I)
+        linear = (self.num_layers * (D * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * E * D * I)
+                  + self._lm_head_linear)
         return self._bytes(linear, self.num_params - linear)
 
     def decode_bytes(self, context: int) -> int:
         """Bytes one decoded token reads: attention weights, the top-k experts, router and norms of every
         layer, the LM head, and the KV cache of `context` tokens (the bandwidth ceiling's denominator)."""
         D, I, k, V = self.hidden_size, self.intermediate_size, self.experts_per_token, self.vocab_size
-        linear = self.num_layers * (D * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * k * D * I)
-        other = self.num_layers * (D * self.num_experts + 2 * D) + V * D + 2 * D  # + one embedding row
+        linear = (self.num_layers * (D * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * k * D * I)
+                  + self._lm_head_linear)
+        other = self.num_layers * (D * self.num_experts + 2 * D) + V * D - self._lm_head_linear + 2 * D  # + one embedding row
         return self._bytes(linear, other) + self.kv_cache_bytes(context)
 
     def kv_cache_bytes(self, tokens: int) -> int:
@@ -166,6 +176,7 @@ class MixtralConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             dtype=dtype,
             quantization=quantization,
+            lm_head_quantized=quantization is not None and not hf.get("tie_word_embeddings", False),
             bos_token_id=hf.get("bos_token_id", 1),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
             chat_format="mixtral-instruct" if model_type == "mixtral" else "template",

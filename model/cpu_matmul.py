@@ -9,7 +9,10 @@ The kernels want each weight as [out, in] rows (`layout` does it once, at load):
                         one); scale, offset float32 [..., out, in/group]
 (the layouts of the GPU kernels for quantized weights, model/expert_gemv.py).
 `matmul(x, kernel, params, mode, group)` multiplies float activations by such a weight, inside jit and
-inside shard_map (each device calls the kernel on its own shard).
+inside shard_map (each device calls the kernel on its own shard). Float weights, and quantized ones times
+many rows (prefill), compute what the dequantized float32 weight would; quantized ones times a few rows
+(decode) take x rounded to int16 per block of X16_BLOCK inputs (within 1.5e-5 of the block's largest
+value) for integer dot products, several times fewer instructions per weight.
 
 The kernels come as a shared library built by `pip install` (setup.py; a C++ compiler is needed). If it is
 missing or fails to load, `available()` is False, the model stays on XLA's matmuls, and `warn_once` says
@@ -31,8 +34,9 @@ import numpy as np
 LIBRARY = "_cpu_kernels"  # model/_cpu_kernels<EXTENSION_SUFFIX>, built by setup.py
 TARGETS = {"float32": "mixtral_matmul_f32", "bfloat16": "mixtral_matmul_bf16", "int8": "mixtral_matmul_int8",
            "int4": "mixtral_matmul_int4"}
-ISAS = ("scalar", "avx2", "avx512")  # mixtral_cpu_isa()'s values
+ISAS = ("scalar", "avx2", "avx512", "avx512_vnni")  # mixtral_cpu_isa()'s values
 GEMV_MAX_ROWS = 4  # as in matmul.cc: more rows take the blocked GEMM kernel
+X16_BLOCK = 64  # as in kernels.h: the int8 / int4 gemv rounds x to int16 per block of this many inputs
 INT4_BLOCK = 32  # int4 groups must be a multiple of it (the kernels unpack 32 inputs at a time)
 
 

@@ -70,6 +70,10 @@ class Generator:
         self.config, self.mesh = model.config, model.mesh
         self.model_def, self.params = ModelDef.split(model)
         self._replicated = NamedSharding(self.mesh, P())
+        # jax refuses sub-byte arrays (int4 weights left to XLA's matmuls) as arguments of a program
+        # compiled through `lower().compile()` ("layouts that disagree"): such a model compiles as usual
+        if any(a.dtype in (jnp.int4, jnp.uint4) for a in jax.tree.leaves(self.params)):
+            executables = None
         self.executables = executables
         self._fingerprint = fingerprint(self.config.to_json(), self.params, self.mesh) if executables else ""
         self._loaded: dict[str, jax.stages.Compiled] = {}  # programs from the executable cache, by name

@@ -150,6 +150,15 @@ class Linear(nnx.Module):
     def arrays(self) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         return self.kernel[...], tuple(p[...] for p in self.qparams)
 
+    def float32(self, x: jax.Array) -> jax.Array:
+        """x [..., in] @ W -> float32 [..., out] (the LM head's logits)."""
+        kernel, params = self.arrays()
+        if self.kernels is not None:
+            return self.kernels.matmul(x, kernel, params, self.quantization, self.group)
+        if self.quantization is None:
+            return jnp.matmul(x, kernel, preferred_element_type=jnp.float32)
+        return quantize.matmul(x.astype(jnp.float32), kernel, params, self.quantization, self.group)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel, params = self.arrays()
         if self.kernels is not None:

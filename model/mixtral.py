@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from .config import MixtralConfig
 from .gpu_linear import GpuKernels
 from .kv_cache import KVCache
-from .linear import CpuKernels, Linear, Weights, out_major, swap_spec, use_cpu_kernels
+from .linear import CpuKernels, Linear, Weights, swap_spec, use_cpu_kernels
 from .moe import MoE
 from .sharding import check_mesh_fits, weight_specs
 
@@ -191,15 +191,11 @@ class Mixtral(nnx.Module):
         self.layers = nnx.List([Block(config, weights, i, specs, mesh, branchless, cpu_kernels)
                                 for i in range(config.num_layers)])
         self.final_norm = RMSNorm(weights.dense("final_norm", specs["final_norm"]), config.rms_norm_eps)
-        # the LM head's weight: [D, V], or [V, D] for the CPU kernels (as the embedding it may be tied to)
+        # the LM head: [D, V] (out-major for our kernels), or the embedding [V, D] it is tied to
         lm_head_spec = swap_spec(specs["embed"])
-        self.cpu_lm_head = CpuKernels(mesh, lm_head_spec) if cpu_kernels else None
-        lm_head = None
-        if not config.tie_word_embeddings:
-            lm_head = weights.dense("lm_head", lm_head_spec)
-            if cpu_kernels:
-                lm_head, _ = out_major((lm_head, ()), None, mesh, lm_head_spec)
-        self.lm_head = None if lm_head is None else nnx.Param(lm_head)
+        kernels = CpuKernels(mesh, lm_head_spec) if cpu_kernels else GpuKernels(mesh, lm_head_spec) if branchless else None
+        self.tied_lm_head = kernels if config.tie_word_embeddings and cpu_kernels else None
+        self.lm_head = None if config.tie_word_embeddings else Linear(weights.linear("lm_head", lm_head_spec), config, kernels)
 
     def forward(self, tokens: jax.Array, cache: KVCache, num_new: jax.Array | int,
                 last_only: bool = False) -> tuple[jax.Array, KVCache]:
@@ -229,12 +225,12 @@ class Mixtral(nnx.Module):
 
     def _lm_head(self, x: jax.Array) -> jax.Array:
         """x [..., D] -> float32 logits [..., V]."""
-        if self.cpu_lm_head is not None:
-            weight = self.embed if self.lm_head is None else self.lm_head
-            return self.cpu_lm_head.matmul(x, weight[...], (), None, 0)
-        if self.lm_head is None:  # tied: contract with the embedding's D without transposing it (a copy)
-            return jnp.einsum("...d,vd->...v", x, self.embed[...], preferred_element_type=jnp.float32)
-        return jnp.matmul(x, self.lm_head[...], preferred_element_type=jnp.float32)
+        if self.lm_head is not None:
+            return self.lm_head.float32(x)
+        if self.tied_lm_head is not None:  # the embedding is [V, D]: out-major already
+            return self.tied_lm_head.matmul(x, self.embed[...], (), None, 0)
+        # contract with the embedding's D without transposing it (a copy)
+        return jnp.einsum("...d,vd->...v", x, self.embed[...], preferred_element_type=jnp.float32)
 
     def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Logits float32 [B, T, V] for tokens int32 [B, T], no cache kept. Rows may be left-padded

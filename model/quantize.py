@@ -8,8 +8,8 @@
 
 A quantized weight keeps its name for the values and adds one tensor per parameter
 (`<name>.scale`, `<name>.offset`), in `PARAMS[mode]` order. Which weights are quantized: the
-`quantizable` ones of weight_table.py (the linear layers; embeddings, the router, norms and the LM
-head stay in the model dtype).
+`quantizable` ones of weight_table.py (the linear layers and an untied LM head; embeddings, the router
+and norms stay in the model dtype).
 """
 
 from __future__ import annotations

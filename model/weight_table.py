@@ -92,7 +92,8 @@ def weight_table(config: MixtralConfig) -> dict[str, WeightInfo]:
         norm("final_norm", "model.norm.weight", False),
     ]
     if not config.tie_word_embeddings:
-        weights.append(WeightInfo("lm_head", (D, V), (HIDDEN, VOCAB), "lm_head.weight", True, False))
+        weights.append(WeightInfo("lm_head", (D, V), (HIDDEN, VOCAB), "lm_head.weight", True, False,
+                                  quantizable=config.lm_head_quantized))
     return {info.kind: info for info in weights}
 
 

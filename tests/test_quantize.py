@@ -70,3 +70,29 @@ def test_quantized_checkpoint_is_smaller_and_close(tiny_hf, tiny_ckpt, reference
     # export writes the dequantized weights
     exported = model.export_hf(ckpt, tmp_path / f"{mode}-hf")
     assert json.loads((exported / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_the_lm_head_is_quantized_and_older_checkpoints_keep_theirs(tiny_hf, tiny_ckpt, reference, tmp_path):
+    """Conversions quantize the (untied) LM head with the rest; a checkpoint converted before that (its
+    config has no `lm_head_quantized`, its LM head in float32) still loads, with a dense LM head."""
+    from model import convert
+    from model.config import MixtralConfig
+
+    new = model.convert_hf(tiny_hf, tmp_path / "new", quantize="int8")
+    config = model.verify(new)
+    assert config.lm_head_quantized and model.safetensors_io.TensorFiles(new).read("lm_head").dtype == np.int8
+    assert model.load(new, model.make_mesh((1, 1))).lm_head.quantization == "int8"
+
+    old_config = MixtralConfig(**{**config.__dict__, "lm_head_quantized": False})
+    files = model.safetensors_io.TensorFiles(tiny_hf)
+    plan = convert._plan(convert._Source(files, old_config, upcycled=False), old_config)
+    old = convert._write_checkpoint(tmp_path / "old", old_config, plan, [tiny_hf / "tokenizer.model"], {}, False,
+                                    None, 4 << 30)
+    saved = json.loads((old / "config.json").read_text())
+    del saved["lm_head_quantized"]  # as written before the key existed
+    assert MixtralConfig.from_json(saved) == old_config
+    assert model.safetensors_io.TensorFiles(old).read("lm_head").dtype == np.float32
+    loaded = model.load(old, model.make_mesh((1, 1)))
+    assert loaded.lm_head.quantization is None and loaded.layers[0].attn.wq.quantization == "int8"
+    logits = np.asarray(loaded(IDS))
+    assert np.abs(logits - reference).max() / np.abs(reference).max() < 0.02

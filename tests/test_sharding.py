@@ -65,7 +65,7 @@ def test_weights_are_split_not_replicated(ckpt, shape):
         kernels = [getattr(layer.attn, name).kernel[...] for layer in m.layers]
         ways = model_axis if heads % model_axis == 0 else 1
         assert device0_bytes(kernels) * ways == sum(a.nbytes for a in kernels), name
-    vocab = [m.embed[...], m.lm_head[...]]  # 32000 rows split over the model axis
+    vocab = [m.embed[...], m.lm_head.kernel[...]]  # 32000 rows split over the model axis
     assert device0_bytes(vocab) * model_axis == sum(a.nbytes for a in vocab)
 
 

@@ -21,6 +21,7 @@ import chat_app
 import model
 from chat_app import model_registry, paths
 from chat_app.app import ChatApp
+from chat_app.demo import demo_quantization
 from chat_app.hub import download, plan_download
 from chat_app.wizard import CACHED, DEMO, LOCAL, REPO, WizardScreen
 
@@ -121,12 +122,16 @@ async def test_repo_choice_shows_the_plan_downloads_converts_and_hands_back_the_
         plan = text(wizard, "#plan-text")
         assert f"Model:     {hub.repo_id} @ main (commit {hub.commit[:8]})" in plan
         assert "Download:  8.9 MB in 10 files" in plan and str(cache_dir) in plan
-        assert "float32: the default on CPU" in plan and ": fits" in plan
+        assert "int4: the default on CPU" in plan and "float32: the default dtype on CPU" in plan and ": fits" in plan
+        assert re.search(r"reads memory at [\d.]+ GB/s \(measured\)", plan)
+        table = plan[plan.index("Settings:"):].splitlines()  # each setting's memory and speed, before the download
+        assert [row.split()[0] for row in table[1:5]] == ["float32", "bfloat16", "float32+int8", "float32+int4"]
+        assert table[4].endswith("tok/s  <- chosen")
         assert text(wizard, "#plan-problems") == ""
         assert str(wizard.query_one("#start", Button).label) == "Download and install"
 
         path = await start_and_finish(pilot, app)
-    assert_installed(data_dir, path, "tiny-mixtral")
+    assert_installed(data_dir, path, "tiny-mixtral-int4")
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["source"]["repo_id"] == hub.repo_id and manifest["source"]["commit"] == hub.commit
 
@@ -149,7 +154,7 @@ async def test_gated_repo_shows_where_to_request_access_and_a_typed_token_gets_i
         assert wizard.query_one("#token", Input).password  # shown as dots
         await next_to_plan(pilot, wizard)
         path = await start_and_finish(pilot, app)
-    assert_installed(data_dir, path, "tiny-mixtral")
+    assert_installed(data_dir, path, "tiny-mixtral-int4")
     for written in [*data_dir.rglob("*"), *cache_dir.rglob("*")]:  # the typed token is never written down
         if written.is_file():
             assert b"hf_typed_secret" not in written.read_bytes(), written
@@ -182,7 +187,7 @@ async def test_cancel_mid_download_keeps_the_bytes_and_resume_continues_from_the
         hub.requests.clear()
         path = await start_and_finish(pilot, app)
     assert hub.file_gets(BIG_SHARD)[0].headers["range"] == f"bytes={kept}-"
-    assert_installed(data_dir, path, "tiny-mixtral")
+    assert_installed(data_dir, path, "tiny-mixtral-int4")
 
 
 async def test_a_model_that_cannot_fit_on_disk_is_refused_with_the_numbers(tmp_path, repo_folder, data_dir, cache_dir):
@@ -190,7 +195,7 @@ async def test_a_model_that_cannot_fit_on_disk_is_refused_with_the_numbers(tmp_p
     shutil.copytree(repo_folder, folder)
     config = json.loads((folder / "config.json").read_text())
     free = shutil.disk_usage(tmp_path).free
-    layers = 2 * free // (3 * 8 * 4096 * 14336 * 4) + 1  # Mixtral-8x7B's layers, float32, twice the free disk
+    layers = 2 * free // (3 * 8 * 4096 * 14336 * 3 // 4) + 1  # Mixtral-8x7B's layers, int4, twice the free disk
     config.update(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_hidden_layers=layers,
                   num_attention_heads=32, num_key_value_heads=8)
     (folder / "config.json").write_text(json.dumps(config))
@@ -219,7 +224,7 @@ async def test_a_local_folder_is_converted_and_the_chat_opens_on_it(tiny_hf, dat
         wizard = app.screen
         assert isinstance(wizard, WizardScreen)
         await choose(pilot, wizard, LOCAL, folder=str(tiny_hf))
-        await pick(pilot, wizard, "#quantization", moves=1)  # none -> int8
+        await pick(pilot, wizard, "#quantization", moves=2)  # automatic -> none -> int8
         assert wizard.query_one("#quantization", Select).value == "int8"
         await next_to_plan(pilot, wizard)
         assert "Download:" not in text(wizard, "#plan-text")
@@ -283,14 +288,14 @@ async def test_weights_already_in_the_hf_cache_are_offered_and_converted(hub, da
         await next_to_plan(pilot, wizard)
         assert "Download:" not in text(wizard, "#plan-text")
         path = await start_and_finish(pilot, app)
-    assert_installed(data_dir, path, "tiny-mixtral")
+    assert_installed(data_dir, path, "tiny-mixtral-int4")
     assert json.loads((path / "manifest.json").read_text())["source"]["repo_id"] == hub.repo_id
 
 
-async def test_demo_choice_builds_or_reuses_the_demo_model(tiny_ckpt, data_dir):
-    """The demo builder has its own tests (and takes a while); an intact demo checkpoint is what it hands back
-    without rebuilding, so one is put in place first."""
-    shutil.copytree(tiny_ckpt, paths.models_dir(data_dir) / "demo")
+async def test_demo_choice_builds_or_reuses_the_demo_model(tiny_hf, data_dir):
+    """The demo builder has its own tests (and takes a while); an intact demo checkpoint, quantized as the demo
+    is built here, is what it hands back without rebuilding, so one is put in place first."""
+    model.convert_hf(tiny_hf, paths.models_dir(data_dir) / "demo", quantize=demo_quantization())
     app = WizardApp(data_dir)
     async with app.run_test(size=SIZE) as pilot:
         wizard = app.wizard

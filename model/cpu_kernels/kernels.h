@@ -24,10 +24,18 @@ struct Weights {
   int64_t N, K, group;
 };
 
+// The gemv of INT8 and INT4 weights takes x as int16, in blocks of X16_BLOCK inputs with a float32 scale
+// each (x ~= x16 * scale, |x16| <= 32767: within 1.5e-5 of the block's largest |x|), and multiplies it
+// by the weights' integers in integer dot products; inputs after the last whole block stay float32.
+constexpr int64_t X16_BLOCK = 64;
+
 // What the kernels want of x besides x, prepared once per call (matmul.cc).
 struct Prepared {
-  const float* group_sums;  // INT4 [M, K / group]: x summed over each group
-  const float* split;       // INT4 [M, K]: each 32 inputs of x reordered, the 16 even ones first (the low nibbles' order)
+  const float* group_sums;  // INT4 [M, K / group]: x summed over each group (the gemv: x as x16 stands for it)
+  const int16_t* x16;       // INT8 / INT4 gemv [M, K]: the whole blocks of x as int16 (INT4: each block's 32
+                            // even inputs first, then its odd ones: the low and high nibbles' order)
+  const float* x16_scale;   // [M, K / X16_BLOCK]
+  const float* split;       // INT4 gemm [M, K]: each 32 inputs of x reordered, the 16 even ones first
   const float* tiles;       // SIMD gemm [M / tile_rows][K][tile_rows]: x (INT4: split) in tiles of rows, zero-padded
 };
 

@@ -3,6 +3,7 @@
 // intra-op thread pool, the calling thread taking chunks too.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -50,6 +51,51 @@ static void matmul_reference(const Weights& w, const float* x, const Prepared&, 
     }
 }
 
+// Input k's place in a row of Prepared::x16.
+static int64_t x16_index(WeightType type, int64_t k) {
+  if (type != WeightType::INT4) return k;
+  const int64_t i = k % X16_BLOCK;
+  return k - i + (i % 2 ? X16_BLOCK / 2 : 0) + i / 2;
+}
+
+// The integer value of weight (n, k): INT8 q (its scale applied to the whole row), INT4 q in [0, 15].
+static int32_t weight_integer(const Weights& w, int64_t n, int64_t k) {
+  if (w.type == WeightType::INT8) return ((const int8_t*)w.data)[n * w.K + k];
+  const uint8_t byte = ((const uint8_t*)w.data)[n * (w.K / 2) + k / 2];
+  return k % 2 ? byte >> 4 : byte & 15;
+}
+
+// The gemv of INT8 / INT4 weights (what the SIMD gemv computes): per 32 inputs of a whole block, the
+// integer dot product with x16, times the block's scale (INT4: and the group's scale); the inputs after
+// the whole blocks in float32; INT8 times the row's scale, INT4 plus its offsets times x's group sums.
+static void gemv_reference_int(const Weights& w, const float* x, const Prepared& prepared, int64_t, int64_t m0,
+                               int64_t m1, int64_t n0, int64_t n1, float* y) {
+  const int64_t K = w.K, B = K / X16_BLOCK, G = w.type == WeightType::INT4 ? K / w.group : 0;
+  for (int64_t m = m0; m < m1; m++)
+    for (int64_t n = n0; n < n1; n++) {
+      const int16_t* xq = prepared.x16 + m * K;
+      float s = 0;
+      for (int64_t k0 = 0; k0 < B * X16_BLOCK; k0 += 32) {
+        int32_t dot = 0;
+        for (int64_t k = k0; k < k0 + 32; k++) dot += weight_integer(w, n, k) * xq[x16_index(w.type, k)];
+        const float scale = prepared.x16_scale[m * B + k0 / X16_BLOCK];
+        s += G ? dot * (w.scale[n * G + k0 / w.group] * scale) : dot * scale;
+      }
+      for (int64_t k = B * X16_BLOCK; k < K; k++)
+        s += x[m * K + k] * (G ? weight_integer(w, n, k) * w.scale[n * G + k / w.group] : weight_integer(w, n, k));
+      if (G)
+        for (int64_t g = 0; g < G; g++) s += w.offset[n * G + g] * prepared.group_sums[m * G + g];
+      y[m * w.N + n] = G ? s : s * w.scale[n];
+    }
+}
+
+static void gemv_reference(const Weights& w, const float* x, const Prepared& prepared, int64_t M, int64_t m0,
+                           int64_t m1, int64_t n0, int64_t n1, float* y) {
+  if (w.type == WeightType::INT8 || w.type == WeightType::INT4)
+    return gemv_reference_int(w, x, prepared, M, m0, m1, n0, n1, y);
+  matmul_reference(w, x, prepared, M, m0, m1, n0, n1, y);
+}
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MIXTRAL_X86 1
 #include <immintrin.h>
@@ -85,20 +131,40 @@ constexpr int W = 16;
 #pragma clang attribute pop
 #endif
 #pragma GCC pop_options
+
+// AVX-512 with VNNI: the int16 dot products in one instruction (vpdpwssd) instead of two
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512vnni")
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512vnni"))), apply_to = function)
+#endif
+namespace avx512_vnni {
+constexpr int W = 16;
+#define SIMD_WIDTH 16
+#define SIMD_VNNI 1
+#include "simd.inc"
+#undef SIMD_VNNI
+#undef SIMD_WIDTH
+}  // namespace avx512_vnni
+#ifdef __clang__
+#pragma clang attribute pop
+#endif
+#pragma GCC pop_options
 #endif
 
 // Instruction sets, best last. A kernel set per entry: gemv (few rows), gemm (many rows), and the rows per
 // tile the gemm wants x packed in (Prepared::tiles; 0: it reads x as it is).
-enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512_VNNI = 3 };
 struct Kernels {
   MatmulFn gemv, gemm;
   int64_t tile_rows;
 };
 static const Kernels KERNELS[] = {
-    {matmul_reference, matmul_reference, 0},
+    {gemv_reference, matmul_reference, 0},
 #ifdef MIXTRAL_X86
     {avx2::gemv, avx2::gemm_any, avx2::TILE_ROWS},
     {avx512::gemv, avx512::gemm_any, avx512::TILE_ROWS},
+    {avx512_vnni::gemv, avx512_vnni::gemm_any, avx512_vnni::TILE_ROWS},
 #endif
 };
 
@@ -111,13 +177,14 @@ static bool cpu_has(Isa isa) {
     case AVX512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case AVX512_VNNI: return cpu_has(AVX512) && __builtin_cpu_supports("avx512vnni");
   }
 #endif
   return isa == SCALAR;
 }
 
 static Isa best_isa() {
-  for (int i = AVX512; i > SCALAR; i--)
+  for (int i = AVX512_VNNI; i > SCALAR; i--)
     if (cpu_has(Isa(i))) return Isa(i);
   return SCALAR;
 }
@@ -162,15 +229,34 @@ static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> 
   const int64_t M = x_dims[0];
   const float* xs = x.typed_data();
   float* ys = y->typed_data();
-  std::vector<float> sums, split, tiles;
-  if (w.type == WeightType::INT4) {
-    const int64_t G = w.K / w.group;
+  const bool gemv = M <= GEMV_MAX_ROWS;
+  std::vector<float> sums, split, tiles, x16_scale;
+  std::vector<int16_t> x16;
+  if (gemv && (w.type == WeightType::INT8 || w.type == WeightType::INT4)) {
+    const int64_t B = w.K / X16_BLOCK;
+    x16.resize(M * w.K);
+    x16_scale.resize(M * B);
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t b = 0; b < B; b++) {
+        const float* block = xs + m * w.K + b * X16_BLOCK;
+        float largest = 0;
+        for (int64_t i = 0; i < X16_BLOCK; i++) largest = std::max(largest, std::fabs(block[i]));
+        const float to_int = largest > 0 ? 32767.0f / largest : 0.0f;
+        x16_scale[m * B + b] = largest / 32767.0f;
+        for (int64_t i = 0; i < X16_BLOCK; i++)
+          x16[m * w.K + x16_index(w.type, b * X16_BLOCK + i)] = int16_t(std::nearbyint(block[i] * to_int));
+      }
+  }
+  if (w.type == WeightType::INT4) {  // the group sums of x as multiplied: the gemv's x16 where it has it
+    const int64_t G = w.K / w.group, B = w.K / X16_BLOCK;
     sums.assign(M * G, 0.0f);
-    split.resize(M * w.K);
+    if (!gemv) split.resize(M * w.K);
     for (int64_t m = 0; m < M; m++)
       for (int64_t k = 0; k < w.K; k++) {
-        sums[m * G + k / w.group] += xs[m * w.K + k];
-        split[m * w.K + k / 32 * 32 + k % 32 / 2 + k % 2 * 16] = xs[m * w.K + k];
+        const bool rounded = gemv && k < B * X16_BLOCK;
+        sums[m * G + k / w.group] += rounded ? x16[m * w.K + x16_index(w.type, k)] * x16_scale[m * B + k / X16_BLOCK]
+                                             : xs[m * w.K + k];
+        if (!gemv) split[m * w.K + k / 32 * 32 + k % 32 / 2 + k % 2 * 16] = xs[m * w.K + k];
       }
   }
   const Kernels& kernels = KERNELS[current_isa.load(std::memory_order_relaxed)];
@@ -184,9 +270,9 @@ static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> 
         for (int64_t k = 0; k < w.K; k++) out[k * tile + r] = t * tile + r < M ? rows[(t * tile + r) * w.K + k] : 0.0f;
     });
   }
-  const Prepared prepared{sums.data(), split.data(), tiles.data()};
+  const Prepared prepared{sums.data(), x16.data(), x16_scale.data(), split.data(), tiles.data()};
   const int64_t threads = pool.num_threads() + 1;
-  if (M <= GEMV_MAX_ROWS) {
+  if (gemv) {
     // ~4 chunks per thread, of a multiple of 4 rows, at least 16
     int64_t rows = std::max<int64_t>(16, (w.N / (4 * threads) + 3) / 4 * 4);
     parallel_for(pool, (w.N + rows - 1) / rows, [&](int64_t i) {
@@ -249,12 +335,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul_int4, matmul_int4,
                               BIND_MATMUL.Arg<ffi::Buffer<ffi::U8>>().Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>().Attr<int64_t>("group").Ret<ffi::Buffer<ffi::F32>>());
 
-// The instruction set the kernels use: 0 scalar reference, 1 AVX2 + FMA, 2 AVX-512.
+// The instruction set the kernels use: 0 scalar reference, 1 AVX2 + FMA, 2 AVX-512, 3 AVX-512 + VNNI.
 extern "C" int mixtral_cpu_isa() { return current_isa.load(); }
 
 // Switches to `isa` if this CPU has it (tests run every kernel set); returns whether it did.
 extern "C" int mixtral_cpu_set_isa(int isa) {
-  if (isa < SCALAR || isa > AVX512 || isa >= int(sizeof(KERNELS) / sizeof(KERNELS[0])) || !cpu_has(Isa(isa)))
+  if (isa < SCALAR || isa > AVX512_VNNI || isa >= int(sizeof(KERNELS) / sizeof(KERNELS[0])) || !cpu_has(Isa(isa)))
     return 0;
   current_isa.store(isa);
   return 1;
