@@ -218,20 +218,20 @@ def run_app(
     model_dir: Path | None,
     persona: str | None,
     sampling_overrides: dict,
-    mesh_shape: tuple[int, int] | None,
-    context_length: int | None,
+    open_engine: EngineFactory,
 ) -> int:
     """The TUI on `model_dir` (the CLI has resolved --model, --demo or the default model); None
     opens the first-run wizard. Raises PersonaError or StoreError, with a message for the user,
     before anything is drawn. `sampling_overrides` (temperature, top_p, top_k, max_new_tokens, seed)
-    apply to every turn, on top of the conversation's persona. Returns the exit status (128 + the
+    apply to every turn, on top of the conversation's persona; `open_engine` builds the engine
+    (chat_app.engine_factory). Returns the exit status (128 + the
     signal's number when a signal ended it)."""
     app = ChatApp(
         data_dir,
         model_dir,
         persona=persona,
         sampling_overrides=sampling_overrides,
-        open_engine=engine_factory(mesh_shape=mesh_shape, context_length=context_length, compilation_cache=True),
+        open_engine=open_engine,
         open_wizard=model_dir is None,
     )
     app.run()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chat_app import model_registry, paths
+from chat_app.engine_factory import EngineFactory, engine_factory
 from chat_app.errors import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -45,6 +46,7 @@ from model.config import QUANTIZATIONS
 ALL_MODELS = ""  # `models --verify` without a name
 if TYPE_CHECKING:
     from chat_app.setup_flow import SetupPlan
+    from model.multihost import Link, ProcessGroup
 
 QUANTIZE_CHOICES = tuple(q or "none" for q in QUANTIZATIONS)
 
@@ -94,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="devices per mesh axis, expert x model, e.g. 1x8 (default: all devices)")
     parser.add_argument("--context-length", type=_positive_int, metavar="N",
                         help="the most tokens of conversation the model sees (default: 4096, or the model's own limit if smaller)")
+    parser.add_argument("--distributed", metavar="HOST:PORT|auto",
+                        help="run one model across several processes (hosts): process 0's address and a free port "
+                             "(every process gives the same), or auto where JAX detects the cluster (TPU VMs, SLURM)")
+    parser.add_argument("--num-processes", type=_positive_int, metavar="N", help="--distributed: how many processes")
+    parser.add_argument("--process-id", type=_natural_int, metavar="I",
+                        help="--distributed: this process's number, 0 to N-1; 0 runs the chat, the others follow it")
     _add_data_dir(parser, top_level=True)
     parser.set_defaults(handler=_chat)
 
@@ -226,6 +234,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _natural_int(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more")
+    return int(text)
+
+
 # --- chatting: the UI or headless ---------------------------------------------------------------
 def _chat(args: argparse.Namespace) -> int:
     if not args.headless:
@@ -238,7 +252,34 @@ def _chat(args: argparse.Namespace) -> int:
     if args.persona:
         PersonaLibrary(paths.personas_dir(data_dir)).get(args.persona)  # an unknown name fails now, not later
     overrides = _sampling_changes(args)
+    group = _process_group(args)
     model_dir = _chosen_model(args, data_dir)
+    if group is None:
+        return _chat_on(args, data_dir, model_dir, overrides,
+                        engine_factory(mesh_shape=args.mesh, context_length=args.context_length, compilation_cache=True))
+    from model.multihost import identity, join
+
+    if model_dir is None:
+        raise CliError("--distributed needs the model on every process: pass --model NAME|PATH or --demo")
+    _keep_stdout_for_replies(args.headless)
+    link = join(group, identity(model_dir, args.mesh, args.context_length),
+                on_fatal=_ender(ui=not args.headless and group.process_id in (0, None)))
+    if not link.is_driver:
+        return _follow(link, model_dir, args)
+    try:  # (programs compiled for a process group are not kept on disk)
+        return _chat_on(args, data_dir, model_dir, overrides,
+                        engine_factory(mesh_shape=args.mesh, context_length=args.context_length, link=link))
+    except Exception as error:
+        if not isinstance(error, UserError):  # maybe a follower died in the middle of a step
+            link.outlive_watchdog()
+        raise
+    finally:
+        link.close()
+
+
+def _chat_on(args: argparse.Namespace, data_dir: Path, model_dir: Path | None, overrides: dict,
+             open_engine: EngineFactory) -> int:
+    """The UI or the headless loop, on the engine `open_engine` builds."""
     if args.headless:
         from chat_app.headless import run_headless
 
@@ -246,9 +287,8 @@ def _chat(args: argparse.Namespace) -> int:
         with StderrProgress(terminal_only=True) as status:
             exit_status = run_headless(
                 data_dir=data_dir, model_dir=model_dir, persona_name=args.persona, overrides=overrides,
-                seed=args.seed, mesh_shape=args.mesh, context_length=args.context_length, jsonl=args.jsonl,
-                save=not args.no_save, conversation_id=args.conversation,
-                on_progress=lambda fraction, what: status.show(f"{what} {fraction:.0%}"))
+                seed=args.seed, open_engine=open_engine, jsonl=args.jsonl, save=not args.no_save, stdout=sys.stdout,
+                conversation_id=args.conversation, on_progress=lambda fraction, what: status.show(f"{what} {fraction:.0%}"))
         if exit_status == EXIT_STDOUT_CLOSED:  # the Python docs' recipe: the flush at exit must not fail
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return exit_status
@@ -256,7 +296,65 @@ def _chat(args: argparse.Namespace) -> int:
 
     if args.seed is not None:
         overrides["seed"] = args.seed
-    return run_app(data_dir, model_dir, args.persona, overrides, args.mesh, args.context_length)
+    return run_app(data_dir, model_dir, args.persona, overrides, open_engine)
+
+
+def _process_group(args: argparse.Namespace) -> ProcessGroup | None:
+    """What --distributed, --num-processes and --process-id ask for; None without --distributed."""
+    from model.multihost import ProcessGroup
+
+    if args.distributed is None:
+        if args.num_processes is not None or args.process_id is not None:
+            raise CliError("--num-processes and --process-id go with --distributed HOST:PORT")
+        return None
+    if args.distributed != "auto":
+        host, _, port = args.distributed.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise CliError(f"--distributed takes HOST:PORT (process 0's address and a free port) or auto, "
+                           f"got {args.distributed!r}")
+        if args.num_processes is None or args.process_id is None:
+            raise CliError("--distributed HOST:PORT needs --num-processes N and --process-id I")
+    if args.num_processes is not None and args.process_id is not None and args.process_id >= args.num_processes:
+        raise CliError(f"--process-id must be below --num-processes ({args.num_processes}), got {args.process_id}")
+    return ProcessGroup(args.distributed, args.num_processes, args.process_id)
+
+
+def _keep_stdout_for_replies(headless: bool) -> None:
+    """gloo (JAX's collectives between processes on CPU) prints its connection lines on file descriptor 1:
+    point that at stderr (headless) or at nothing (the UI), and give `sys.stdout` the real stdout."""
+    replies = os.dup(sys.stdout.fileno())
+    os.dup2(sys.stderr.fileno() if headless else os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.stdout = open(replies, "w", encoding=sys.stdout.encoding, errors=sys.stdout.errors, closefd=True)
+
+
+def _follow(link: Link, model_dir: Path, args: argparse.Namespace) -> int:
+    """A process other than 0: build the same engine, then run what process 0 sends until it quits."""
+    from model.multihost import follow
+
+    _say(f"Process {link.process_id} of {link.num_processes}: loading {model_dir.name}, then following process 0.")
+    open_engine = engine_factory(mesh_shape=args.mesh, context_length=args.context_length)
+    with StderrProgress(terminal_only=True) as status:
+        engine = open_engine(model_dir, lambda fraction, what: status.show(f"{what} {fraction:.0%}"))
+    follow(engine, link)
+    return 0
+
+
+def _ender(ui: bool) -> Callable[[str], None]:
+    """What ends this process when another one failed (called from any thread): the terminal given back
+    if the UI has it, one line, and the end at once, since what this process runs can no longer finish."""
+    import termios
+
+    terminal = sys.__stdin__.fileno() if ui and sys.__stdin__.isatty() else None
+    settings = termios.tcgetattr(terminal) if terminal is not None else None
+
+    def end(message: str) -> None:
+        if settings is not None:  # Textual's screen: mouse reports off, cursor shown, the main screen back
+            sys.__stderr__.write("\x1b[?1000l\x1b[?1003l\x1b[?1006l\x1b[?25h\x1b[?1049l")
+            termios.tcsetattr(terminal, termios.TCSADRAIN, settings)
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        os._exit(EXIT_ERROR)
+
+    return end
 
 
 def _chosen_model(args: argparse.Namespace, data_dir: Path) -> Path | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from chat_app import model_registry, paths
-from chat_app.engine_factory import engine_factory
+from chat_app.engine_factory import EngineFactory
 from chat_app.errors import EXIT_STDOUT_CLOSED, PROG, STOP_SIGNALS, UserError, signal_exit_status
 from chat_app.personas import DEFAULT_PERSONA, Persona, PersonaLibrary
 from chat_app.store import Conversation, Message, Store, StoreError, title_from, turn_outcome
@@ -42,13 +42,12 @@ class HeadlessError(UserError):
 
 
 def run_headless(*, data_dir: Path, model_dir: Path | None, persona_name: str | None, overrides: dict,
-                 seed: int | None, mesh_shape: tuple[int, int] | None, context_length: int | None,
-                 jsonl: bool, save: bool, conversation_id: str | None,
+                 seed: int | None, open_engine: EngineFactory, jsonl: bool, save: bool, conversation_id: str | None,
                  on_progress: Callable[[float, str], None] | None = None,
                  stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> int:
     """The whole headless run; returns the exit status. `overrides`: sampling settings that replace
-    the persona's for this run (and are saved with the conversation). `on_progress(fraction, what)`:
-    model loading progress."""
+    the persona's for this run (and are saved with the conversation). `open_engine`: the engine's
+    factory (chat_app.engine_factory). `on_progress(fraction, what)`: model loading progress."""
     store = Store(paths.history_path(data_dir)) if save else Store.in_memory()
     with store:
         if store.read_only:
@@ -72,7 +71,6 @@ def run_headless(*, data_dir: Path, model_dir: Path | None, persona_name: str | 
                                 "(installed models: `mixtral-chat models`)")
         if conversation and persona.snapshot() != conversation.persona:
             store.set_persona(conversation.id, persona.snapshot())
-        open_engine = engine_factory(mesh_shape=mesh_shape, context_length=context_length, compilation_cache=True)
         engine = open_engine(model_dir, on_progress or (lambda fraction, what: None))
         chat = HeadlessChat(engine, store, persona, model_registry.model_label(data_dir, model_dir),
                             conversation=conversation, seed=seed, jsonl=jsonl, stdout=stdout, stderr=stderr)

@@ -225,9 +225,12 @@ def _with_headroom(nbytes: int) -> int:
 def plan_memory(hf_config: dict, dtype: str, quantization: str | None, context_length: int = DEFAULT_CONTEXT,
                 devices: DeviceMemory | None = None) -> MemoryNeed:
     """The memory the model needs as `dtype`+`quantization` with a KV cache of `context_length` tokens (at most
-    the model's own limit), per device when `devices` are accelerators a mesh splits it over (the weights
-    evenly; the cache by kv heads, whole on each device when they do not divide), and what a decoded
+    the model's own limit), per device when `devices` are accelerators a mesh splits it over (the weights as
+    the default mesh really splits them, `model.sharding`; the cache by kv heads, whole on each device when
+    they do not divide), and what a decoded
     token reads. Raises ConfigError (in words) for a model we cannot run."""
+    from model.sharding import MeshShape, weight_bytes_per_device
+
     try:
         config = MixtralConfig.from_hf(hf_config, dtype=dtype, quantization=quantization)
     except (KeyError, TypeError) as error:
@@ -237,7 +240,7 @@ def plan_memory(hf_config: dict, dtype: str, quantization: str | None, context_l
     count = devices.count if devices is not None and devices.platform != "cpu" else 1
     kv_per_device = kv_cache // count if config.num_kv_heads % count == 0 else kv_cache
     return MemoryNeed(dtype, quantization, weights, kv_cache, tokens, config.decode_bytes(tokens // 2), count,
-                      _with_headroom(-(-weights // count) + kv_per_device))
+                      _with_headroom(weight_bytes_per_device(config, MeshShape(1, count)) + kv_per_device))
 
 
 def int4_possible(hf_config: dict) -> bool:
@@ -410,9 +413,12 @@ def plan_setup(source: Source, *, data_dir: Path, devices: DeviceMemory | None =
     if memory is not None:
         if memory.needed_bytes > devices.total_bytes:
             problems.append(_memory_problem(source.hf_config, memory, devices))
+        elif problem := _per_device_problem(source.hf_config, memory, devices):
+            problems.append(problem)
         elif devices.available_bytes is not None and memory.needed_bytes > devices.available_bytes:
             warnings.append(f"Only {format_bytes(devices.available_bytes)} of RAM is free right now: close other "
                             "programs before chatting, or the model will load slowly or not at all.")
+        warnings.extend(_replicated_notes(source.hf_config, memory, devices))
         if problem := _disk_problem(source, destination, output_bytes):
             problems.append(problem)
     if kernels_missing and (quantization or dtype != "float32"):
@@ -422,6 +428,36 @@ def plan_setup(source: Source, *, data_dir: Path, devices: DeviceMemory | None =
                      quantization=quantization, quantization_reason=quantization_reason, devices=devices,
                      bandwidth=bandwidth, memory=memory, settings=settings, output_bytes=output_bytes,
                      replaces_existing=destination.exists(), problems=tuple(problems), warnings=tuple(warnings))
+
+
+def _default_mesh_split(hf_config: dict, memory: MemoryNeed, devices: DeviceMemory):
+    """(config, mesh shape) of the app's default mesh: every device on the model axis."""
+    from model.sharding import MeshShape
+
+    return MixtralConfig.from_hf(hf_config, dtype=memory.dtype, quantization=memory.quantization), MeshShape(1, devices.count)
+
+
+def _replicated_notes(hf_config: dict, memory: MemoryNeed, devices: DeviceMemory) -> list[str]:
+    """What the default mesh cannot split, so every device holds it whole ("attention replicated on 8 devices")."""
+    from model.sharding import replicated
+
+    notes = replicated(*_default_mesh_split(hf_config, memory, devices))
+    return [f"{note.capitalize()}: the mesh does not divide it (--mesh can choose another split)." for note in notes]
+
+
+def _per_device_problem(hf_config: dict, memory: MemoryNeed, devices: DeviceMemory) -> str | None:
+    """Accelerators under a mesh: whether each holds its share (`plan_memory`: the weights as the default
+    mesh really splits them, what it cannot split held whole by every device)."""
+    from model.sharding import replicated
+
+    limit = devices.total_bytes // devices.count
+    if memory.devices == 1 or memory.per_device_bytes <= limit:
+        return None
+    notes = replicated(*_default_mesh_split(hf_config, memory, devices))
+    why = f" ({'; '.join(notes)})" if notes else ""
+    return (f"Not enough memory per device: as {memory.label} each of the {devices.count} devices would hold "
+            f"{format_bytes(memory.per_device_bytes)}{why}, but has {format_bytes(limit)}. Quantize the model, or "
+            "use more devices.")
 
 
 def _cpu_kernels_missing() -> str | None:

@@ -30,7 +30,9 @@ def _normalise(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
 
 class CheckpointWeights:
     """Hands each weight to the model as a jax.Array already split into its device shards: every device
-    reads only its own slice from disk (`jax.make_array_from_callback` + `TensorFiles.read_slice`)."""
+    reads only its own slice from disk (`jax.make_array_from_callback` + `TensorFiles.read_slice`); with
+    several processes each reads only its own devices' slices. Progress counts the checkpoint's bytes
+    whose arrays are made (the same fraction on every process, however little of them it reads)."""
 
     def __init__(self, files: TensorFiles, config: MixtralConfig, mesh: Mesh,
                  on_progress: Callable[[float, str], None] | None = None):
@@ -41,13 +43,14 @@ class CheckpointWeights:
         self.done = 0
 
     def _array(self, name: str, shape: tuple[int, ...], spec: tuple, rows: slice | None,
-               convert: Callable[[np.ndarray], np.ndarray], packed_axis: int | None = None,
-               stored_swapped: bool = False, swapped: bool = False) -> jax.Array:
+               convert: Callable[[np.ndarray], np.ndarray], dtype: np.dtype | None = None,
+               packed_axis: int | None = None, stored_swapped: bool = False, swapped: bool = False) -> jax.Array:
         """A tensor whose [.., in, out] shape and spec are `shape` (as a format-1 checkpoint stores it:
         the weight table's, int4 values packed) and `spec`; `stored_swapped`: the file holds it with its
         last two dims swapped; `swapped`: so does the array made (each device's block transposed as it is
-        read where the two differ). `rows` selects a range of the first dim; `packed_axis` is an axis
-        stored at half length (int4 pairs) that `convert` doubles."""
+        read where the two differ). `rows` selects a range of the first dim; `dtype`: what `convert`
+        gives (default: the dtype on disk); `packed_axis` is an axis stored at half length (int4 pairs)
+        that `convert` doubles. Progress counts the bytes of the tensor (of its rows) once it is placed."""
         on_disk = swap_last(shape) if stored_swapped else tuple(shape)
         try:
             found = self.files.shape(name)
@@ -57,9 +60,12 @@ class CheckpointWeights:
             raise CheckpointError(f"tensor {name!r} has shape {tuple(found)}, its config says {on_disk}: "
                                   "the checkpoint does not match its config; convert it again")
         shape = list(shape)
+        stored_dtype = self.files.dtype(name)
+        read_bytes = int(np.prod(shape, dtype=np.int64)) * stored_dtype.itemsize
         if packed_axis is not None:
             shape[packed_axis] *= 2
         if rows is not None:
+            read_bytes = read_bytes // shape[0] * (rows.stop - rows.start)
             shape[0] = rows.stop - rows.start
         if swapped:
             shape, spec = list(swap_last(shape)), swap_spec(spec)
@@ -78,12 +84,12 @@ class CheckpointWeights:
                     index = index[:packed_axis] + (slice(s.start // 2, s.stop // 2),) + index[packed_axis + 1:]
                 if stored_swapped:  # to the file's
                     index = swap_last(index)
-                part = self.files.read_slice(name, index, swap_last=swapped != stored_swapped)
-                self.done += part.nbytes
-                seen[key] = convert(part)
+                seen[key] = convert(self.files.read_slice(name, index, swap_last=swapped != stored_swapped))
             return seen[key]
 
-        array = jax.make_array_from_callback(tuple(shape), NamedSharding(self.mesh, P(*spec)), read)
+        array = jax.make_array_from_callback(tuple(shape), NamedSharding(self.mesh, P(*spec)), read,
+                                             dtype=stored_dtype if dtype is None else dtype)
+        self.done += read_bytes
         if self.on_progress:
             self.on_progress(min(1.0, self.done / max(self.total, 1)), f"loading weights ({name})")
         return array
@@ -91,7 +97,7 @@ class CheckpointWeights:
     def dense(self, name: str, spec: tuple, rows: slice | None = None, out_major: bool = False) -> jax.Array:
         """`out_major`: a 2-d weight with its dims swapped (the LM head, for the CPU kernels)."""
         dtype, info = NUMPY_DTYPES[self.config.dtype], info_of(self.table, name)
-        return self._array(name, info.shape, spec, rows, lambda a: a.astype(dtype, copy=False),
+        return self._array(name, info.shape, spec, rows, lambda a: a.astype(dtype, copy=False), dtype,
                            stored_swapped=stored_out_major(info, self.config), swapped=out_major)
 
     def linear(self, name: str, spec: tuple, rows: slice | None = None, out_major: bool = False
@@ -105,8 +111,8 @@ class CheckpointWeights:
             # out-major int4 is the [.., in/2, out] bytes (even input in the low nibble) swapped, as they are
             kernel = self._array(name, values, spec, rows, lambda a: a, stored_swapped=stored_swapped, swapped=out_major)
         else:
-            kernel = self._array(name, values, spec, rows, quantize.unpack_int4, packed_axis=len(spec) - 2,
-                                 stored_swapped=stored_swapped)
+            kernel = self._array(name, values, spec, rows, quantize.unpack_int4, quantize.UNPACKED_INT4,
+                                 packed_axis=len(spec) - 2, stored_swapped=stored_swapped)
         # int4's scales and offsets [.., in/group, out] swap with the values; int8's scales [.., out] have no `in`
         swaps = mode == "int4"
         params = tuple(self._array(f"{name}.{param}", quantize.param_shape(info.shape, mode, self.config.quant_group_size),

@@ -47,6 +47,13 @@ class _Conversation:
     cache: KVCache | None
 
 
+def with_seed(sampling: SamplingParams) -> SamplingParams:
+    """`sampling` with a seed: its own, or a fresh random one."""
+    if sampling.seed is not None:
+        return sampling
+    return dataclasses.replace(sampling, seed=secrets.randbits(63))
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     return next((i for i in range(n) if a[i] != b[i]), n)
@@ -88,6 +95,7 @@ class Engine:
         report = on_progress or (lambda fraction, what: None)
         ckpt_dir = Path(ckpt_dir)
         mesh = sharding.make_mesh(mesh_shape)
+        self._check_memory(manifest.read_config(ckpt_dir), mesh, dtype, context_length)
         executables = _executables(executable_cache, ckpt_dir, mesh, dtype, context_length) if executable_cache else None
         model = checkpoint.load(ckpt_dir, mesh, dtype=dtype, on_progress=lambda f, what: report(0.8 * f, what))
         self.config = model.config
@@ -100,7 +108,7 @@ class Engine:
             raise manifest.CheckpointError(problem)
         self.generator = Generator(model, executables)
         self.model_name = ckpt_dir.name
-        self.device_summary = sharding.describe(mesh)
+        self.device_summary = "; ".join([sharding.describe(mesh), *sharding.replicated(self.config, mesh)])
         self.max_cached_conversations = max(1, cache_budget_bytes // KVCache.bytes_for(self.config, self.capacity))
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()  # least recently used first
         self._busy = threading.Lock()
@@ -110,11 +118,20 @@ class Engine:
             self.warm_up()
         report(1.0, "ready")
 
+    @staticmethod
+    def _check_memory(config, mesh, dtype: str | None, context_length: int | None) -> None:
+        """Refuse, before loading, a mesh whose devices cannot hold their share."""
+        config = dataclasses.replace(config, dtype=dtype or config.dtype)
+        context = min(context_length or DEFAULT_CONTEXT, config.max_position_embeddings)
+        cache = KVCache.bytes_for(config, KVCache.capacity_for(context + PREFILL_CHUNK))
+        if problem := sharding.memory_problem(config, mesh, cache):
+            raise sharding.MeshError(problem)
+
     def warm_up(self) -> None:
         """Compile every program now (each prefill bucket, the decode step, the host-side helpers of a
         turn), so that no turn waits for the compiler."""
         self.generator.warm_up(self.capacity)
-        for _ in self.generate("__warm_up__", [{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=2)):
+        for _ in self.generate("__warm_up__", [{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=2, seed=0)):
             pass
         self.forget("__warm_up__")
 
@@ -143,14 +160,28 @@ class Engine:
                  should_stop: Callable[[], bool] = lambda: False) -> Iterator[Event]:
         """Answer the last user message of `messages` (the whole conversation), streaming events:
         maybe one ContextTrimmed, maybe one Compiling, TextDeltas, then exactly one TurnDone."""
+        prompt, dropped = self.plan_turn(messages, sampling)
+        if dropped:
+            yield ContextTrimmed(dropped)
+        yield from self.reply(conversation_id, prompt, sampling, should_stop)
+
+    def plan_turn(self, messages: list[dict], sampling: SamplingParams) -> tuple[list[int], int]:
+        """The prompt ids a turn feeds (the conversation, its oldest turns dropped if it does not fit
+        with room for the reply) and how many messages were dropped; EngineError for bad settings."""
         try:
             validate(sampling)
         except ValueError as e:
             raise EngineError(str(e)) from None
+        return self._fit(messages, reserve=min(sampling.max_new_tokens, self.context_limit // 4))
+
+    def reply(self, conversation_id: str, prompt: list[int], sampling: SamplingParams,
+              should_stop: Callable[[], bool] = lambda: False) -> Iterator[Event]:
+        """The reply after `prompt` (ids from `plan_turn`): maybe one Compiling, TextDeltas, then exactly
+        one TurnDone. `sampling.seed` None draws a fresh seed."""
         if not self._busy.acquire(blocking=False):
             raise EngineError("the engine is already generating a reply")
         try:
-            yield from self._turn(conversation_id, messages, sampling, should_stop)
+            yield from self._turn(conversation_id, prompt, with_seed(sampling), should_stop)
         finally:
             self._busy.release()
 
@@ -194,12 +225,8 @@ class Engine:
             conv.tokens = []
         return conv
 
-    def _turn(self, conversation_id, messages, sampling: SamplingParams, should_stop) -> Iterator[Event]:
+    def _turn(self, conversation_id, prompt: list[int], sampling: SamplingParams, should_stop) -> Iterator[Event]:
         started = time.perf_counter()
-        reserve = min(sampling.max_new_tokens, self.context_limit // 4)
-        prompt, dropped = self._fit(messages, reserve)
-        if dropped:
-            yield ContextTrimmed(dropped)
         conv = self._conversation(conversation_id)
         reuse = min(common_prefix(conv.tokens, prompt), len(prompt) - 1)  # feed at least one token
         if self.generator.will_compile(len(prompt) - reuse, self.capacity):

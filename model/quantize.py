@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 PARAMS = {"int8": ("scale",), "int4": ("scale", "offset")}  # the tensors beside a quantized weight
+UNPACKED_INT4 = np.dtype(ml_dtypes.uint4)  # what `unpack_int4` gives
 
 
 def stored_values(shape: tuple[int, ...], mode: str) -> tuple[np.dtype, tuple[int, ...]]:
@@ -63,7 +64,7 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
     out = np.empty((*lead, 2 * half, n_out), np.uint8)
     out[..., 0::2, :] = packed & 0x0F
     out[..., 1::2, :] = packed >> 4
-    return out.astype(ml_dtypes.uint4)
+    return out.astype(UNPACKED_INT4)
 
 
 def dequantize_numpy(q: np.ndarray, params: tuple[np.ndarray, ...], mode: str, group: int) -> np.ndarray:

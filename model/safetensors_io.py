@@ -220,6 +220,9 @@ class TensorFiles:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).shape
 
+    def dtype(self, name: str) -> np.dtype:
+        return self._entry(name).dtype
+
     def read(self, name: str) -> np.ndarray:
         return self.read_rows(name, 0, self._entry(name).shape[0] if self._entry(name).shape else 1)
 

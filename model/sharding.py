@@ -11,10 +11,12 @@ the program stays correct, only less of it is split.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from . import weight_table
@@ -37,12 +39,20 @@ def parse_mesh_shape(text: str) -> tuple[int, int]:
 
 
 def make_mesh(shape: tuple[int, int] | None = None, devices=None) -> Mesh:
-    """A mesh of shape (expert, model); by default every device on the model axis."""
+    """A mesh of shape (expert, model); by default every device on the model axis, or with several
+    processes (multihost.py) the expert axis across processes and the model axis within each, which
+    then must use every device of every process (jax.devices() lists them process by process)."""
     devices = list(devices if devices is not None else jax.devices())
-    expert, model = shape if shape is not None else (1, len(devices))
+    processes = jax.process_count()
+    if shape is None:
+        shape = (processes, len(devices) // processes) if processes > 1 else (1, len(devices))
+    expert, model = shape
     if expert * model > len(devices):
         raise MeshError(f"mesh {expert}x{model} needs {expert * model} devices, but only {len(devices)} "
                         f"{devices[0].platform} device(s) are available")
+    if processes > 1 and expert * model != len(devices):
+        raise MeshError(f"mesh {expert}x{model} uses {expert * model} devices, but the {processes} processes "
+                        f"have {len(devices)}: with several processes the mesh must use them all")
     return jax.make_mesh((expert, model), (EXPERT, MODEL), axis_types=(AxisType.Auto, AxisType.Auto),
                          devices=devices[: expert * model])
 
@@ -55,12 +65,14 @@ def check_mesh_fits(mesh: Mesh, config: MixtralConfig) -> None:
 
 
 def describe(mesh: Mesh) -> str:
-    """'8 x cpu, mesh 2x4' for the status bar."""
+    """'8 x cpu, mesh 2x4' for the status bar ('8 x cpu in 2 processes, mesh 2x4' across processes)."""
     platform = mesh.devices.flat[0].platform
-    return f"{mesh.size} x {platform}, mesh {mesh.shape[EXPERT]}x{mesh.shape[MODEL]}"
+    processes = len({d.process_index for d in mesh.devices.flat})
+    where = f" in {processes} processes" if processes > 1 else ""
+    return f"{mesh.size} x {platform}{where}, mesh {mesh.shape[EXPERT]}x{mesh.shape[MODEL]}"
 
 
-def split_if_divisible(mesh: Mesh, axis: str, count: int) -> str | None:
+def split_if_divisible(mesh: Mesh | MeshShape, axis: str, count: int) -> str | None:
     """The mesh axis to split `count` things over, or None (replicate) if it does not divide them."""
     return axis if count % mesh.shape[axis] == 0 else None
 
@@ -69,7 +81,7 @@ def sharding(mesh: Mesh, *spec) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 
 
-def sharding_rules(config: MixtralConfig, mesh: Mesh) -> dict[str, str | None]:
+def sharding_rules(config: MixtralConfig, mesh: Mesh | MeshShape) -> dict[str, str | None]:
     """The mesh axis each named weight axis (weight_table.AXES) is split over; None: replicated."""
     # int4 scales come per group of input rows: a split input dim (wo, w2) must also split its groups
     group = config.quant_group_size if config.quantization == "int4" else 1
@@ -97,3 +109,58 @@ def weight_specs(config: MixtralConfig, mesh: Mesh) -> dict[str, tuple]:
 def cache_spec(config: MixtralConfig, mesh: Mesh) -> tuple:
     """K [B, KV, Dh, S] and V [B, KV, S, Dh]: split by kv heads."""
     return (None, split_if_divisible(mesh, MODEL, config.num_kv_heads), None, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+    """A mesh's axis sizes alone, which is all `sharding_rules` and what follows read: for planning on
+    devices that are not in use yet (the set-up plan)."""
+
+    expert: int
+    model: int
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {EXPERT: self.expert, MODEL: self.model}
+
+
+def replicated(config: MixtralConfig, mesh: Mesh | MeshShape) -> list[str]:
+    """What the model axis cannot split (a dim it does not divide) and so every device of it holds
+    whole, e.g. ["attention replicated on 8 devices"] for 6 kv heads on 8 devices."""
+    devices = mesh.shape[MODEL]
+    if devices == 1:
+        return []
+    rules = sharding_rules(config, mesh)
+    whole = {"attention": rules[weight_table.Q] is None or rules[weight_table.KV] is None,
+             "the experts' intermediate dim": rules[weight_table.FFN] is None,
+             "the vocabulary": rules[weight_table.VOCAB] is None}
+    return [f"{what} replicated on {devices} devices" for what, is_whole in whole.items() if is_whole]
+
+
+def weight_bytes_per_device(config: MixtralConfig, mesh: Mesh | MeshShape) -> int:
+    """The weights one device holds, as `sharding_rules` really split them (a quantized weight's values:
+    its scales add a few percent)."""
+    rules = sharding_rules(config, mesh)
+    itemsize = {None: jnp.dtype(config.dtype).itemsize, "int8": 1, "int4": 0.5}
+    total = 0.0
+    for info in weight_table.weight_table(config).values():
+        split = math.prod(mesh.shape[rules[axis]] for axis in info.axes if rules[axis] is not None)
+        size = itemsize[config.quantization if info.quantizable else None]
+        total += math.prod(info.shape) * size / split * (config.num_layers if info.per_layer else 1)
+    return int(total)
+
+
+def memory_problem(config: MixtralConfig, mesh: Mesh, cache_bytes: int) -> str | None:
+    """Why this process's accelerators cannot hold their share of the model (its weights as the mesh
+    splits them + `cache_bytes` of KV cache split by kv heads), or None. CPU devices share the RAM, which
+    the set-up plan checks (the page cache makes "free now" meaningless here): None."""
+    device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+    limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
+    kv_split = mesh.shape[MODEL] if split_if_divisible(mesh, MODEL, config.num_kv_heads) else 1
+    share = weight_bytes_per_device(config, mesh) + cache_bytes // kv_split
+    if limit is None or share <= limit:
+        return None
+    notes = "".join(f"; {note}" for note in replicated(config, mesh))
+    return (f"mesh {mesh.shape[EXPERT]}x{mesh.shape[MODEL]} does not fit: each device would hold "
+            f"{share / 1e9:.1f} GB (weights and one conversation's KV cache{notes}), but has {limit / 1e9:.1f} GB; "
+            "try a mesh over more devices, a smaller --context-length or a quantized model")

@@ -102,6 +102,13 @@ def test_bad_command_lines_get_one_line_and_status_2(args, fragment):
     (["--headless", "--model", "nope"], "no model named 'nope' and no such folder (none installed"),
     (["--headless"], "no model to use: pass --model NAME|PATH or --demo"),
     (["--headless", "--conversation", "abc"], "no conversation with id 'abc'"),
+    (["--headless", "--num-processes", "2"], "--num-processes and --process-id go with --distributed HOST:PORT"),
+    (["--headless", "--distributed", "alpha"], "--distributed takes HOST:PORT (process 0's address and a free port)"),
+    (["--headless", "--distributed", "alpha:1234", "--process-id", "1"], "needs --num-processes N and --process-id I"),
+    (["--headless", "--distributed", "alpha:1234", "--num-processes", "2", "--process-id", "2"],
+     "--process-id must be below --num-processes (2), got 2"),
+    (["--headless", "--conversation", "abc", "--distributed", "alpha:1234", "--num-processes", "2", "--process-id",
+      "0"], "--distributed needs the model on every process: pass --model NAME|PATH or --demo"),
 ])
 def test_bad_requests_get_one_line_and_a_failure_status(data_dir, args, fragment):
     assert_one_line_error(run_cli(*args, data_dir=data_dir), fragment)

@@ -88,3 +88,25 @@ def test_mesh_errors_are_clear(ckpt):
         model.load(ckpt, model.make_mesh((3, 1)))
     with pytest.raises(model.MeshError, match="AxB"):
         model.parse_mesh_shape("eight")
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_bytes_per_device_and_what_is_replicated_as_loaded(ckpt, shape):
+    """What the memory checks count is what a device really holds; the 4 kv heads on 8 devices leave
+    attention whole on each."""
+    from flax import nnx
+
+    from model.manifest import read_config
+    from model.sharding import replicated, weight_bytes_per_device
+
+    mesh, config = model.make_mesh(shape), read_config(ckpt)
+    arrays = [a for a in jax.tree.leaves(nnx.state(model.load(ckpt, mesh))) if isinstance(a, jax.Array)]
+    assert weight_bytes_per_device(config, mesh) == device0_bytes(arrays)
+    assert replicated(config, mesh) == (["attention replicated on 8 devices"] if shape == (1, 8) else [])
+
+
+def test_the_status_bar_says_what_is_replicated(ckpt):
+    from model.engine import Engine
+
+    assert Engine(ckpt, mesh_shape=(1, 8)).device_summary == "8 x cpu, mesh 1x8; attention replicated on 8 devices"
+    assert Engine(ckpt, mesh_shape=(2, 4)).device_summary == "8 x cpu, mesh 2x4"
