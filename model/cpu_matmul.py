@@ -34,7 +34,7 @@ import numpy as np
 LIBRARY = "_cpu_kernels"  # model/_cpu_kernels<EXTENSION_SUFFIX>, built by setup.py
 TARGETS = {"float32": "mixtral_matmul_f32", "bfloat16": "mixtral_matmul_bf16", "int8": "mixtral_matmul_int8",
            "int4": "mixtral_matmul_int4"}
-ISAS = ("scalar", "avx2", "avx512", "avx512_vnni")  # mixtral_cpu_isa()'s values
+ISAS = ("scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16")  # mixtral_cpu_isa()'s values
 GEMV_MAX_ROWS = 4  # as in matmul.cc: more rows take the blocked GEMM kernel
 X16_BLOCK = 64  # as in kernels.h: the int8 / int4 gemv rounds x to int16 per block of this many inputs
 INT4_BLOCK = 32  # int4 groups must be a multiple of it (the kernels unpack 32 inputs at a time)

@@ -54,11 +54,21 @@ def weight(kind: str, n_in: int, n_out: int, seed: int = 0):
             tuple(map(jnp.asarray, kernel_params)), kind)
 
 
-def as_the_kernel_takes_it(x: np.ndarray, kind: str) -> np.ndarray:
-    """x [rows, in] as the kernels multiply it (float64): the int8 / int4 gemv (a few rows) rounds each whole
-    block of X16_BLOCK inputs to int16 with one scale (as matmul.cc does, in float32); else x itself."""
+def as_the_kernel_takes_it(x: np.ndarray, kind: str, isa: str) -> np.ndarray:
+    """x [rows, in] as the kernels multiply it (float64). The gemv (a few rows): int8 / int4 round each
+    whole block of X16_BLOCK inputs to int16 with one scale (as matmul.cc does, in float32); bfloat16 on
+    a CPU with bfloat16 dot products splits each whole 32 inputs into two bfloat16 parts. Else x itself."""
     x = x.astype(np.float32)
-    if kind not in ("int8", "int4") or x.shape[0] > cpu_matmul.GEMV_MAX_ROWS:
+    if x.shape[0] > cpu_matmul.GEMV_MAX_ROWS:
+        return x.astype(np.float64)
+    if kind == "bfloat16" and isa == "avx512_bf16":
+        whole = x.shape[1] // 32 * 32
+        high = x.astype(ml_dtypes.bfloat16).astype(np.float32)
+        low = (x - high).astype(ml_dtypes.bfloat16).astype(np.float32)
+        out = x.astype(np.float64)
+        out[:, :whole] = high[:, :whole].astype(np.float64) + low[:, :whole]
+        return out
+    if kind not in ("int8", "int4"):
         return x.astype(np.float64)
     whole = x.shape[1] // cpu_matmul.X16_BLOCK * cpu_matmul.X16_BLOCK
     blocks = x[:, :whole].reshape(x.shape[0], -1, cpu_matmul.X16_BLOCK)
@@ -94,10 +104,9 @@ def test_each_kernel_matches_numpy(kind):
                 cpu_matmul.set_isa(isa)
                 y = matmul(x, kernel, params)
                 assert y.shape == (rows, n_out) and y.dtype == jnp.float32
-                close(y, as_the_kernel_takes_it(x, kind) @ w)
-            if kind in ("int8", "int4") and rows <= cpu_matmul.GEMV_MAX_ROWS and n_in >= cpu_matmul.X16_BLOCK:
-                # the rounding to int16 is that small
-                np.testing.assert_allclose(as_the_kernel_takes_it(x, kind), x, rtol=0, atol=2e-5 * np.abs(x).max())
+                taken = as_the_kernel_takes_it(x, kind, isa)
+                close(y, taken @ w)
+                np.testing.assert_allclose(taken, x, rtol=0, atol=2e-5 * np.abs(x).max())  # the roundings are that small
     finally:
         cpu_matmul.set_isa(original)
 

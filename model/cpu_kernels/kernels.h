@@ -35,6 +35,8 @@ struct Prepared {
   const int16_t* x16;       // INT8 / INT4 gemv [M, K]: the whole blocks of x as int16 (INT4: each block's 32
                             // even inputs first, then its odd ones: the low and high nibbles' order)
   const float* x16_scale;   // [M, K / X16_BLOCK]
+  const uint16_t* x_bf16;   // BF16 gemv [M, 2, K]: x as a bfloat16 and the bfloat16 of what it leaves (their sum
+                            // within 2^-16 of x), for the CPUs with bfloat16 dot products (AVX512-BF16)
   const float* split;       // INT4 gemm [M, K]: each 32 inputs of x reordered, the 16 even ones first
   const float* tiles;       // SIMD gemm [M / tile_rows][K][tile_rows]: x (INT4: split) in tiles of rows, zero-padded
 };

@@ -26,6 +26,12 @@ static inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
+static inline uint16_t float_to_bf16(float f) {  // rounded to the nearest, ties to even (no NaNs here)
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
 // The scalar reference: what every SIMD kernel must compute, one weight at a time.
 static float weight(const Weights& w, int64_t n, int64_t k) {
   switch (w.type) {
@@ -150,11 +156,32 @@ constexpr int W = 16;
 #pragma clang attribute pop
 #endif
 #pragma GCC pop_options
+
+// AVX-512 with VNNI and BF16: bfloat16 weights times x in two bfloat16 parts (vdpbf16ps)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512vnni,avx512bf16")
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512vnni,avx512bf16"))), apply_to = function)
+#endif
+namespace avx512_bf16 {
+constexpr int W = 16;
+#define SIMD_WIDTH 16
+#define SIMD_VNNI 1
+#define SIMD_BF16 1
+#include "simd.inc"
+#undef SIMD_BF16
+#undef SIMD_VNNI
+#undef SIMD_WIDTH
+}  // namespace avx512_bf16
+#ifdef __clang__
+#pragma clang attribute pop
+#endif
+#pragma GCC pop_options
 #endif
 
 // Instruction sets, best last. A kernel set per entry: gemv (few rows), gemm (many rows), and the rows per
 // tile the gemm wants x packed in (Prepared::tiles; 0: it reads x as it is).
-enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512_VNNI = 3 };
+enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512_VNNI = 3, AVX512_BF16 = 4 };
 struct Kernels {
   MatmulFn gemv, gemm;
   int64_t tile_rows;
@@ -165,6 +192,7 @@ static const Kernels KERNELS[] = {
     {avx2::gemv, avx2::gemm_any, avx2::TILE_ROWS},
     {avx512::gemv, avx512::gemm_any, avx512::TILE_ROWS},
     {avx512_vnni::gemv, avx512_vnni::gemm_any, avx512_vnni::TILE_ROWS},
+    {avx512_bf16::gemv, avx512_bf16::gemm_any, avx512_bf16::TILE_ROWS},
 #endif
 };
 
@@ -178,13 +206,14 @@ static bool cpu_has(Isa isa) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     case AVX512_VNNI: return cpu_has(AVX512) && __builtin_cpu_supports("avx512vnni");
+    case AVX512_BF16: return cpu_has(AVX512_VNNI) && __builtin_cpu_supports("avx512bf16");
   }
 #endif
   return isa == SCALAR;
 }
 
 static Isa best_isa() {
-  for (int i = AVX512_VNNI; i > SCALAR; i--)
+  for (int i = AVX512_BF16; i > SCALAR; i--)
     if (cpu_has(Isa(i))) return Isa(i);
   return SCALAR;
 }
@@ -232,6 +261,17 @@ static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> 
   const bool gemv = M <= GEMV_MAX_ROWS;
   std::vector<float> sums, split, tiles, x16_scale;
   std::vector<int16_t> x16;
+  std::vector<uint16_t> x_bf16;
+  if (gemv && w.type == WeightType::BF16) {
+    x_bf16.resize(M * 2 * w.K);
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t k = 0; k < w.K; k++) {
+        const float v = xs[m * w.K + k];
+        const uint16_t high = float_to_bf16(v);
+        x_bf16[(2 * m) * w.K + k] = high;
+        x_bf16[(2 * m + 1) * w.K + k] = float_to_bf16(v - bf16_to_float(high));
+      }
+  }
   if (gemv && (w.type == WeightType::INT8 || w.type == WeightType::INT4)) {
     const int64_t B = w.K / X16_BLOCK;
     x16.resize(M * w.K);
@@ -270,7 +310,7 @@ static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> 
         for (int64_t k = 0; k < w.K; k++) out[k * tile + r] = t * tile + r < M ? rows[(t * tile + r) * w.K + k] : 0.0f;
     });
   }
-  const Prepared prepared{sums.data(), x16.data(), x16_scale.data(), split.data(), tiles.data()};
+  const Prepared prepared{sums.data(), x16.data(), x16_scale.data(), x_bf16.data(), split.data(), tiles.data()};
   const int64_t threads = pool.num_threads() + 1;
   if (gemv) {
     // ~4 chunks per thread, of a multiple of 4 rows, at least 16
@@ -335,12 +375,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul_int4, matmul_int4,
                               BIND_MATMUL.Arg<ffi::Buffer<ffi::U8>>().Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>().Attr<int64_t>("group").Ret<ffi::Buffer<ffi::F32>>());
 
-// The instruction set the kernels use: 0 scalar reference, 1 AVX2 + FMA, 2 AVX-512, 3 AVX-512 + VNNI.
+// The instruction set the kernels use: 0 scalar reference, 1 AVX2 + FMA, 2 AVX-512, 3 AVX-512 + VNNI,
+// 4 AVX-512 + VNNI + BF16.
 extern "C" int mixtral_cpu_isa() { return current_isa.load(); }
 
 // Switches to `isa` if this CPU has it (tests run every kernel set); returns whether it did.
 extern "C" int mixtral_cpu_set_isa(int isa) {
-  if (isa < SCALAR || isa > AVX512_VNNI || isa >= int(sizeof(KERNELS) / sizeof(KERNELS[0])) || !cpu_has(Isa(isa)))
+  if (isa < SCALAR || isa > AVX512_BF16 || isa >= int(sizeof(KERNELS) / sizeof(KERNELS[0])) || !cpu_has(Isa(isa)))
     return 0;
   current_isa.store(isa);
   return 1;
