@@ -137,33 +137,30 @@ def split_child(argv: list[str]) -> None:
 
 
 def checkpoints(weights: list[str]) -> tuple[Path, dict[str, Path]]:
-    """(the demo as a Hugging Face Mixtral folder, our demo checkpoint of each `weights`), built once in the
-    bench cache from the demo's GGUF (in the user's downloads, or fetched as `mixtral-chat --demo` does)."""
-    import shutil
-
+    """(the float32 demo as a Hugging Face Mixtral folder, for transformers; our demo checkpoint of each
+    `weights`), built once in the bench cache as the demo is (from its GGUF: the user's download, or
+    fetched as `mixtral-chat --demo` does). Ours are converted from the dense folder, not from the
+    export: a Mixtral folder would get Mixtral's chat format instead of the demo's ChatML template."""
     import model
     from bench.run import CACHE
     from chat_app import demo, paths
     from model.gguf_import import gguf_to_hf
 
     root = CACHE / "start"
-    hf_dir = root / "hf"
-    if not (hf_dir / "config.json").exists():
-        dense = root / "dense"
-        shutil.rmtree(dense, ignore_errors=True)
+    dense = root / "dense"
+    if not (dense / "config.json").exists():
         gguf_to_hf(demo.demo_gguf(paths.downloads_dir(paths.resolve_data_dir())), dense)
-        upcycled = model.convert_hf(dense, root / "upcycled", upcycle_experts=demo.UPCYCLE_EXPERTS, overwrite=True)
-        model.export_hf(upcycled, hf_dir)
-        shutil.rmtree(dense)
-        shutil.rmtree(upcycled)
     ours = {}
-    for w in weights:
+    for w in dict.fromkeys(["float32", *weights]):
         ckpt = root / f"ours-{w}"
         if not ckpt.exists():
-            model.convert_hf(hf_dir, ckpt, dtype="bfloat16" if w == "bfloat16" else "float32",
-                             quantize=w if w in ("int8", "int4") else None)
+            model.convert_hf(dense, ckpt, dtype="bfloat16" if w == "bfloat16" else "float32",
+                             quantize=w if w in ("int8", "int4") else None, upcycle_experts=demo.UPCYCLE_EXPERTS)
         ours[w] = ckpt
-    return hf_dir, ours
+    hf_dir = root / "hf"
+    if not (hf_dir / "config.json").exists():
+        model.export_hf(ours["float32"], hf_dir)
+    return hf_dir, {w: ours[w] for w in weights}
 
 
 def main(argv=None) -> int:
@@ -185,6 +182,8 @@ def main(argv=None) -> int:
                    "--temperature", "0", "--no-save", "--max-new-tokens", "8"]
             for run in ["cold"] + ["warm"] * args.runs:
                 seconds, text, err = first_byte_seconds(cli, env, QUESTION + "\n")
+                if not text.strip():  # its first byte was the end of an empty reply: not a first token
+                    raise RuntimeError(f"{ckpt} gave an empty reply")
                 split = json.loads(next(line for line in err.splitlines() if line.startswith("SPLIT "))[6:])
                 rows.append({"engine": "ours", "weights": weights, "run": run, "seconds": seconds, "split": split,
                              "reply": text.strip()})

@@ -4,6 +4,7 @@ model's programs, and a damaged cache is rebuilt without a word."""
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,14 @@ def test_warm_start_loads_programs_instead_of_tracing_them(tiny_ckpt, tmp_path):
     assert again["text"] == cold["text"]
     assert len([name for name in again["turn"]["compile"] if "step" in name]) == 2
     assert nothing_built(run_turn(tiny_ckpt, tmp_path))  # and saved again
+
+    # a program saved for parameters laid out otherwise (a key that failed to tell them apart): rebuilt
+    layout, *program = pickle.loads(saved[0].read_bytes())
+    saved[0].write_bytes(pickle.dumps(("another layout", *program)))
+    stale = run_turn(tiny_ckpt, tmp_path)
+    assert stale["text"] == cold["text"]
+    assert len([name for name in stale["turn"]["compile"] if "step" in name]) == 1
+    assert pickle.loads(saved[0].read_bytes())[0] == layout
 
 
 @pytest.mark.slow

@@ -145,3 +145,27 @@ def test_long_context_decode_crosses_attention_blocks(tiny_ckpt):
     for t in range(700, 720):
         logits, cache = step(m, ids[:, t:t + 1], cache)
         np.testing.assert_allclose(np.asarray(logits)[0, 0], full[t], atol=TOLERANCE)
+
+
+def test_prefill_in_chunks_of_a_ready_bucket(tiny_ckpt):
+    """Where the buckets a prefill would pick are not compiled but a big enough one is (a conversation
+    resumed after a restart), the prefill runs in chunks of that one, and agrees with the full forward."""
+    from model.generate import chunk_buckets
+
+    assert chunk_buckets(700, {16, 32, 64, 128, 256, 512}) == [512, 256]
+    assert chunk_buckets(700, ()) == [512, 256]  # nothing ready: compile what fits best
+    assert chunk_buckets(700, {16, 32}) == [512, 256]  # too small to be worth it
+    assert chunk_buckets(300, {16, 64}) == [64] * 4 + [64]
+    assert chunk_buckets(300, {16, 32, 64, 128}) == [128, 128, 64]
+    assert chunk_buckets(10, {64}) == [64]
+    m = model.load(tiny_ckpt, one_device())
+    ids = random_ids(1, 310, seed=4)
+    full = np.asarray(forward(m, ids, None))[0]
+    gen = Generator(m)
+    gen.ready_buckets = lambda capacity: {16, 64}  # as if only these had been compiled
+    cache = gen.new_cache(1024)
+    token, cache = gen.prefill(cache, ids[0, :300].tolist(), gen.seen_mask([]), gen.seed(0),
+                               SamplingArrays.of(SamplingParams(temperature=0)))
+    assert int(token[0]) == full[299].argmax() and int(cache.end) == 300
+    logits, _ = nnx.jit(lambda m, tokens, cache: m.forward(tokens, cache, 10))(m, ids[:, 300:], cache)
+    np.testing.assert_allclose(np.asarray(logits)[0], full[300:], atol=TOLERANCE)
