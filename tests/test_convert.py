@@ -216,3 +216,28 @@ def test_format_1_checkpoints_still_load(tiny_hf, tmp_path, dtype, quantization)
         np.testing.assert_allclose(old, new, atol=2e-2 if dtype == "bfloat16" else 1e-5)
     else:  # format 2 quantizes the LM head too (the bounds of test_quantize's whole-model check)
         assert np.abs(old - new).max() < (0.02 if quantization == "int8" else 0.25) * np.abs(new).max()
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_accelerators_transpose_format_2_weights_on_the_device(tiny_hf, tmp_path, quantization):
+    """Where a backend wants [in, out] weights (XLA's matmuls, the GPU's dense ones) the accelerators read
+    format 2's out-major tensors as they are and transpose them themselves (numpy on the host: ~1 GB/s):
+    the same model as transposing each block on the host."""
+    import jax
+
+    from model.checkpoint import CheckpointWeights
+    from model.mixtral import Mixtral
+    from model.safetensors_io import TensorFiles
+
+    ckpt = model.convert_hf(tiny_hf, tmp_path / "ours", quantize=quantization)
+    config, mesh = model.verify(ckpt), model.make_mesh((2, 4))
+    ids = np.array([[1, 733, 16289, 28793, 22557, 28804]], np.int32)
+
+    def logits(on_device: bool) -> np.ndarray:
+        weights = CheckpointWeights(TensorFiles(ckpt), config, mesh, transpose_on_device=on_device)
+        with jax.set_mesh(mesh):
+            m = Mixtral(config, weights, mesh, branchless=False, cpu_kernels=False)
+        assert m.layers[0].attn.wq.kernel.shape == (config.hidden_size, config.num_heads * config.head_dim)
+        return np.asarray(m(ids))
+
+    np.testing.assert_array_equal(logits(True), logits(False))
