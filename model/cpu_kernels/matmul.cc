@@ -4,11 +4,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <mutex>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -230,25 +229,29 @@ constexpr int64_t GEMM_COLS = 96;     // outputs per gemm chunk (a multiple of e
 template <class F>
 static void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& fn) {
   struct State {
-    std::atomic<int64_t> next{0};
-    int64_t done = 0;
-    std::mutex mu;
-    std::condition_variable all_done;
+    std::atomic<int64_t> next{0}, done{0};
   };
   auto state = std::make_shared<State>();
   const int64_t total = n;
   auto work = [total](State& s, const F& fn) {
     int64_t finished = 0;
     for (int64_t i; (i = s.next.fetch_add(1)) < total; finished++) fn(i);
-    if (finished == 0) return;
-    std::lock_guard<std::mutex> lock(s.mu);
-    if ((s.done += finished) == total) s.all_done.notify_all();
+    if (finished) s.done.fetch_add(finished, std::memory_order_release);
   };
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
   for (int64_t h = 0; h < helpers; h++) pool.Schedule([state, &fn, work] { work(*state, fn); });
   work(*state, fn);
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->all_done.wait(lock, [&] { return state->done == total; });
+  // the last chunks are in other threads' hands, a few microseconds from done: wait awake (sleeping on a
+  // condition variable and waking again cost more than a small matrix takes)
+  for (int spins = 0; state->done.load(std::memory_order_acquire) < total; spins++) {
+    if (spins < 4096) {
+#ifdef MIXTRAL_X86
+      _mm_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
 }
 
 static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::F32>> y) {
