@@ -9,10 +9,11 @@ The kernels want each weight as [out, in] rows (`layout` does it once, at load):
                         one); scale, offset float32 [..., out, in/group]
 (the layouts of the GPU kernels for quantized weights, model/expert_gemv.py).
 `matmul(x, kernel, params, mode, group)` multiplies float activations by such a weight, inside jit and
-inside shard_map (each device calls the kernel on its own shard). Float weights, and quantized ones times
-many rows (prefill), compute what the dequantized float32 weight would; quantized ones times a few rows
-(decode) take x rounded to int16 per block of X16_BLOCK inputs (within 1.5e-5 of the block's largest
-value) for integer dot products, several times fewer instructions per weight.
+inside shard_map (each device calls the kernel on its own shard). Times many rows (prefill) every weight
+type computes what the dequantized float32 weight would; times a few rows (decode) int8 / int4 weights
+take x rounded to int16 per block of X16_BLOCK inputs (within 1.5e-5 of the block's largest value) for
+integer dot products, and bfloat16 ones, on CPUs with AVX512-BF16, x split into two bfloat16 parts
+(within 2^-16): several times fewer instructions per weight.
 
 The kernels come as a shared library built by `pip install` (setup.py; a C++ compiler is needed). If it is
 missing or fails to load, `available()` is False, the model stays on XLA's matmuls, and `warn_once` says

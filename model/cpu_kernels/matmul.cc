@@ -31,16 +31,22 @@ static inline uint16_t float_to_bf16(float f) {  // rounded to the nearest, ties
   return uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
+// The integer value of weight (n, k): INT8 q (its scale applied to the whole row), INT4 q in [0, 15].
+static int32_t weight_integer(const Weights& w, int64_t n, int64_t k) {
+  if (w.type == WeightType::INT8) return ((const int8_t*)w.data)[n * w.K + k];
+  const uint8_t byte = ((const uint8_t*)w.data)[n * (w.K / 2) + k / 2];
+  return k % 2 ? byte >> 4 : byte & 15;
+}
+
 // The scalar reference: what every SIMD kernel must compute, one weight at a time.
 static float weight(const Weights& w, int64_t n, int64_t k) {
   switch (w.type) {
     case WeightType::F32: return ((const float*)w.data)[n * w.K + k];
     case WeightType::BF16: return bf16_to_float(((const uint16_t*)w.data)[n * w.K + k]);
-    case WeightType::INT8: return ((const int8_t*)w.data)[n * w.K + k] * w.scale[n];
+    case WeightType::INT8: return weight_integer(w, n, k) * w.scale[n];
     case WeightType::INT4: {
-      const uint8_t byte = ((const uint8_t*)w.data)[n * (w.K / 2) + k / 2];
       const int64_t g = n * (w.K / w.group) + k / w.group;
-      return (k % 2 ? byte >> 4 : byte & 15) * w.scale[g] + w.offset[g];
+      return weight_integer(w, n, k) * w.scale[g] + w.offset[g];
     }
   }
   return 0;
@@ -61,13 +67,6 @@ static int64_t x16_index(WeightType type, int64_t k) {
   if (type != WeightType::INT4) return k;
   const int64_t i = k % X16_BLOCK;
   return k - i + (i % 2 ? X16_BLOCK / 2 : 0) + i / 2;
-}
-
-// The integer value of weight (n, k): INT8 q (its scale applied to the whole row), INT4 q in [0, 15].
-static int32_t weight_integer(const Weights& w, int64_t n, int64_t k) {
-  if (w.type == WeightType::INT8) return ((const int8_t*)w.data)[n * w.K + k];
-  const uint8_t byte = ((const uint8_t*)w.data)[n * (w.K / 2) + k / 2];
-  return k % 2 ? byte >> 4 : byte & 15;
 }
 
 // The gemv of INT8 / INT4 weights (what the SIMD gemv computes): per 32 inputs of a whole block, the
@@ -243,8 +242,9 @@ static void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& fn) {
   work(*state, fn);
   // the last chunks are in other threads' hands, a few microseconds from done: wait awake (sleeping on a
   // condition variable and waking again cost more than a small matrix takes)
-  for (int spins = 0; state->done.load(std::memory_order_acquire) < total; spins++) {
+  for (int spins = 0; state->done.load(std::memory_order_acquire) < total;) {
     if (spins < 4096) {
+      spins++;
 #ifdef MIXTRAL_X86
       _mm_pause();
 #endif
@@ -262,10 +262,12 @@ static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> 
   const float* xs = x.typed_data();
   float* ys = y->typed_data();
   const bool gemv = M <= GEMV_MAX_ROWS;
+  const Isa isa = Isa(current_isa.load(std::memory_order_relaxed));
+  const Kernels& kernels = KERNELS[isa];
   std::vector<float> sums, split, tiles, x16_scale;
   std::vector<int16_t> x16;
   std::vector<uint16_t> x_bf16;
-  if (gemv && w.type == WeightType::BF16) {
+  if (gemv && w.type == WeightType::BF16 && isa == AVX512_BF16) {  // the only kernels that read it
     x_bf16.resize(M * 2 * w.K);
     for (int64_t m = 0; m < M; m++)
       for (int64_t k = 0; k < w.K; k++) {
@@ -302,7 +304,6 @@ static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> 
         if (!gemv) split[m * w.K + k / 32 * 32 + k % 32 / 2 + k % 2 * 16] = xs[m * w.K + k];
       }
   }
-  const Kernels& kernels = KERNELS[current_isa.load(std::memory_order_relaxed)];
   const int64_t tile = kernels.tile_rows;
   if (M > GEMV_MAX_ROWS && tile) {  // x (INT4: split) in tiles of rows, input-major
     const float* rows = split.empty() ? xs : split.data();
