@@ -65,16 +65,9 @@ def _context(config, context_length: int | None) -> tuple[int, int]:
     return limit, KVCache.capacity_for(limit + PREFILL_CHUNK)
 
 
-def _executables(directory: str | Path, ckpt_dir: Path, mesh, dtype: str | None,
-                 context_length: int | None) -> ExecutableCache | None:
-    """The executable cache of this checkpoint on this mesh, its decode step already loading (in the
-    background, while the weights load); None when the config cannot be read (the load says why)."""
-    try:
-        config = manifest.read_config(ckpt_dir)
-    except manifest.CheckpointError:
-        return None
-    if dtype is not None:
-        config = dataclasses.replace(config, dtype=dtype)
+def _executables(directory: str | Path, config, mesh, context_length: int | None) -> ExecutableCache:
+    """The executable cache of this model (`config` as it will load) on this mesh, its decode step already
+    loading (in the background, while the weights load)."""
     if mesh.devices.flat[0].platform == "cpu":
         cpu_matmul.available()  # the programs that call the native kernels load only once they are registered
     executables = ExecutableCache(directory, model_key(config.to_json(), mesh), list(mesh.devices.flat))
@@ -95,8 +88,10 @@ class Engine:
         report = on_progress or (lambda fraction, what: None)
         ckpt_dir = Path(ckpt_dir)
         mesh = sharding.make_mesh(mesh_shape)
-        self._check_memory(manifest.read_config(ckpt_dir), mesh, dtype, context_length)
-        executables = _executables(executable_cache, ckpt_dir, mesh, dtype, context_length) if executable_cache else None
+        stored = manifest.read_config(ckpt_dir)
+        stored = dataclasses.replace(stored, dtype=dtype or stored.dtype)  # as the load will make it
+        self._check_memory(stored, mesh, context_length)
+        executables = _executables(executable_cache, stored, mesh, context_length) if executable_cache else None
         model = checkpoint.load(ckpt_dir, mesh, dtype=dtype, on_progress=lambda f, what: report(0.8 * f, what))
         self.config = model.config
         self.context_limit, self.capacity = _context(self.config, context_length)
@@ -119,11 +114,9 @@ class Engine:
         report(1.0, "ready")
 
     @staticmethod
-    def _check_memory(config, mesh, dtype: str | None, context_length: int | None) -> None:
+    def _check_memory(config, mesh, context_length: int | None) -> None:
         """Refuse, before loading, a mesh whose devices cannot hold their share."""
-        config = dataclasses.replace(config, dtype=dtype or config.dtype)
-        context = min(context_length or DEFAULT_CONTEXT, config.max_position_embeddings)
-        cache = KVCache.bytes_for(config, KVCache.capacity_for(context + PREFILL_CHUNK))
+        cache = KVCache.bytes_for(config, _context(config, context_length)[1])
         if problem := sharding.memory_problem(config, mesh, cache):
             raise sharding.MeshError(problem)
 
@@ -233,7 +226,7 @@ class Engine:
             yield Compiling()
         cache, conv.cache, conv.tokens = conv.cache, None, []  # donated below: invalid if a step fails
         cache = cache.rewind(reuse)
-        seed = self.generator.seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
+        seed = self.generator.seed(sampling.seed)  # `reply` gave every turn one (with_seed)
         arrays = SamplingArrays.of(sampling)
         seen = self.generator.seen_mask(prompt)
         pending, cache = self.generator.prefill(cache, prompt[reuse:], seen, seed, arrays)
