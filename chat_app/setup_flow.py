@@ -229,7 +229,7 @@ def plan_memory(hf_config: dict, dtype: str, quantization: str | None, context_l
     the default mesh really splits them, `model.sharding`; the cache by kv heads, whole on each device when
     they do not divide), and what a decoded
     token reads. Raises ConfigError (in words) for a model we cannot run."""
-    from model.sharding import MeshShape, weight_bytes_per_device
+    from model.sharding import MeshShape, device_share
 
     try:
         config = MixtralConfig.from_hf(hf_config, dtype=dtype, quantization=quantization)
@@ -238,9 +238,8 @@ def plan_memory(hf_config: dict, dtype: str, quantization: str | None, context_l
     tokens = min(context_length, config.max_position_embeddings)
     weights, kv_cache = config.weight_bytes(), config.kv_cache_bytes(tokens)
     count = devices.count if devices is not None and devices.platform != "cpu" else 1
-    kv_per_device = kv_cache // count if config.num_kv_heads % count == 0 else kv_cache
     return MemoryNeed(dtype, quantization, weights, kv_cache, tokens, config.decode_bytes(tokens // 2), count,
-                      _with_headroom(weight_bytes_per_device(config, MeshShape(1, count)) + kv_per_device))
+                      _with_headroom(device_share(config, MeshShape(1, count), kv_cache)))
 
 
 def int4_possible(hf_config: dict) -> bool:

@@ -150,14 +150,20 @@ def weight_bytes_per_device(config: MixtralConfig, mesh: Mesh | MeshShape) -> in
     return int(total)
 
 
+def device_share(config: MixtralConfig, mesh: Mesh | MeshShape, cache_bytes: int) -> int:
+    """The bytes one device holds: its weights (`weight_bytes_per_device`) and its part of `cache_bytes`
+    of KV cache, split by kv heads (whole where the model axis does not divide them)."""
+    kv_split = mesh.shape[MODEL] if split_if_divisible(mesh, MODEL, config.num_kv_heads) else 1
+    return weight_bytes_per_device(config, mesh) + cache_bytes // kv_split
+
+
 def memory_problem(config: MixtralConfig, mesh: Mesh, cache_bytes: int) -> str | None:
     """Why this process's accelerators cannot hold their share of the model (its weights as the mesh
     splits them + `cache_bytes` of KV cache split by kv heads), or None. CPU devices share the RAM, which
     the set-up plan checks (the page cache makes "free now" meaningless here): None."""
     device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
     limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
-    kv_split = mesh.shape[MODEL] if split_if_divisible(mesh, MODEL, config.num_kv_heads) else 1
-    share = weight_bytes_per_device(config, mesh) + cache_bytes // kv_split
+    share = device_share(config, mesh, cache_bytes)
     if limit is None or share <= limit:
         return None
     notes = "".join(f"; {note}" for note in replicated(config, mesh))
