@@ -1,5 +1,10 @@
 """The KV cache: fixed capacity, in the model dtype, sharded by kv heads, updated in place.
 
+A 16-bit float cache is held as the uint16 of its bits (`storage_dtype`): XLA:CPU computes bfloat16 in
+float32, and an in-place update of a bfloat16 cache became a conversion of the whole cache to float32 and
+back on every step (0.4 ms per layer per token on mini-mixtral); an update of integers writes just its
+slots. `stored` and `loaded` convert at the two ends, for free (bitcasts).
+
 Slots 0..capacity-1 hold keys/values in the order tokens were fed. Row b of a batch starts at slot
 `start[b]` (left padding: earlier slots of that row are never attended to); token positions (for RoPE)
 are `slot - start[b]`. `end` is the next slot to write. Nothing else is stored: the attention mask is
@@ -20,6 +25,24 @@ from .config import MixtralConfig
 from .sharding import cache_spec
 
 ATTENTION_BLOCK = 512  # attention walks the cache in blocks of this many slots
+
+
+def storage_dtype(dtype) -> np.dtype:
+    """What a cache of values in `dtype` holds."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.uint16) if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2 else dtype
+
+
+def stored(values: jax.Array, model_dtype) -> jax.Array:
+    """Keys or values, rounded to the model dtype, as the cache holds them."""
+    values = values.astype(model_dtype)
+    storage = storage_dtype(model_dtype)
+    return values if storage == values.dtype else jax.lax.bitcast_convert_type(values, storage)
+
+
+def loaded(held: jax.Array, model_dtype) -> jax.Array:
+    """Part of the cache as the model's keys or values."""
+    return held if held.dtype == jnp.dtype(model_dtype) else jax.lax.bitcast_convert_type(held, model_dtype)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "end", "start"], meta_fields=["block"])
@@ -61,7 +84,7 @@ class KVCache:
         """An empty cache, inside a program (`start` may be traced); `capacity` must be a multiple of
         ATTENTION_BLOCK or at most one block."""
         sharding = NamedSharding(mesh, P(*cache_spec(config, mesh)))
-        return KVCache._empty(config, batch, capacity, lambda shape: jnp.zeros(shape, config.dtype, device=sharding),
+        return KVCache._empty(config, batch, capacity, lambda shape: jnp.zeros(shape, storage_dtype(config.dtype), device=sharding),
                               jnp.zeros((), jnp.int32),
                               jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32))
 
@@ -70,7 +93,7 @@ class KVCache:
         """An empty cache made from host zeros: no program to compile (a start that loads its programs
         from the executable cache compiles nothing)."""
         sharding, replicated = NamedSharding(mesh, P(*cache_spec(config, mesh))), NamedSharding(mesh, P())
-        dtype = jnp.dtype(config.dtype)
+        dtype = storage_dtype(config.dtype)
         return KVCache._empty(config, batch, capacity, lambda shape: jax.device_put(np.zeros(shape, dtype), sharding),
                               jax.device_put(np.int32(0), replicated),
                               jax.device_put(np.zeros((batch,), np.int32), replicated))

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from .config import MixtralConfig
 from .gpu_linear import GpuKernels
-from .kv_cache import KVCache
+from .kv_cache import KVCache, loaded, stored
 from .linear import CpuKernels, Linear, Weights, swap_spec, use_cpu_kernels
 from .moe import MoE
 from .sharding import check_mesh_fits, weight_specs
@@ -66,10 +66,11 @@ def decode_blocks(capacity: int) -> list[tuple[int, int]]:
 
 
 def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Array, start: jax.Array,
-           block: int, sliding_window: int | None, branchless: bool) -> jax.Array:
+           block: int, sliding_window: int | None, branchless: bool, dtype) -> jax.Array:
     """Causal attention of new queries over the cache, block by block with an online softmax.
 
-    q [B, KV, G, T, Dh] (already scaled); k_cache [B, KV, Dh, S]; v_cache [B, KV, S, Dh]; q_slots [T]
+    q [B, KV, G, T, Dh] (already scaled); k_cache [B, KV, Dh, S]; v_cache [B, KV, S, Dh], held as
+    kv_cache.stored makes them from `dtype`; q_slots [T]
     the slot of each query; start [B] each row's first slot. Only the blocks up to the last query's
     slot are visited, except `branchless` (see `Mixtral`), which reads the whole cache in one block.
     Returns [B, KV, G, T, Dh] float32.
@@ -80,8 +81,8 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_slots: jax.Ar
     def fold(carry, first, size: int, fresh_from):
         """Fold slots [first, first + size) into the running softmax, those before `fresh_from` masked."""
         m, l, acc = carry
-        k = jax.lax.dynamic_slice_in_dim(k_cache, first, size, axis=3)  # [B, KV, Dh, size]
-        v = jax.lax.dynamic_slice_in_dim(v_cache, first, size, axis=2)
+        k = loaded(jax.lax.dynamic_slice_in_dim(k_cache, first, size, axis=3), dtype)  # [B, KV, Dh, size]
+        v = loaded(jax.lax.dynamic_slice_in_dim(v_cache, first, size, axis=2), dtype)
         k_slots = first + jnp.arange(size)
         visible = (k_slots[None, :] <= q_slots[:, None]) & (k_slots >= fresh_from)[None, :]
         if sliding_window is not None:
@@ -146,12 +147,10 @@ class Attention(nnx.Module):
         q = apply_rotary(self.wq(x).reshape(B, T, c.num_heads, c.head_dim), cos, sin)
         k = apply_rotary(self.wk(x).reshape(B, T, c.num_kv_heads, c.head_dim), cos, sin)
         v = self.wv(x).reshape(B, T, c.num_kv_heads, c.head_dim)
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype),
-                                                      q_slots[0], axis=3)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
-                                                      q_slots[0], axis=2)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, stored(k.transpose(0, 2, 3, 1), c.dtype), q_slots[0], axis=3)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, stored(v.transpose(0, 2, 1, 3), c.dtype), q_slots[0], axis=2)
         q = q.reshape(B, T, c.num_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4) * (c.head_dim ** -0.5)
-        out = attend(q, k_cache, v_cache, q_slots, start, block, c.sliding_window, self.branchless)  # [B, KV, G, T, Dh]
+        out = attend(q, k_cache, v_cache, q_slots, start, block, c.sliding_window, self.branchless, c.dtype)  # [B, KV, G, T, Dh]
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, c.num_heads * c.head_dim).astype(x.dtype)
         return self.wo(out), k_cache, v_cache
 

@@ -5,6 +5,7 @@ Random tiny configs of several shapes, with query/key weights scaled x6 so atten
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -97,6 +98,31 @@ def test_cached_decode_equals_full_forward(pair, branchless):
         logits, cache = step(m, ids[:, t:t + 1], cache, 1)
         np.testing.assert_allclose(np.asarray(logits)[0, 0], full[t], atol=TOLERANCE)
     assert int(cache.end) == 20
+
+
+def test_a_bfloat16_cache_holds_the_bits_of_its_keys_and_values(tiny_hf, tmp_path):
+    """A bfloat16 model's cache is held as uint16 (kv_cache.storage_dtype): the decode steps through it
+    give the logits of the full forward, and the slots hold the bfloat16 keys the full forward wrote."""
+    m = model.load(model.convert_hf(tiny_hf, tmp_path / "bf16", dtype="bfloat16"), one_device())
+    ids = random_ids(1, 12, seed=4)
+
+    @nnx.jit
+    def step(m, tokens, cache, num_new):
+        return m.forward(tokens, cache, num_new)
+
+    whole, whole_cache = step(m, ids, KVCache.create(m.config, m.mesh, batch=1, capacity=16), 12)
+    cache = KVCache.create(m.config, m.mesh, batch=1, capacity=16)
+    assert cache.k[0].dtype == np.uint16 and cache.v[0].dtype == np.uint16
+    logits, cache = step(m, ids[:, :4], cache, 4)
+    for t in range(4, 12):
+        logits, cache = step(m, ids[:, t:t + 1], cache, 1)
+        want = np.asarray(whole[0, t], np.float32)
+        assert np.abs(np.asarray(logits[0, 0], np.float32) - want).max() <= 0.05 * np.abs(want).max()
+    for kept, written in zip(cache.k + cache.v, whole_cache.k + whole_cache.v):
+        held = np.asarray(kept).view(ml_dtypes.bfloat16).astype(np.float32)
+        ref = np.asarray(written).view(ml_dtypes.bfloat16).astype(np.float32)
+        assert np.isfinite(held).all() and np.abs(held).max() > 0
+        np.testing.assert_allclose(held, ref, rtol=0.05, atol=0.05 * np.abs(ref).max())
 
 
 def test_greedy_generation_matches_transformers(pair):
