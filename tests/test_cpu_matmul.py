@@ -144,6 +144,43 @@ def test_inside_shard_map_on_8_devices(kind, split):
     close(y, x.astype(np.float64) @ w)
 
 
+def silu(v):
+    return v / (1 + np.exp(-v))
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_the_fused_experts_match_numpy(kind):
+    """moe_gemv: the SwiGLU experts a token chose, weighted and summed, in one call; experts no token
+    chose are not read (a NaN weight there would show)."""
+    D, I = (96, 160) if kind == "int4" else (99, 70)
+    experts, dense = [], []
+    for e in range(4):
+        mats = [weight(kind, n_in, n_out, seed=10 * e + j) for j, (n_in, n_out) in enumerate([(D, I), (D, I), (I, D)])]
+        dense.append([w for w, *_ in mats])
+        experts.append([(kernel, params) for _, kernel, params, _ in mats])
+    kernel, params = experts[2][0]
+    if params:  # expert 2, which no token chooses: NaN weights
+        experts[2][0] = (kernel, (jnp.full_like(params[0], jnp.nan), *params[1:]))
+    else:
+        experts[2][0] = (jnp.full_like(kernel, jnp.nan), ())
+    moe = jax.jit(partial(cpu_matmul.moe_gemv, group=GROUP))
+    for rows in (1, 3):
+        rng = np.random.default_rng(rows)
+        x = rng.standard_normal((rows, D)).astype(np.float32)
+        routing = rng.uniform(0.1, 1, (rows, 4)).astype(np.float32)
+        routing[:, 2] = 0  # no token chose expert 2
+        routing[0, 1] = 0  # expert 1: not the first token
+        got = np.asarray(moe(x, routing, experts))
+        want = np.zeros((rows, D))
+        for e in (0, 1, 3):
+            w1, w3, w2 = dense[e]
+            taken = as_the_kernel_takes_it(x, kind, cpu_matmul.isa())
+            h = silu(taken @ w1) * (taken @ w3)
+            want += routing[:, e:e + 1] * (as_the_kernel_takes_it(h.astype(np.float32), kind, cpu_matmul.isa()) @ w2)
+        assert got.shape == (rows, D) and np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max() * np.sqrt(want.size))
+
+
 def test_says_once_why_when_the_kernels_cannot_load(tmp_path):
     """A copy of the package without the library, then with a broken one: the model package imports,
     `available()` is False, and the warning names the cause and the fix, once."""

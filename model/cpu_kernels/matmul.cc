@@ -254,6 +254,75 @@ static void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& fn) {
   }
 }
 
+// x as the kernels of one weight type want it besides x (kernels.h's Prepared), with its buffers.
+struct PreparedX {
+  std::vector<float> sums, split, tiles, x16_scale;
+  std::vector<int16_t> x16;
+  std::vector<uint16_t> x_bf16;
+
+  Prepared view() const {
+    return {sums.data(), x16.data(), x16_scale.data(), x_bf16.data(), split.data(), tiles.data()};
+  }
+};
+
+// Prepares x [M, w.K] for `w`'s gemv (M <= GEMV_MAX_ROWS) or gemm kernels.
+static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, int64_t M, const Kernels& kernels,
+                    bool bf16_dot, PreparedX& p) {
+  const bool gemv = M <= GEMV_MAX_ROWS;
+  if (gemv && w.type == WeightType::BF16 && bf16_dot) {  // the only kernels that read it
+    p.x_bf16.resize(M * 2 * w.K);
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t k = 0; k < w.K; k++) {
+        const float v = xs[m * w.K + k];
+        const uint16_t high = float_to_bf16(v);
+        p.x_bf16[(2 * m) * w.K + k] = high;
+        p.x_bf16[(2 * m + 1) * w.K + k] = float_to_bf16(v - bf16_to_float(high));
+      }
+  }
+  if (gemv && (w.type == WeightType::INT8 || w.type == WeightType::INT4)) {
+    const int64_t B = w.K / X16_BLOCK;
+    p.x16.resize(M * w.K);
+    p.x16_scale.resize(M * B);
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t b = 0; b < B; b++) {
+        const float* block = xs + m * w.K + b * X16_BLOCK;
+        float largest = 0;
+        for (int64_t i = 0; i < X16_BLOCK; i++) largest = std::max(largest, std::fabs(block[i]));
+        const float to_int = largest > 0 ? 32767.0f / largest : 0.0f;
+        p.x16_scale[m * B + b] = largest / 32767.0f;
+        for (int64_t i = 0; i < X16_BLOCK; i++)
+          p.x16[m * w.K + x16_index(w.type, b * X16_BLOCK + i)] = int16_t(std::nearbyint(block[i] * to_int));
+      }
+  }
+  if (w.type == WeightType::INT4) {  // the group sums of x as multiplied: the gemv's x16 where it has it
+    const int64_t G = w.K / w.group, B = w.K / X16_BLOCK;
+    p.sums.assign(M * G, 0.0f);
+    if (!gemv) p.split.resize(M * w.K);
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t k = 0; k < w.K; k++) {
+        const bool rounded = gemv && k < B * X16_BLOCK;
+        p.sums[m * G + k / w.group] += rounded ? p.x16[m * w.K + x16_index(w.type, k)] * p.x16_scale[m * B + k / X16_BLOCK]
+                                               : xs[m * w.K + k];
+        if (!gemv) p.split[m * w.K + k / 32 * 32 + k % 32 / 2 + k % 2 * 16] = xs[m * w.K + k];
+      }
+  }
+  const int64_t tile = kernels.tile_rows;
+  if (!gemv && tile) {  // x (INT4: split) in tiles of rows, input-major
+    const float* rows = p.split.empty() ? xs : p.split.data();
+    p.tiles.resize((M + tile - 1) / tile * tile * w.K);
+    parallel_for(pool, (M + tile - 1) / tile, [&](int64_t t) {
+      float* out = p.tiles.data() + t * tile * w.K;
+      for (int64_t r = 0; r < tile; r++)
+        for (int64_t k = 0; k < w.K; k++) out[k * tile + r] = t * tile + r < M ? rows[(t * tile + r) * w.K + k] : 0.0f;
+    });
+  }
+}
+
+// Output rows per gemv chunk of `n` rows in all: ~4 chunks per thread, a multiple of 4 rows, at least 16.
+static int64_t gemv_chunk(const ffi::ThreadPool& pool, int64_t n) {
+  return std::max<int64_t>(16, (n / (4 * (pool.num_threads() + 1)) + 3) / 4 * 4);
+}
+
 static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::F32>> y) {
   const auto x_dims = x.dimensions(), y_dims = y->dimensions();
   if (x_dims.size() != 2 || y_dims.size() != 2 || x_dims[1] != w.K || y_dims[0] != x_dims[0] || y_dims[1] != w.N)
@@ -261,64 +330,13 @@ static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> 
   const int64_t M = x_dims[0];
   const float* xs = x.typed_data();
   float* ys = y->typed_data();
-  const bool gemv = M <= GEMV_MAX_ROWS;
   const Isa isa = Isa(current_isa.load(std::memory_order_relaxed));
   const Kernels& kernels = KERNELS[isa];
-  std::vector<float> sums, split, tiles, x16_scale;
-  std::vector<int16_t> x16;
-  std::vector<uint16_t> x_bf16;
-  if (gemv && w.type == WeightType::BF16 && isa == AVX512_BF16) {  // the only kernels that read it
-    x_bf16.resize(M * 2 * w.K);
-    for (int64_t m = 0; m < M; m++)
-      for (int64_t k = 0; k < w.K; k++) {
-        const float v = xs[m * w.K + k];
-        const uint16_t high = float_to_bf16(v);
-        x_bf16[(2 * m) * w.K + k] = high;
-        x_bf16[(2 * m + 1) * w.K + k] = float_to_bf16(v - bf16_to_float(high));
-      }
-  }
-  if (gemv && (w.type == WeightType::INT8 || w.type == WeightType::INT4)) {
-    const int64_t B = w.K / X16_BLOCK;
-    x16.resize(M * w.K);
-    x16_scale.resize(M * B);
-    for (int64_t m = 0; m < M; m++)
-      for (int64_t b = 0; b < B; b++) {
-        const float* block = xs + m * w.K + b * X16_BLOCK;
-        float largest = 0;
-        for (int64_t i = 0; i < X16_BLOCK; i++) largest = std::max(largest, std::fabs(block[i]));
-        const float to_int = largest > 0 ? 32767.0f / largest : 0.0f;
-        x16_scale[m * B + b] = largest / 32767.0f;
-        for (int64_t i = 0; i < X16_BLOCK; i++)
-          x16[m * w.K + x16_index(w.type, b * X16_BLOCK + i)] = int16_t(std::nearbyint(block[i] * to_int));
-      }
-  }
-  if (w.type == WeightType::INT4) {  // the group sums of x as multiplied: the gemv's x16 where it has it
-    const int64_t G = w.K / w.group, B = w.K / X16_BLOCK;
-    sums.assign(M * G, 0.0f);
-    if (!gemv) split.resize(M * w.K);
-    for (int64_t m = 0; m < M; m++)
-      for (int64_t k = 0; k < w.K; k++) {
-        const bool rounded = gemv && k < B * X16_BLOCK;
-        sums[m * G + k / w.group] += rounded ? x16[m * w.K + x16_index(w.type, k)] * x16_scale[m * B + k / X16_BLOCK]
-                                             : xs[m * w.K + k];
-        if (!gemv) split[m * w.K + k / 32 * 32 + k % 32 / 2 + k % 2 * 16] = xs[m * w.K + k];
-      }
-  }
-  const int64_t tile = kernels.tile_rows;
-  if (M > GEMV_MAX_ROWS && tile) {  // x (INT4: split) in tiles of rows, input-major
-    const float* rows = split.empty() ? xs : split.data();
-    tiles.resize((M + tile - 1) / tile * tile * w.K);
-    parallel_for(pool, (M + tile - 1) / tile, [&](int64_t t) {
-      float* out = tiles.data() + t * tile * w.K;
-      for (int64_t r = 0; r < tile; r++)
-        for (int64_t k = 0; k < w.K; k++) out[k * tile + r] = t * tile + r < M ? rows[(t * tile + r) * w.K + k] : 0.0f;
-    });
-  }
-  const Prepared prepared{sums.data(), x16.data(), x16_scale.data(), x_bf16.data(), split.data(), tiles.data()};
-  const int64_t threads = pool.num_threads() + 1;
-  if (gemv) {
-    // ~4 chunks per thread, of a multiple of 4 rows, at least 16
-    int64_t rows = std::max<int64_t>(16, (w.N / (4 * threads) + 3) / 4 * 4);
+  PreparedX prepared_x;
+  prepare(pool, w, xs, M, kernels, isa == AVX512_BF16, prepared_x);
+  const Prepared prepared = prepared_x.view();
+  if (M <= GEMV_MAX_ROWS) {
+    const int64_t rows = gemv_chunk(pool, w.N);
     parallel_for(pool, (w.N + rows - 1) / rows, [&](int64_t i) {
       kernels.gemv(w, xs, prepared, M, 0, M, i * rows, std::min(w.N, (i + 1) * rows), ys);
     });
@@ -329,6 +347,110 @@ static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> 
       kernels.gemm(w, xs, prepared, M, m0, std::min(M, m0 + GEMM_ROWS), n0, std::min(w.N, n0 + GEMM_COLS), ys);
     });
   }
+  return ffi::Error::Success();
+}
+
+// The next weight of a call's remaining arguments, from `i` on: the weight, then its scale (INT8) or
+// scale and offset (INT4), its type from the weight's dtype (F32, BF16, S8, U8: INT4 packed).
+static ffi::Error next_weights(const ffi::RemainingArgs& args, size_t& i, int64_t group, Weights& w) {
+  auto weight = args.get<ffi::AnyBuffer>(i++);
+  if (!weight) return weight.error();
+  const auto d = weight->dimensions();
+  if (d.size() != 2) return ffi::Error::InvalidArgument("mixtral cpu kernels: a weight must be [N, K]");
+  w = {WeightType::F32, weight->untyped_data(), nullptr, nullptr, d[0], d[1], 0};
+  int params = 0;
+  switch (weight->element_type()) {
+    case ffi::DataType::F32: break;
+    case ffi::DataType::BF16: w.type = WeightType::BF16; break;
+    case ffi::DataType::S8: w.type = WeightType::INT8, params = 1; break;
+    case ffi::DataType::U8: w.type = WeightType::INT4, w.K = 2 * d[1], w.group = group, params = 2; break;
+    default: return ffi::Error::InvalidArgument("mixtral cpu kernels: weights must be f32, bf16, s8 or u8 (int4)");
+  }
+  const float* param[2] = {nullptr, nullptr};
+  for (int j = 0; j < params; j++) {
+    auto p = args.get<ffi::AnyBuffer>(i++);
+    if (!p) return p.error();
+    if (p->element_type() != ffi::DataType::F32) return ffi::Error::InvalidArgument("mixtral cpu kernels: scales must be f32");
+    const size_t expected = w.type == WeightType::INT8 ? size_t(w.N) : size_t(w.N * (w.K / std::max<int64_t>(group, 1)));
+    if (p->element_count() != expected) return ffi::Error::InvalidArgument("mixtral cpu kernels: scale or offset of the wrong size");
+    param[j] = (const float*)p->untyped_data();
+  }
+  if (w.type == WeightType::INT4 && (group <= 0 || group % 32 || w.K % group))
+    return ffi::Error::InvalidArgument("int4 weights: groups must be a multiple of 32 dividing K");
+  w.scale = param[0];
+  w.offset = param[1];
+  return ffi::Error::Success();
+}
+
+static inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+// The SwiGLU experts of a MoE layer for up to GEMV_MAX_ROWS tokens, in one call:
+//   y[m] = sum over experts e of routing[m, e] * w2_e(silu(w1_e x[m]) * w3_e x[m])
+// run for the experts some token chose (routing weight not 0), each for every token (weight 0 for the
+// others). Two passes over the threads: w1 and w3 of every chosen expert, chunk by chunk of their
+// outputs, then w2's outputs summed over the experts. (Three kernel calls per expert, each handing its
+// chunks to the other threads, were most of the decode step's cost beyond reading the weights.)
+static ffi::Error moe_gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> routing,
+                           ffi::RemainingArgs experts, int64_t group, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto x_dims = x.dimensions(), r_dims = routing.dimensions();
+  if (x_dims.size() != 2 || r_dims.size() != 2 || r_dims[0] != x_dims[0] || x_dims[0] > GEMV_MAX_ROWS)
+    return ffi::Error::InvalidArgument("mixtral moe gemv: expected x [M, D] (M <= 4) and routing [M, E]");
+  const int64_t M = x_dims[0], D = x_dims[1], E = r_dims[1];
+  std::vector<Weights> w;  // w1, w3, w2 of each expert
+  for (size_t i = 0; i < experts.size();) {
+    Weights next;
+    if (auto error = next_weights(experts, i, group, next); error.failure()) return error;
+    w.push_back(next);
+  }
+  if (int64_t(w.size()) != 3 * E) return ffi::Error::InvalidArgument("mixtral moe gemv: expected w1, w3, w2 per expert");
+  const int64_t I = w[0].N;
+  for (int64_t e = 0; e < E; e++)
+    if (w[3 * e].N != I || w[3 * e].K != D || w[3 * e + 1].N != I || w[3 * e + 1].K != D || w[3 * e + 2].N != D ||
+        w[3 * e + 2].K != I || w[3 * e].type != w[0].type)
+      return ffi::Error::InvalidArgument("mixtral moe gemv: w1, w3 must be [I, D] and w2 [D, I], of one type");
+  const float* weight = routing.typed_data();
+  std::vector<int64_t> chosen;
+  for (int64_t e = 0; e < E; e++)
+    for (int64_t m = 0; m < M; m++)
+      if (weight[m * E + e] != 0) {
+        chosen.push_back(e);
+        break;
+      }
+  float* ys = y->typed_data();
+  std::fill(ys, ys + M * D, 0.0f);
+  const int64_t C = chosen.size();
+  if (C == 0) return ffi::Error::Success();
+
+  const Isa isa = Isa(current_isa.load(std::memory_order_relaxed));
+  const Kernels& kernels = KERNELS[isa];
+  PreparedX x_in;  // x for w1 and w3 (the same type and shape for every expert)
+  prepare(pool, w[0], x.typed_data(), M, kernels, isa == AVX512_BF16, x_in);
+  const Prepared in = x_in.view();
+  std::vector<float> gate(C * M * I), up(C * M * I);  // [C][M, I]: w1 x, then silu(w1 x) * w3 x; w3 x
+  const int64_t rows = gemv_chunk(pool, C * I), chunks = (I + rows - 1) / rows;
+  parallel_for(pool, C * chunks, [&](int64_t i) {
+    const int64_t c = i / chunks, n0 = i % chunks * rows, n1 = std::min(I, n0 + rows), e = chosen[c];
+    float* g = gate.data() + c * M * I;
+    float* u = up.data() + c * M * I;
+    kernels.gemv(w[3 * e], x.typed_data(), in, M, 0, M, n0, n1, g);
+    kernels.gemv(w[3 * e + 1], x.typed_data(), in, M, 0, M, n0, n1, u);
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t n = n0; n < n1; n++) g[m * I + n] = silu(g[m * I + n]) * u[m * I + n];
+  });
+
+  std::vector<PreparedX> h_in(C);  // each expert's silu(w1 x) * w3 x, for its w2
+  for (int64_t c = 0; c < C; c++) prepare(pool, w[3 * chosen[c] + 2], gate.data() + c * M * I, M, kernels, isa == AVX512_BF16, h_in[c]);
+  const int64_t out_rows = gemv_chunk(pool, D);
+  parallel_for(pool, (D + out_rows - 1) / out_rows, [&](int64_t i) {
+    const int64_t n0 = i * out_rows, n1 = std::min(D, n0 + out_rows);
+    std::vector<float> part(M * D);  // this chunk's columns of one expert's w2 output
+    for (int64_t c = 0; c < C; c++) {
+      const int64_t e = chosen[c];
+      kernels.gemv(w[3 * e + 2], gate.data() + c * M * I, h_in[c].view(), M, 0, M, n0, n1, part.data());
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) ys[m * D + n] += weight[m * E + e] * part[m * D + n];
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -374,6 +496,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul_bf16, matmul_bf16,
                               BIND_MATMUL.Arg<ffi::Buffer<ffi::BF16>>().Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul_int8, matmul_int8,
                               BIND_MATMUL.Arg<ffi::Buffer<ffi::S8>>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_moe_gemv, moe_gemv,
+                              BIND_MATMUL.Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().Attr<int64_t>("group")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul_int4, matmul_int4,
                               BIND_MATMUL.Arg<ffi::Buffer<ffi::U8>>().Arg<ffi::Buffer<ffi::F32>>()
