@@ -179,11 +179,15 @@ class Generator:
         """The prefill buckets whose programs for a one-row cache of `capacity` are ready."""
         return {b for b in PREFILL_BUCKETS if self._ready(program_name(f"prefill {b}", capacity=capacity))}
 
+    def turn_programs(self, n_tokens: int, capacity: int) -> list[str]:
+        """The programs a turn prefilling n_tokens (then decoding) in one row runs, in that order."""
+        prefills = [program_name(f"prefill {b}", capacity=capacity)
+                    for b in chunk_buckets(n_tokens, self.ready_buckets(capacity))]
+        return [*dict.fromkeys(prefills), program_name("decode", capacity=capacity)]
+
     def will_compile(self, n_tokens: int, capacity: int) -> bool:
         """Whether a turn prefilling n_tokens (then decoding) in one row compiles a program first."""
-        programs = {program_name(f"prefill {b}", capacity=capacity)
-                    for b in chunk_buckets(n_tokens, self.ready_buckets(capacity))}
-        return not all(self._ready(p) for p in programs | {program_name("decode", capacity=capacity)})
+        return not all(self._ready(p) for p in self.turn_programs(n_tokens, capacity))
 
     def warm_up(self, capacity: int) -> None:
         """Compile (or load) every program now, so no turn waits for the compiler."""
