@@ -189,8 +189,18 @@ def _contiguous_span(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
     """An uninitialised array whose data starts on an `alignment`-byte boundary: XLA's CPU client uses
     such memory in place (`jax.device_put` without a copy, ~10x faster for a model's weights)."""
+    return _aligned(np.empty, shape, dtype, alignment)
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+    """`aligned_empty`, filled with zeros: a large one is pages the OS maps when they are first written,
+    so making it, and handing it to XLA, touches none of its memory."""
+    return _aligned(np.zeros, shape, dtype, alignment)
+
+
+def _aligned(allocate, shape: tuple[int, ...], dtype: np.dtype, alignment: int) -> np.ndarray:
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    raw = np.empty(nbytes + alignment, np.uint8)
+    raw = allocate(nbytes + alignment, np.uint8)
     start = -raw.ctypes.data % alignment
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
