@@ -80,7 +80,8 @@ class ExecutableCache:
     """A folder of serialized executables, one file per (model key, program), for one model on `devices`.
 
     `start_loading` deserializes programs in a background thread (XLA does it without holding the GIL)
-    while the weights load; `get` takes a program from there, or from disk, or compiles and saves it."""
+    while the weights load; `get` takes a program from there, or from disk, or compiles it (and saves it
+    there)."""
 
     def __init__(self, directory: str | Path, model: str, devices: list):
         self.directory, self.model, self.devices = Path(directory), model, devices
@@ -106,18 +107,27 @@ class ExecutableCache:
     def has(self, program: str) -> bool:
         return program in self._loading or self._path(program).is_file()
 
+    def _background(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="executables")
+        return self._pool
+
     def start_loading(self, programs: list[str]) -> None:
         """Deserialize these programs (those on disk), in this order, in a background thread. The native
         code they call (FFI targets) must be registered before."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="executables")
         for program in programs:
             if program not in self._loading and self._path(program).is_file():
-                self._loading[program] = self._pool.submit(self._load, program)
+                self._loading[program] = self._background().submit(self._load, program)
+
+    def wait(self) -> None:
+        """Until the background thread has done what it was given (loads, saves)."""
+        if self._pool is not None:
+            self._pool.submit(lambda: None).result()
 
     def get(self, program: str, layout: str, lower: Callable[[], jax.stages.Lowered]) -> jax.stages.Compiled:
         """The program compiled for parameters of this `layout` (`layout_digest`): loaded (or being
-        loaded) from disk if it is there and loads; else lowered, compiled and saved."""
+        loaded) from disk if it is there and loads; else lowered and compiled, and saved in the
+        background thread (serializing and writing it took ~0.5 s of the demo's cold first token)."""
         loading = self._loading.pop(program, None)
         found = loading.result() if loading is not None and not loading.cancel() else self._load(program)
         if found is not None:
@@ -125,7 +135,7 @@ class ExecutableCache:
                 return found[1]
             self._path(program).unlink(missing_ok=True)  # made for other parameters (a stale key)
         compiled = lower().compile()
-        self._save(program, layout, compiled)
+        self._background().submit(self._save, program, layout, compiled)
         return compiled
 
     def _load(self, program: str) -> tuple[str, jax.stages.Compiled] | None:

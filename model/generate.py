@@ -44,7 +44,8 @@ def chunk_buckets(n: int, ready: Collection[int] = ()) -> list[int]:
     return [chunk] * chunks + ([min(b for b in ready if b >= rest)] if rest else [])
 
 
-# The programs that have run, by (model shape, program name): jit compiles each once.
+# The programs that have run through jit (not the executable cache), by (model shape, program name): jit
+# compiles each once.
 _compiled: set[tuple[ModelDef, str]] = set()
 
 
@@ -104,7 +105,9 @@ class Generator:
         """step(model_def, params, *args), the compiled program named `program` (which names everything
         about the args' shapes); through the executable cache when there is one."""
         if self.executables is None:
-            return step(self.model_def, self.params, *args)
+            result = step(self.model_def, self.params, *args)
+            _compiled.add((self.model_def, program))  # (jit's own cache holds it)
+            return result
         compiled = self._loaded.get(program)
         if compiled is None:
             compiled = self._loaded[program] = self.executables.get(
@@ -143,18 +146,14 @@ class Generator:
         padded = np.zeros((1, bucket), np.int32)
         padded[0, :len(chunk)] = chunk
         program = program_name(f"prefill {bucket}", cache)
-        result = self._run(_prefill_step, program, cache, jax.device_put(padded, self._replicated),
-                           np.int32(len(chunk)), seen, seed, sampling)
-        _compiled.add((self.model_def, program))
-        return result
+        return self._run(_prefill_step, program, cache, jax.device_put(padded, self._replicated),
+                         np.int32(len(chunk)), seen, seed, sampling)
 
     def decode(self, cache: KVCache, token: jax.Array, seen: jax.Array, seed: jax.Array, step: int,
                sampling: SamplingArrays) -> tuple[jax.Array, KVCache, jax.Array]:
         """Feed token [1] and sample the next one with step `step` (> 0) of `seed`'s stream."""
         program = program_name("decode", cache)
-        result = self._run(_decode_step, program, cache, token, seen, seed, np.int32(step), sampling)
-        _compiled.add((self.model_def, program))
-        return result
+        return self._run(_decode_step, program, cache, token, seen, seed, np.int32(step), sampling)
 
     def greedy(self, token_ids: Sequence[int], n: int, capacity: int = 1024) -> list[int]:
         """The n greedy tokens after token_ids, in a fresh cache (for checks and benchmarks: the engine

@@ -122,6 +122,7 @@ def test_idle_preparation_readies_every_program_decode_then_smallest_first(tiny_
     while engine.prepare_next():
         pass
     assert not engine.generator.will_compile(600, engine.capacity)
+    engine.generator.executables.wait()  # (programs are saved in the background)
     assert len(list(tmp_path.glob("*.executable"))) == len(PREFILL_BUCKETS) + 1
 
 
