@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, cpu_matmul, manifest, sharding
+from . import cpu_matmul, manifest, sharding
 from .chat_format import encode_chat
 from .config import DEFAULT_CONTEXT
 from .detokenize import StreamDecoder
@@ -94,6 +94,8 @@ class Engine:
         stored = dataclasses.replace(stored, dtype=dtype or stored.dtype)  # as the load will make it
         self._check_memory(stored, mesh, context_length)
         executables = _executables(executable_cache, stored, mesh, context_length) if executable_cache else None
+        from . import checkpoint  # imports flax (~0.3 s): after the programs started loading, beside it
+
         with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
             tokenizer = pool.submit(load_tokenizer, ckpt_dir)  # while the weights load
             model = checkpoint.load(ckpt_dir, mesh, dtype=dtype, on_progress=lambda f, what: report(0.8 * f, what))

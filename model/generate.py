@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from .engine_api import SamplingParams
 from .executables import ExecutableCache, layout_digest
 from .kv_cache import KVCache
-from .mixtral import Mixtral, ModelDef
 from .sampling import SamplingArrays, sample
+
+if TYPE_CHECKING:  # (imports flax: a start loads its programs before that, while it imports; see engine.py)
+    from .mixtral import Mixtral, ModelDef
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
 PREFILL_CHUNK = PREFILL_BUCKETS[-1]  # longer inputs are fed in chunks of this many tokens
@@ -90,6 +93,8 @@ class Generator:
     before, by any process, for this same model and devices: no tracing, no compiling."""
 
     def __init__(self, model: Mixtral, executables: ExecutableCache | None = None):
+        from .mixtral import ModelDef  # (already imported with the model)
+
         self.config, self.mesh = model.config, model.mesh
         self.model_def, self.params = ModelDef.split(model)
         self._replicated = NamedSharding(self.mesh, P())
