@@ -18,11 +18,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, cpu_matmul, manifest, sharding
+from . import cpu_matmul, manifest, sharding
 from .chat_format import encode_chat
 from .config import DEFAULT_CONTEXT
 from .detokenize import StreamDecoder
@@ -66,12 +67,13 @@ def _context(config, context_length: int | None) -> tuple[int, int]:
 
 
 def _executables(directory: str | Path, config, mesh, context_length: int | None) -> ExecutableCache:
-    """The executable cache of this model (`config` as it will load) on this mesh, its decode step already
-    loading (in the background, while the weights load)."""
+    """The executable cache of this model (`config` as it will load) on this mesh, already loading (in the
+    background, while the weights load) the programs the last start's first turn ran, then the decode step."""
     if mesh.devices.flat[0].platform == "cpu":
         cpu_matmul.available()  # the programs that call the native kernels load only once they are registered
     executables = ExecutableCache(directory, model_key(config.to_json(), mesh), list(mesh.devices.flat))
-    executables.start_loading([program_name("decode", capacity=_context(config, context_length)[1])])
+    decode = program_name("decode", capacity=_context(config, context_length)[1])
+    executables.start_loading([*executables.first_turn(), decode])
     return executables
 
 
@@ -92,11 +94,15 @@ class Engine:
         stored = dataclasses.replace(stored, dtype=dtype or stored.dtype)  # as the load will make it
         self._check_memory(stored, mesh, context_length)
         executables = _executables(executable_cache, stored, mesh, context_length) if executable_cache else None
-        model = checkpoint.load(ckpt_dir, mesh, dtype=dtype, on_progress=lambda f, what: report(0.8 * f, what))
+        from . import checkpoint  # imports flax (~0.3 s): after the programs started loading, beside it
+
+        with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
+            tokenizer = pool.submit(load_tokenizer, ckpt_dir)  # while the weights load
+            model = checkpoint.load(ckpt_dir, mesh, dtype=dtype, on_progress=lambda f, what: report(0.8 * f, what))
         self.config = model.config
         self.context_limit, self.capacity = _context(self.config, context_length)
         try:
-            self.tokenizer = load_tokenizer(ckpt_dir)
+            self.tokenizer = tokenizer.result()
         except TokenizerError as e:
             raise manifest.CheckpointError(f"{e}; convert the model again") from None
         if problem := manifest.vocabulary_problem(self.config, self.tokenizer.vocab_size, ckpt_dir):
@@ -108,6 +114,7 @@ class Engine:
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()  # least recently used first
         self._busy = threading.Lock()
         self._preparing: Iterator[str] | None = None  # programs being prepared in idle time (prepare_next)
+        self._first_turn = True  # no turn has run yet (the executable cache keeps what the first one runs)
         if warm_up:
             report(0.8, "compiling")
             self.warm_up()
@@ -224,6 +231,9 @@ class Engine:
         reuse = min(common_prefix(conv.tokens, prompt), len(prompt) - 1)  # feed at least one token
         if self.generator.will_compile(len(prompt) - reuse, self.capacity):
             yield Compiling()
+        if self._first_turn and self.generator.executables is not None:  # what the next start loads first
+            self.generator.executables.remember_first_turn(self.generator.turn_programs(len(prompt) - reuse, self.capacity))
+        self._first_turn = False
         cache, conv.cache, conv.tokens = conv.cache, None, []  # donated below: invalid if a step fails
         cache = cache.rewind(reuse)
         seed = self.generator.seed(sampling.seed)  # `reply` gave every turn one (with_seed)
@@ -236,13 +246,24 @@ class Engine:
         generated: list[int] = []
         first_at = last_at = None
         finish = "stop"
+        following = None  # the token after `token` (device), once the step feeding `token` is dispatched
+
+        def feed() -> None:
+            """Dispatch the step that feeds `token` (device `pending`) and samples the next one (async)."""
+            nonlocal following, cache, seen
+            following, cache, seen = self.generator.decode(cache, pending, seen, seed, len(fed) - len(prompt) + 1,
+                                                           arrays)
+            fed.append(token)
+
+        token = int(np.asarray(pending)[0])  # (indexing the device array would compile a program)
         try:
             while True:
-                # Feed the pending token and sample the next one (async), then read the pending one:
-                # the device works on step n+1 while the host handles token n.
-                following, cache, seen = self.generator.decode(cache, pending, seen, seed, len(generated) + 1, arrays)
-                token = int(np.asarray(pending)[0])  # (indexing the device array would compile a program)
-                fed.append(token)
+                # Feed token n and sample n+1 (async) before handling token n: the device works on step n+1
+                # while the host handles token n. Except the prefill's token, shown before its step is
+                # dispatched: the decode program may still be loading (a start deserializes it in the
+                # background) or compiling, and the first token needs only the prefill's.
+                if generated or token in self.tokenizer.eos_ids:
+                    feed()
                 if token in self.tokenizer.eos_ids:
                     break
                 generated.append(token)
@@ -250,6 +271,8 @@ class Engine:
                 first_at = first_at or last_at
                 if text := decoder.push(token):
                     yield TextDelta(text)
+                if following is None:  # the prefill's token, shown: now feed it
+                    feed()
                 if len(generated) >= sampling.max_new_tokens:
                     finish = "length"
                     break
@@ -259,7 +282,8 @@ class Engine:
                 if should_stop():
                     finish = "cancelled"
                     break
-                pending = following
+                pending, following = following, None
+                token = int(np.asarray(pending)[0])
         except GeneratorExit:  # the caller stopped listening: keep what was fed
             conv.cache, conv.tokens = cache, fed
             raise

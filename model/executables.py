@@ -7,7 +7,8 @@ the program (`model_key`: the model's config, the mesh and its devices, the CPU'
 jaxlib, the source of `model/` and of its native kernels) plus the program's name and shapes. A file
 that is stale never matches a key; one that is corrupt, fails to load or was made for parameters laid
 out otherwise is deleted and rebuilt, silently. The key needs no weights, so a start deserializes its
-first programs while the weights load.
+first programs while the weights load: those the last start's first turn ran (`first_turn`, kept beside
+the programs), so a start that asks what the last one asked has them ready when its weights are.
 
 Do not combine it with JAX's persistent compilation cache: an executable that XLA:CPU took from that cache
 serializes without some of its functions ("Function ... not found" when the copy runs). Around the
@@ -33,6 +34,7 @@ import jax
 from jax.experimental import serialize_executable
 
 SUFFIX = ".executable"
+FIRST_TURN_SUFFIX = ".first-turn.json"
 
 
 @cache
@@ -78,31 +80,54 @@ class ExecutableCache:
     """A folder of serialized executables, one file per (model key, program), for one model on `devices`.
 
     `start_loading` deserializes programs in a background thread (XLA does it without holding the GIL)
-    while the weights load; `get` takes a program from there, or from disk, or compiles and saves it."""
+    while the weights load; `get` takes a program from there, or from disk, or compiles it (and saves it
+    there)."""
 
     def __init__(self, directory: str | Path, model: str, devices: list):
         self.directory, self.model, self.devices = Path(directory), model, devices
         self._loading: dict[str, Future] = {}
         self._pool: ThreadPoolExecutor | None = None
 
-    def _path(self, program: str) -> Path:
-        return self.directory / (hashlib.sha256(f"{self.model}\0{program}".encode()).hexdigest()[:32] + SUFFIX)
+    def _path(self, program: str, suffix: str = SUFFIX) -> Path:
+        return self.directory / (hashlib.sha256(f"{self.model}\0{program}".encode()).hexdigest()[:32] + suffix)
+
+    def first_turn(self) -> list[str]:
+        """The programs the first turn of the last start on this model ran, in that order ([] if unknown)."""
+        try:
+            programs = json.loads(self._path("first turn", FIRST_TURN_SUFFIX).read_text())
+        except (OSError, ValueError):
+            return []
+        return [p for p in programs if isinstance(p, str)] if isinstance(programs, list) else []
+
+    def remember_first_turn(self, programs: list[str]) -> None:
+        """What this start's first turn runs: the next start loads these first."""
+        if programs != self.first_turn():
+            self._write(self._path("first turn", FIRST_TURN_SUFFIX), json.dumps(programs).encode())
 
     def has(self, program: str) -> bool:
         return program in self._loading or self._path(program).is_file()
 
+    def _background(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="executables")
+        return self._pool
+
     def start_loading(self, programs: list[str]) -> None:
         """Deserialize these programs (those on disk), in this order, in a background thread. The native
         code they call (FFI targets) must be registered before."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="executables")
         for program in programs:
             if program not in self._loading and self._path(program).is_file():
-                self._loading[program] = self._pool.submit(self._load, program)
+                self._loading[program] = self._background().submit(self._load, program)
+
+    def wait(self) -> None:
+        """Until the background thread has done what it was given (loads, saves)."""
+        if self._pool is not None:
+            self._pool.submit(lambda: None).result()
 
     def get(self, program: str, layout: str, lower: Callable[[], jax.stages.Lowered]) -> jax.stages.Compiled:
         """The program compiled for parameters of this `layout` (`layout_digest`): loaded (or being
-        loaded) from disk if it is there and loads; else lowered, compiled and saved."""
+        loaded) from disk if it is there and loads; else lowered and compiled, and saved in the
+        background thread (serializing and writing it took ~0.5 s of the demo's cold first token)."""
         loading = self._loading.pop(program, None)
         found = loading.result() if loading is not None and not loading.cancel() else self._load(program)
         if found is not None:
@@ -110,7 +135,7 @@ class ExecutableCache:
                 return found[1]
             self._path(program).unlink(missing_ok=True)  # made for other parameters (a stale key)
         compiled = lower().compile()
-        self._save(program, layout, compiled)
+        self._background().submit(self._save, program, layout, compiled)
         return compiled
 
     def _load(self, program: str) -> tuple[str, jax.stages.Compiled] | None:
@@ -128,12 +153,14 @@ class ExecutableCache:
             return None
 
     def _save(self, program: str, layout: str, compiled: jax.stages.Compiled) -> None:
-        """Atomically; a cache that cannot be written (read-only, full disk) only costs the next start."""
         try:
             data = pickle.dumps((layout, *serialize_executable.serialize(compiled)))
         except (ValueError, NotImplementedError, pickle.PicklingError):
             return  # this backend cannot serialize it: the next start compiles it again
-        path = self._path(program)
+        self._write(self._path(program), data)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        """Atomically; a cache that cannot be written (read-only, full disk) only costs the next start."""
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)

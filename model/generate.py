@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from .engine_api import SamplingParams
 from .executables import ExecutableCache, layout_digest
 from .kv_cache import KVCache
-from .mixtral import Mixtral, ModelDef
 from .sampling import SamplingArrays, sample
+
+if TYPE_CHECKING:  # (imports flax: a start loads its programs before that, while it imports; see engine.py)
+    from .mixtral import Mixtral, ModelDef
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
 PREFILL_CHUNK = PREFILL_BUCKETS[-1]  # longer inputs are fed in chunks of this many tokens
@@ -44,7 +47,8 @@ def chunk_buckets(n: int, ready: Collection[int] = ()) -> list[int]:
     return [chunk] * chunks + ([min(b for b in ready if b >= rest)] if rest else [])
 
 
-# The programs that have run, by (model shape, program name): jit compiles each once.
+# The programs that have run through jit (not the executable cache), by (model shape, program name): jit
+# compiles each once.
 _compiled: set[tuple[ModelDef, str]] = set()
 
 
@@ -89,6 +93,8 @@ class Generator:
     before, by any process, for this same model and devices: no tracing, no compiling."""
 
     def __init__(self, model: Mixtral, executables: ExecutableCache | None = None):
+        from .mixtral import ModelDef  # (already imported with the model)
+
         self.config, self.mesh = model.config, model.mesh
         self.model_def, self.params = ModelDef.split(model)
         self._replicated = NamedSharding(self.mesh, P())
@@ -104,7 +110,9 @@ class Generator:
         """step(model_def, params, *args), the compiled program named `program` (which names everything
         about the args' shapes); through the executable cache when there is one."""
         if self.executables is None:
-            return step(self.model_def, self.params, *args)
+            result = step(self.model_def, self.params, *args)
+            _compiled.add((self.model_def, program))  # (jit's own cache holds it)
+            return result
         compiled = self._loaded.get(program)
         if compiled is None:
             compiled = self._loaded[program] = self.executables.get(
@@ -143,18 +151,14 @@ class Generator:
         padded = np.zeros((1, bucket), np.int32)
         padded[0, :len(chunk)] = chunk
         program = program_name(f"prefill {bucket}", cache)
-        result = self._run(_prefill_step, program, cache, jax.device_put(padded, self._replicated),
-                           np.int32(len(chunk)), seen, seed, sampling)
-        _compiled.add((self.model_def, program))
-        return result
+        return self._run(_prefill_step, program, cache, jax.device_put(padded, self._replicated),
+                         np.int32(len(chunk)), seen, seed, sampling)
 
     def decode(self, cache: KVCache, token: jax.Array, seen: jax.Array, seed: jax.Array, step: int,
                sampling: SamplingArrays) -> tuple[jax.Array, KVCache, jax.Array]:
         """Feed token [1] and sample the next one with step `step` (> 0) of `seed`'s stream."""
         program = program_name("decode", cache)
-        result = self._run(_decode_step, program, cache, token, seen, seed, np.int32(step), sampling)
-        _compiled.add((self.model_def, program))
-        return result
+        return self._run(_decode_step, program, cache, token, seen, seed, np.int32(step), sampling)
 
     def greedy(self, token_ids: Sequence[int], n: int, capacity: int = 1024) -> list[int]:
         """The n greedy tokens after token_ids, in a fresh cache (for checks and benchmarks: the engine
@@ -179,11 +183,15 @@ class Generator:
         """The prefill buckets whose programs for a one-row cache of `capacity` are ready."""
         return {b for b in PREFILL_BUCKETS if self._ready(program_name(f"prefill {b}", capacity=capacity))}
 
+    def turn_programs(self, n_tokens: int, capacity: int) -> list[str]:
+        """The programs a turn prefilling n_tokens (then decoding) in one row runs, in that order."""
+        prefills = [program_name(f"prefill {b}", capacity=capacity)
+                    for b in chunk_buckets(n_tokens, self.ready_buckets(capacity))]
+        return [*dict.fromkeys(prefills), program_name("decode", capacity=capacity)]
+
     def will_compile(self, n_tokens: int, capacity: int) -> bool:
         """Whether a turn prefilling n_tokens (then decoding) in one row compiles a program first."""
-        programs = {program_name(f"prefill {b}", capacity=capacity)
-                    for b in chunk_buckets(n_tokens, self.ready_buckets(capacity))}
-        return not all(self._ready(p) for p in programs | {program_name("decode", capacity=capacity)})
+        return not all(self._ready(p) for p in self.turn_programs(n_tokens, capacity))
 
     def warm_up(self, capacity: int) -> None:
         """Compile (or load) every program now, so no turn waits for the compiler."""

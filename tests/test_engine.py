@@ -184,6 +184,27 @@ def test_stream_concatenates_to_the_reply_and_cancel_keeps_the_partial_reply(eng
     assert cont.prefilled_tokens <= cont.prompt_tokens - len(encode_chat(engine.tokenizer, chat))
 
 
+def test_first_token_shows_before_any_decode_step(engine, monkeypatch):
+    """The prefill samples the first token: it is shown before the first decode step is dispatched (so
+    a start still loading or compiling the decode program shows it at once). A reader that stops there
+    leaves a cache holding exactly the conversation's tokens, and the next turn goes on from it."""
+    decode_steps = []
+    decode = engine.generator.decode
+    monkeypatch.setattr(engine.generator, "decode", lambda *a, **kw: decode_steps.append(a[4]) or decode(*a, **kw))
+    chat = [{"role": "user", "content": "Tell me a story"}]
+    turn = engine.generate("first", chat, GREEDY)
+    assert isinstance(next(e for e in turn if not isinstance(e, Compiling)), TextDelta)
+    assert decode_steps == []
+    turn.close()  # the reader goes away after the first token
+    assert_cache_is_a_fresh_prefill(engine, "first")
+    assert engine.cached_tokens("first") == len(encode_chat(engine.tokenizer, chat, engine.tokenizer.chat_format))
+
+    done, _ = run(engine, "first", chat)
+    fresh, _ = run(engine, "fresh", chat)
+    assert done.text == fresh.text and decode_steps[:3] == [1, 2, 3]  # each step numbered from the prefill's
+    assert done.prefilled_tokens == 1  # the kept prompt was reused
+
+
 def test_a_turn_that_compiles_says_so_first(tiny_ckpt):
     cold = Engine(tiny_ckpt, mesh_shape=(1, 1), context_length=1000)  # a cache size no other test uses
     chat = [{"role": "user", "content": "Hello"}]

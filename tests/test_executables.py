@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from model.engine_api import SamplingParams
+
 REPO = Path(__file__).resolve().parent.parent
 
 # In a fresh process: one engine (which prepares `prepare` programs, as the app's worker does while idle),
@@ -120,7 +122,42 @@ def test_idle_preparation_readies_every_program_decode_then_smallest_first(tiny_
     while engine.prepare_next():
         pass
     assert not engine.generator.will_compile(600, engine.capacity)
+    engine.generator.executables.wait()  # (programs are saved in the background)
     assert len(list(tmp_path.glob("*.executable"))) == len(PREFILL_BUCKETS) + 1
+
+
+def test_a_start_loads_first_the_programs_the_last_first_turn_ran(tiny_ckpt, tmp_path):
+    """The cache keeps which programs a start's first turn ran; the next start deserializes those first
+    (then the decode step), while its weights load. A damaged record is ignored and written again."""
+    from model.engine import Engine
+    from model.executables import FIRST_TURN_SUFFIX, ExecutableCache
+
+    def start() -> Engine:
+        return Engine(tiny_ckpt, mesh_shape=(1, 1), context_length=600, executable_cache=tmp_path)
+
+    def turn(engine: Engine, conversation: str, messages: list[dict]) -> None:
+        list(engine.generate(conversation, messages, SamplingParams(temperature=0, max_new_tokens=2)))
+
+    long_message = [{"role": "user", "content": " ".join(["tell me more about that"] * 8)}]
+    engine = start()
+    turn(engine, "a", long_message)
+    ran = engine.generator.turn_programs(len(engine._encode(long_message)), engine.capacity)
+    assert ran[0].startswith("prefill") and ran[-1].startswith("decode")
+    turn(engine, "b", HELLO)  # a later turn (a smaller bucket) changes nothing
+    cache = engine.generator.executables
+    assert cache.first_turn() == ran
+
+    loading = start().generator.executables._loading  # what the next start deserializes, in order
+    assert list(loading) == ran
+
+    record = next(tmp_path.glob(f"*{FIRST_TURN_SUFFIX}"))
+    record.write_text('{"not": "a list"')
+    assert ExecutableCache(tmp_path, cache.model, cache.devices).first_turn() == []
+    engine = start()
+    assert list(engine.generator.executables._loading) == ran[-1:]  # the decode step alone
+    turn(engine, "c", HELLO)
+    assert engine.generator.executables.first_turn() == engine.generator.turn_programs(
+        len(engine._encode(HELLO)), engine.capacity)  # recorded again
 
 
 def test_int4_weights_on_xla_run_without_the_executable_cache(tiny_hf, tmp_path):

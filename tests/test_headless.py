@@ -160,9 +160,10 @@ def jax_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("xdg-cache")
 
 
-def headless(data_dir, jax_cache, *args, stdin="", **popen):
-    """Start `mixtral-chat --headless ARGS --data-dir DATA`; stdin is written and closed."""
-    argv = [sys.executable, "-m", "chat_app", "--headless", "--data-dir", str(data_dir), "--mesh", "1x1", *map(str, args)]
+def headless(data_dir, jax_cache, *args, stdin="", launcher=("-m", "chat_app"), **popen):
+    """Start `mixtral-chat --headless ARGS --data-dir DATA` (`python LAUNCHER ...`); stdin is written
+    and closed."""
+    argv = [sys.executable, *launcher, "--headless", "--data-dir", str(data_dir), "--mesh", "1x1", *map(str, args)]
     env = {**os.environ, "XDG_CACHE_HOME": str(jax_cache), "XDG_DATA_HOME": str(data_dir / "xdg")}
     process = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, **popen)
@@ -175,6 +176,18 @@ def finish(process, timeout=240):
     stdout, stderr = process.stdout.read(), process.stderr.read()
     process.wait(timeout)
     return process.returncode, stdout, stderr
+
+
+def test_headless_imports_no_ui_and_no_torch(tmp_path, jax_cache, tiny_ckpt):
+    """What a headless start imports is on its path to the first token: not textual, torch or
+    transformers."""
+    probe = ("import sys\nfrom chat_app.cli import main\nstatus = main(sys.argv[1:])\n"
+             "print('imported', sorted(m for m in ('textual', 'torch', 'transformers') if m in sys.modules), "
+             "file=sys.stderr)\nsys.exit(status)\n")
+    status, stdout, stderr = finish(headless(tmp_path, jax_cache, "--model", tiny_ckpt, "--no-save", "--max-new-tokens", "2",
+                                             stdin="Hello\n", launcher=("-c", probe)))
+    assert status == 0 and stdout.strip(), stderr
+    assert "imported []" in stderr, stderr
 
 
 @pytest.mark.slow
