@@ -35,7 +35,7 @@ import numpy as np
 LIBRARY = "_cpu_kernels"  # model/_cpu_kernels<EXTENSION_SUFFIX>, built by setup.py
 TARGETS = {"float32": "mixtral_matmul_f32", "bfloat16": "mixtral_matmul_bf16", "int8": "mixtral_matmul_int8",
            "int4": "mixtral_matmul_int4"}
-MOE_TARGET = "mixtral_moe_gemv"  # a MoE layer's experts for a few tokens, in one call
+MOE_TARGET = "mixtral_moe"  # a MoE layer's experts for a few tokens, in one call
 ISAS = ("scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16")  # mixtral_cpu_isa()'s values
 GEMV_MAX_ROWS = 4  # as in matmul.cc: more rows take the blocked GEMM kernel
 X16_BLOCK = 64  # as in kernels.h: the int8 / int4 gemv rounds x to int16 per block of this many inputs
@@ -115,11 +115,13 @@ def matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], mode:
     return y.reshape(*lead, n_out)
 
 
-def moe_gemv(x: jax.Array, routing: jax.Array, experts: list[tuple], group: int) -> jax.Array:
-    """A MoE layer's SwiGLU experts for up to GEMV_MAX_ROWS tokens, in one kernel call: x [N, D],
-    routing [N, E] each token's weight for each expert (0: not chosen), experts E (w1, w3, w2), each a
+def moe(x: jax.Array, routing: jax.Array, experts: list[tuple], group: int) -> jax.Array:
+    """A MoE layer's SwiGLU experts for up to 192 tokens (one block of rows of matmul.cc's gemm), in one
+    kernel call: x [N, D], routing [N, E] each token's weight for each expert (0: not chosen), experts E
+    (w1, w3, w2), each a
     (kernel, params) in the kernels' layout (w1, w3 [I, D], w2 [D, I]). Only experts some token chose
-    run. -> float32 [N, D]: sum over e of routing[:, e] * w2_e(silu(w1_e x) * w3_e x), x as the gemv takes it."""
+    run, each on every token. -> float32 [N, D]: sum over e of routing[:, e] * w2_e(silu(w1_e x) * w3_e x),
+    x as `matmul` takes it."""
     if not available():
         raise RuntimeError(unavailable_reason())
     operands = [a for expert in experts for kernel, params in expert for a in (kernel, *(p.astype(jnp.float32) for p in params))]

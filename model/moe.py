@@ -13,8 +13,8 @@ One function per strategy, each with its own routing value and its own `shard_ma
 its own experts; a psum adds the devices' partial sums):
 - `decode_in_place`: batch-1 decode on a GPU; the expert_gemv kernel reads the chosen experts' weights
   in place (no cond: a GPU cond waits for the host).
-- `fused_gemv`: up to 4 tokens (cpu_matmul.GEMV_MAX_ROWS) on the CPU kernels, quantized or bfloat16
-  experts: one kernel call takes every expert of the device and runs those a token chose.
+- `fused_experts`: up to MOE_TILE tokens on the CPU kernels, quantized or bfloat16 experts: one kernel
+  call takes every expert of the device and runs those a token chose, on all the tokens.
 - `few_tokens_cond`: up to MOE_TILE tokens on the CPU; each expert under a cond, skipped unless a token
   chose it, run on all the tokens with the others weighted 0 (batch-1 decode reads just k experts).
 - `sorted_tiles`: more tokens on the CPU; assignments sorted by expert, and a loop per expert over the
@@ -171,13 +171,13 @@ def few_tokens_cond(layout: ExpertLayout, xs: jax.Array, routing: TokenWeights, 
     return layout.shard_map(local, TokenWeights(P(), P()))(xs, routing, w1, w3, w2)
 
 
-def fused_gemv(layout: ExpertLayout, xs: jax.Array, routing: TokenWeights, w1, w3, w2) -> jax.Array:
-    """xs [N, D], N <= cpu_matmul.GEMV_MAX_ROWS, on the CPU kernels: all of a device's experts in one
-    call, which runs those a token chose. -> float32 [N, D]."""
+def fused_experts(layout: ExpertLayout, xs: jax.Array, routing: TokenWeights, w1, w3, w2) -> jax.Array:
+    """xs [N, D], N <= MOE_TILE, on the CPU kernels: all of a device's experts in one call, which runs
+    those a token chose. -> float32 [N, D]."""
     def local(xs, routing, w1, w3, w2):
         experts = list(layout.local_experts(w1, w3, w2))
         weights = jnp.stack([routing.weights[:, expert] for expert, _ in experts], axis=1)  # [N, local experts]
-        return cpu_matmul.moe_gemv(xs, weights, [mats for _, mats in experts], layout.quant_group)
+        return cpu_matmul.moe(xs, weights, [mats for _, mats in experts], layout.quant_group)
 
     return layout.shard_map(local, TokenWeights(P(), P()))(xs, routing, w1, w3, w2)
 
@@ -287,8 +287,8 @@ class MoE(nnx.Module):
             weights = jnp.zeros((N, E + 1), jnp.float32).at[jnp.arange(N)[:, None], top_e].add(top_w)[:, :E]
             routing = TokenWeights(weights, expert_counts(top_e, E))
             # float32 experts stay on XLA's matmuls (out_major_matmul says why)
-            fused = self.layout.cpu_kernels and N <= cpu_matmul.GEMV_MAX_ROWS and matrices[0][0][0].dtype != jnp.float32
-            out = (fused_gemv if fused else few_tokens_cond)(self.layout, xs, routing, *matrices)
+            fused = self.layout.cpu_kernels and matrices[0][0][0].dtype != jnp.float32
+            out = (fused_experts if fused else few_tokens_cond)(self.layout, xs, routing, *matrices)
         else:
             counts = expert_counts(top_e, E)
             order = jnp.argsort(top_e.reshape(-1), stable=True)

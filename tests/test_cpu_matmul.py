@@ -150,8 +150,8 @@ def silu(v):
 
 @pytest.mark.parametrize("kind", TYPES)
 def test_the_fused_experts_match_numpy(kind):
-    """moe_gemv: the SwiGLU experts a token chose, weighted and summed, in one call; experts no token
-    chose are not read (a NaN weight there would show)."""
+    """moe: the SwiGLU experts a token chose, weighted and summed, in one call (gemv: a few tokens;
+    gemm: more); experts no token chose are not read (a NaN weight there would show)."""
     D, I = (96, 160) if kind == "int4" else (99, 70)
     experts, dense = [], []
     for e in range(4):
@@ -163,8 +163,8 @@ def test_the_fused_experts_match_numpy(kind):
         experts[2][0] = (kernel, (jnp.full_like(params[0], jnp.nan), *params[1:]))
     else:
         experts[2][0] = (jnp.full_like(kernel, jnp.nan), ())
-    moe = jax.jit(partial(cpu_matmul.moe_gemv, group=GROUP))
-    for rows in (1, 3):
+    moe = jax.jit(partial(cpu_matmul.moe, group=GROUP))
+    for rows in (1, 3, 37):
         rng = np.random.default_rng(rows)
         x = rng.standard_normal((rows, D)).astype(np.float32)
         routing = rng.uniform(0.1, 1, (rows, 4)).astype(np.float32)

@@ -323,6 +323,17 @@ static int64_t gemv_chunk(const ffi::ThreadPool& pool, int64_t n) {
   return std::max<int64_t>(16, (n / (4 * (pool.num_threads() + 1)) + 3) / 4 * 4);
 }
 
+// Outputs per chunk of a MoE layer's pass over `n` outputs of each chosen expert, M rows.
+static int64_t moe_chunk(const ffi::ThreadPool& pool, int64_t M, int64_t n) {
+  return M <= GEMV_MAX_ROWS ? gemv_chunk(pool, n) : GEMM_COLS;
+}
+
+// y[:, n0:n1] of x [M, K] (M <= GEMM_ROWS: one block of rows) times w: the gemv or the gemm kernel.
+static void multiply(const Kernels& kernels, const Weights& w, const float* x, const Prepared& prepared, int64_t M,
+                     int64_t n0, int64_t n1, float* y) {
+  (M <= GEMV_MAX_ROWS ? kernels.gemv : kernels.gemm)(w, x, prepared, M, 0, M, n0, n1, y);
+}
+
 static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::F32>> y) {
   const auto x_dims = x.dimensions(), y_dims = y->dimensions();
   if (x_dims.size() != 2 || y_dims.size() != 2 || x_dims[1] != w.K || y_dims[0] != x_dims[0] || y_dims[1] != w.N)
@@ -384,17 +395,17 @@ static ffi::Error next_weights(const ffi::RemainingArgs& args, size_t& i, int64_
 
 static inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
-// The SwiGLU experts of a MoE layer for up to GEMV_MAX_ROWS tokens, in one call:
+// The SwiGLU experts of a MoE layer for up to GEMM_ROWS tokens, in one call:
 //   y[m] = sum over experts e of routing[m, e] * w2_e(silu(w1_e x[m]) * w3_e x[m])
 // run for the experts some token chose (routing weight not 0), each for every token (weight 0 for the
 // others). Two passes over the threads: w1 and w3 of every chosen expert, chunk by chunk of their
-// outputs, then w2's outputs summed over the experts. (Three kernel calls per expert, each handing its
-// chunks to the other threads, were most of the decode step's cost beyond reading the weights.)
-static ffi::Error moe_gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> routing,
+// outputs, then w2's outputs summed over the experts. One call instead of a cond and three calls per
+// expert: a smaller program (a third less to trace and compile) that prepares x once for w1 and w3.
+static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> routing,
                            ffi::RemainingArgs experts, int64_t group, ffi::Result<ffi::Buffer<ffi::F32>> y) {
   const auto x_dims = x.dimensions(), r_dims = routing.dimensions();
-  if (x_dims.size() != 2 || r_dims.size() != 2 || r_dims[0] != x_dims[0] || x_dims[0] > GEMV_MAX_ROWS)
-    return ffi::Error::InvalidArgument("mixtral moe gemv: expected x [M, D] (M <= 4) and routing [M, E]");
+  if (x_dims.size() != 2 || r_dims.size() != 2 || r_dims[0] != x_dims[0] || x_dims[0] > GEMM_ROWS)
+    return ffi::Error::InvalidArgument("mixtral moe: expected x [M, D] (M <= 192) and routing [M, E]");
   const int64_t M = x_dims[0], D = x_dims[1], E = r_dims[1];
   std::vector<Weights> w;  // w1, w3, w2 of each expert
   for (size_t i = 0; i < experts.size();) {
@@ -402,12 +413,12 @@ static ffi::Error moe_gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
     if (auto error = next_weights(experts, i, group, next); error.failure()) return error;
     w.push_back(next);
   }
-  if (int64_t(w.size()) != 3 * E) return ffi::Error::InvalidArgument("mixtral moe gemv: expected w1, w3, w2 per expert");
+  if (int64_t(w.size()) != 3 * E) return ffi::Error::InvalidArgument("mixtral moe: expected w1, w3, w2 per expert");
   const int64_t I = w[0].N;
   for (int64_t e = 0; e < E; e++)
     if (w[3 * e].N != I || w[3 * e].K != D || w[3 * e + 1].N != I || w[3 * e + 1].K != D || w[3 * e + 2].N != D ||
         w[3 * e + 2].K != I || w[3 * e].type != w[0].type)
-      return ffi::Error::InvalidArgument("mixtral moe gemv: w1, w3 must be [I, D] and w2 [D, I], of one type");
+      return ffi::Error::InvalidArgument("mixtral moe: w1, w3 must be [I, D] and w2 [D, I], of one type");
   const float* weight = routing.typed_data();
   std::vector<int64_t> chosen;
   for (int64_t e = 0; e < E; e++)
@@ -427,26 +438,26 @@ static ffi::Error moe_gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   prepare(pool, w[0], x.typed_data(), M, kernels, isa == AVX512_BF16, x_in);
   const Prepared in = x_in.view();
   std::vector<float> gate(C * M * I), up(C * M * I);  // [C][M, I]: w1 x, then silu(w1 x) * w3 x; w3 x
-  const int64_t rows = gemv_chunk(pool, C * I), chunks = (I + rows - 1) / rows;
+  const int64_t rows = moe_chunk(pool, M, C * I), chunks = (I + rows - 1) / rows;
   parallel_for(pool, C * chunks, [&](int64_t i) {
     const int64_t c = i / chunks, n0 = i % chunks * rows, n1 = std::min(I, n0 + rows), e = chosen[c];
     float* g = gate.data() + c * M * I;
     float* u = up.data() + c * M * I;
-    kernels.gemv(w[3 * e], x.typed_data(), in, M, 0, M, n0, n1, g);
-    kernels.gemv(w[3 * e + 1], x.typed_data(), in, M, 0, M, n0, n1, u);
+    multiply(kernels, w[3 * e], x.typed_data(), in, M, n0, n1, g);
+    multiply(kernels, w[3 * e + 1], x.typed_data(), in, M, n0, n1, u);
     for (int64_t m = 0; m < M; m++)
       for (int64_t n = n0; n < n1; n++) g[m * I + n] = silu(g[m * I + n]) * u[m * I + n];
   });
 
   std::vector<PreparedX> h_in(C);  // each expert's silu(w1 x) * w3 x, for its w2
   for (int64_t c = 0; c < C; c++) prepare(pool, w[3 * chosen[c] + 2], gate.data() + c * M * I, M, kernels, isa == AVX512_BF16, h_in[c]);
-  const int64_t out_rows = gemv_chunk(pool, D);
+  const int64_t out_rows = moe_chunk(pool, M, D);
   parallel_for(pool, (D + out_rows - 1) / out_rows, [&](int64_t i) {
     const int64_t n0 = i * out_rows, n1 = std::min(D, n0 + out_rows);
     std::vector<float> part(M * D);  // this chunk's columns of one expert's w2 output
     for (int64_t c = 0; c < C; c++) {
       const int64_t e = chosen[c];
-      kernels.gemv(w[3 * e + 2], gate.data() + c * M * I, h_in[c].view(), M, 0, M, n0, n1, part.data());
+      multiply(kernels, w[3 * e + 2], gate.data() + c * M * I, h_in[c].view(), M, n0, n1, part.data());
       for (int64_t m = 0; m < M; m++)
         for (int64_t n = n0; n < n1; n++) ys[m * D + n] += weight[m * E + e] * part[m * D + n];
     }
@@ -497,7 +508,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul_bf16, matmul_bf16,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul_int8, matmul_int8,
                               BIND_MATMUL.Arg<ffi::Buffer<ffi::S8>>().Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_moe_gemv, moe_gemv,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_moe, moe,
                               BIND_MATMUL.Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().Attr<int64_t>("group")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul_int4, matmul_int4,
