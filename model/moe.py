@@ -14,7 +14,7 @@ its own experts; a psum adds the devices' partial sums):
 - `decode_in_place`: batch-1 decode on a GPU; the expert_gemv kernel reads the chosen experts' weights
   in place (no cond: a GPU cond waits for the host).
 - `fused_experts`: up to MOE_TILE tokens on the CPU kernels, quantized or bfloat16 experts: one kernel
-  call takes every expert of the device and runs those a token chose, on all the tokens.
+  call takes every expert of the device and runs each a token chose on the tokens that chose it.
 - `few_tokens_cond`: up to MOE_TILE tokens on the CPU; each expert under a cond, skipped unless a token
   chose it, run on all the tokens with the others weighted 0 (batch-1 decode reads just k experts).
 - `sorted_tiles`: more tokens on the CPU; assignments sorted by expert, and a loop per expert over the

@@ -397,10 +397,10 @@ static inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
 // The SwiGLU experts of a MoE layer for up to GEMM_ROWS tokens, in one call:
 //   y[m] = sum over experts e of routing[m, e] * w2_e(silu(w1_e x[m]) * w3_e x[m])
-// run for the experts some token chose (routing weight not 0), each for every token (weight 0 for the
-// others). Two passes over the threads: w1 and w3 of every chosen expert, chunk by chunk of their
-// outputs, then w2's outputs summed over the experts. One call instead of a cond and three calls per
-// expert: a smaller program (a third less to trace and compile) that prepares x once for w1 and w3.
+// run for the experts some token chose (routing weight not 0), each on the tokens that chose it (a cond
+// per expert ran it on all of them). Two passes over the threads: w1 and w3 of every chosen expert,
+// chunk by chunk of their outputs, then w2's outputs summed over the experts. One call instead of a cond
+// and three calls per expert: a program a third smaller to trace and compile.
 static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> routing,
                            ffi::RemainingArgs experts, int64_t group, ffi::Result<ffi::Buffer<ffi::F32>> y) {
   const auto x_dims = x.dimensions(), r_dims = routing.dimensions();
@@ -419,47 +419,60 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     if (w[3 * e].N != I || w[3 * e].K != D || w[3 * e + 1].N != I || w[3 * e + 1].K != D || w[3 * e + 2].N != D ||
         w[3 * e + 2].K != I || w[3 * e].type != w[0].type)
       return ffi::Error::InvalidArgument("mixtral moe: w1, w3 must be [I, D] and w2 [D, I], of one type");
+  // each chosen expert: the tokens that chose it, as rows of x of its own
+  struct Chosen {
+    int64_t expert;
+    std::vector<int64_t> tokens;
+    std::vector<float> x, gate, up;  // [tokens, D]; [tokens, I]: w1 x, then silu(w1 x) * w3 x; w3 x
+    PreparedX x_in, h_in;            // x for w1 and w3; silu(w1 x) * w3 x for w2
+  };
   const float* weight = routing.typed_data();
-  std::vector<int64_t> chosen;
-  for (int64_t e = 0; e < E; e++)
+  const float* xs = x.typed_data();
+  std::vector<Chosen> chosen;
+  for (int64_t e = 0; e < E; e++) {
+    Chosen c{e};
     for (int64_t m = 0; m < M; m++)
       if (weight[m * E + e] != 0) {
-        chosen.push_back(e);
-        break;
+        c.tokens.push_back(m);
+        c.x.insert(c.x.end(), xs + m * D, xs + (m + 1) * D);
       }
+    if (!c.tokens.empty()) chosen.push_back(std::move(c));
+  }
   float* ys = y->typed_data();
   std::fill(ys, ys + M * D, 0.0f);
-  const int64_t C = chosen.size();
-  if (C == 0) return ffi::Error::Success();
+  if (chosen.empty()) return ffi::Error::Success();
 
   const Isa isa = Isa(current_isa.load(std::memory_order_relaxed));
   const Kernels& kernels = KERNELS[isa];
-  PreparedX x_in;  // x for w1 and w3 (the same type and shape for every expert)
-  prepare(pool, w[0], x.typed_data(), M, kernels, isa == AVX512_BF16, x_in);
-  const Prepared in = x_in.view();
-  std::vector<float> gate(C * M * I), up(C * M * I);  // [C][M, I]: w1 x, then silu(w1 x) * w3 x; w3 x
-  const int64_t rows = moe_chunk(pool, M, C * I), chunks = (I + rows - 1) / rows;
+  int64_t most = 0;  // tokens of the most chosen expert: the chunking follows its kernel
+  for (auto& c : chosen) {
+    const int64_t rows = c.tokens.size();
+    most = std::max(most, rows);
+    prepare(pool, w[3 * c.expert], c.x.data(), rows, kernels, isa == AVX512_BF16, c.x_in);
+    c.gate.resize(rows * I);
+    c.up.resize(rows * I);
+  }
+  const int64_t C = chosen.size(), cols = moe_chunk(pool, most, C * I), chunks = (I + cols - 1) / cols;
   parallel_for(pool, C * chunks, [&](int64_t i) {
-    const int64_t c = i / chunks, n0 = i % chunks * rows, n1 = std::min(I, n0 + rows), e = chosen[c];
-    float* g = gate.data() + c * M * I;
-    float* u = up.data() + c * M * I;
-    multiply(kernels, w[3 * e], x.typed_data(), in, M, n0, n1, g);
-    multiply(kernels, w[3 * e + 1], x.typed_data(), in, M, n0, n1, u);
-    for (int64_t m = 0; m < M; m++)
-      for (int64_t n = n0; n < n1; n++) g[m * I + n] = silu(g[m * I + n]) * u[m * I + n];
+    Chosen& c = chosen[i / chunks];
+    const int64_t rows = c.tokens.size(), n0 = i % chunks * cols, n1 = std::min(I, n0 + cols);
+    multiply(kernels, w[3 * c.expert], c.x.data(), c.x_in.view(), rows, n0, n1, c.gate.data());
+    multiply(kernels, w[3 * c.expert + 1], c.x.data(), c.x_in.view(), rows, n0, n1, c.up.data());
+    for (int64_t r = 0; r < rows; r++)
+      for (int64_t n = n0; n < n1; n++) c.gate[r * I + n] = silu(c.gate[r * I + n]) * c.up[r * I + n];
   });
 
-  std::vector<PreparedX> h_in(C);  // each expert's silu(w1 x) * w3 x, for its w2
-  for (int64_t c = 0; c < C; c++) prepare(pool, w[3 * chosen[c] + 2], gate.data() + c * M * I, M, kernels, isa == AVX512_BF16, h_in[c]);
-  const int64_t out_rows = moe_chunk(pool, M, D);
-  parallel_for(pool, (D + out_rows - 1) / out_rows, [&](int64_t i) {
-    const int64_t n0 = i * out_rows, n1 = std::min(D, n0 + out_rows);
-    std::vector<float> part(M * D);  // this chunk's columns of one expert's w2 output
-    for (int64_t c = 0; c < C; c++) {
-      const int64_t e = chosen[c];
-      multiply(kernels, w[3 * e + 2], gate.data() + c * M * I, h_in[c].view(), M, n0, n1, part.data());
-      for (int64_t m = 0; m < M; m++)
-        for (int64_t n = n0; n < n1; n++) ys[m * D + n] += weight[m * E + e] * part[m * D + n];
+  for (auto& c : chosen) prepare(pool, w[3 * c.expert + 2], c.gate.data(), c.tokens.size(), kernels, isa == AVX512_BF16, c.h_in);
+  const int64_t out_cols = moe_chunk(pool, most, D);
+  parallel_for(pool, (D + out_cols - 1) / out_cols, [&](int64_t i) {
+    const int64_t n0 = i * out_cols, n1 = std::min(D, n0 + out_cols);
+    std::vector<float> part(most * D);  // this chunk's columns of one expert's w2 output, its tokens' rows
+    for (auto& c : chosen) {
+      multiply(kernels, w[3 * c.expert + 2], c.gate.data(), c.h_in.view(), c.tokens.size(), n0, n1, part.data());
+      for (size_t r = 0; r < c.tokens.size(); r++) {
+        const int64_t m = c.tokens[r];
+        for (int64_t n = n0; n < n1; n++) ys[m * D + n] += weight[m * E + c.expert] * part[r * D + n];
+      }
     }
   });
   return ffi::Error::Success();
