@@ -48,7 +48,7 @@ def main(argv=None) -> None:
         for rows in (1, args.rows):
             x = jnp.asarray(np.random.default_rng(9).standard_normal((rows, n_in), np.float32))
             xla = jax.jit(lambda x, ws: sum(quantize.matmul(x, k, p, mode, GROUP) for k, p in ws))
-            ours = jax.jit(lambda x, ws: sum(cpu_matmul.matmul(x, k, p, mode, GROUP) for k, p in ws))
+            ours = jax.jit(lambda x, ws: sum(cpu_matmul.matmul(x, k, p, GROUP) for k, p in ws))
             for fn, ws in ((xla, [p[0] for p in pairs]), (ours, [p[1] for p in pairs])):
                 seconds = best_time(fn, x, ws, repeats=5 if rows == 1 else 2)
                 row.append(nbytes / seconds / 1e9 if rows == 1 else 2 * rows * n_in * n_out * MATRICES / seconds / 1e9)

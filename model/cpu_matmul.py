@@ -8,7 +8,7 @@ The kernels want each weight as [out, in] rows (`layout` does it once, at load):
     int4                uint8 [..., out, in/2] (input 2j in the low nibble of byte j, 2j + 1 in the high
                         one); scale, offset float32 [..., out, in/group]
 (the layouts of the GPU kernels for quantized weights, model/expert_gemv.py).
-`matmul(x, kernel, params, mode, group)` multiplies float activations by such a weight, inside jit and
+`matmul(x, kernel, params, group)` multiplies float activations by such a weight, inside jit and
 inside shard_map (each device calls the kernel on its own shard). Times many rows (prefill) every weight
 type computes what the dequantized float32 weight would; times a few rows (decode) int8 / int4 weights
 take x rounded to int16 per block of X16_BLOCK inputs (within 1.5e-5 of the block's largest value) for
@@ -33,8 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 LIBRARY = "_cpu_kernels"  # model/_cpu_kernels<EXTENSION_SUFFIX>, built by setup.py
-TARGETS = {"float32": "mixtral_matmul_f32", "bfloat16": "mixtral_matmul_bf16", "int8": "mixtral_matmul_int8",
-           "int4": "mixtral_matmul_int4"}
+MATMUL_TARGET = "mixtral_matmul"  # x times one weight of any type (its dtype says which)
 MOE_TARGET = "mixtral_moe"  # a MoE layer's experts for a few tokens, in one call
 ISAS = ("scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16")  # mixtral_cpu_isa()'s values
 GEMV_MAX_ROWS = 4  # as in matmul.cc: more rows take the blocked GEMM kernel
@@ -53,7 +52,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
                       "`pip install .` on a machine with a C++ compiler (g++ or clang++)")
     try:
         lib = ctypes.CDLL(str(path))
-        for target in (*TARGETS.values(), MOE_TARGET):
+        for target in (MATMUL_TARGET, MOE_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     except (OSError, AttributeError) as e:
         return None, f"the native CPU kernels in {path} failed to load ({e}); reinstall with `pip install .`"
@@ -100,18 +99,16 @@ def layout(kernel: np.ndarray, params: tuple[np.ndarray, ...], mode: str | None)
     return swap(kernel), tuple(map(swap, params)) if mode == "int4" else params
 
 
-def matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], mode: str | None,
-           group: int) -> jax.Array:
-    """x [..., in] @ the weight (kernel in the kernels' layout, params per `mode`) -> float32 [..., out]."""
+def matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], group: int) -> jax.Array:
+    """x [..., in] @ the weight (kernel in the kernels' layout, its dtype saying the type; params: int8
+    scale, int4 scale and offset; int4 groups of `group` inputs) -> float32 [..., out]."""
     if not available():
         raise RuntimeError(unavailable_reason())
     *lead, n_in = x.shape
     n_out = kernel.shape[-2]
     rows = x.reshape(-1, n_in).astype(jnp.float32)
-    target = TARGETS[mode or jnp.dtype(kernel.dtype).name]
-    attrs = {"group": np.int64(group)} if mode == "int4" else {}
-    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], n_out), jnp.float32))(
-        rows, kernel, *(p.astype(jnp.float32) for p in params), **attrs)
+    y = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((rows.shape[0], n_out), jnp.float32))(
+        rows, kernel, *(p.astype(jnp.float32) for p in params), group=np.int64(group))
     return y.reshape(*lead, n_out)
 
 

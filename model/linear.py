@@ -79,15 +79,14 @@ def _relayout(fn, sharding: NamedSharding):
     return jax.jit(fn, out_shardings=sharding)
 
 
-def out_major_matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], quantization: str | None,
-                     group: int) -> jax.Array:
+def out_major_matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], group: int) -> jax.Array:
     """x [..., in] @ an out-major weight on one device, through the CPU kernels -> float32 [..., out];
     float32 weights through XLA's matmul instead: it streams them at memory speed already, without the
     cost of a call (in the same runs, decode of a float32 demo 15.6-18.7 tok/s on XLA, 8.2-13.2 through
     ours; mini-mixtral 24.3-24.7 against 14.3-21.5)."""
     if kernel.dtype == jnp.float32:
         return jnp.einsum("...i,oi->...o", x, kernel, preferred_element_type=jnp.float32)
-    return cpu_matmul.matmul(x, kernel, params, quantization, group)
+    return cpu_matmul.matmul(x, kernel, params, group)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +103,7 @@ class CpuKernels:
         lead = (None,) * (x.ndim - 1)
 
         def local(x, kernel, params):
-            y = out_major_matmul(x, kernel, params, quantization, group)
+            y = out_major_matmul(x, kernel, params, group)
             return y if split_in is None else jax.lax.psum(y, split_in)
 
         return jax.shard_map(local, mesh=self.mesh, in_specs=(P(*lead, split_in), *out_major_specs(self.spec, quantization)),

@@ -119,7 +119,7 @@ class ExpertLayout:
         """One expert's SwiGLU on x [n, D] -> float32 [n, D]; kernels [D, I] (or stored out-major)."""
         def matmul(h, matrix):
             if self.cpu_kernels:
-                return out_major_matmul(h, *matrix, self.quantization, self.quant_group).astype(h.dtype)
+                return out_major_matmul(h, *matrix, self.quant_group).astype(h.dtype)
             kernel, params = expert_gemv.as_matmul_operands(*matrix) if self.out_major else matrix
             return quantize.matmul(h, kernel, params, self.quantization, self.quant_group)
 

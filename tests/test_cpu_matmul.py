@@ -43,15 +43,15 @@ def isas() -> list[str]:
 
 
 def weight(kind: str, n_in: int, n_out: int, seed: int = 0):
-    """(the float32 weight [in, out] it stands for, the kernel's arrays, mode)."""
+    """(the float32 weight [in, out] it stands for, the kernel's arrays)."""
     w = np.random.default_rng(seed).standard_normal((n_in, n_out), np.float32)
     if kind in ("float32", "bfloat16"):
         w = w.astype(ml_dtypes.bfloat16 if kind == "bfloat16" else np.float32)
-        return w.astype(np.float32), jnp.asarray(cpu_matmul.layout(w, (), None)[0]), (), None
+        return w.astype(np.float32), jnp.asarray(cpu_matmul.layout(w, (), None)[0]), ()
     q, params = quantize.quantize(w, kind, GROUP)
     kernel, kernel_params = cpu_matmul.layout(q, params, kind)
     return (quantize.dequantize_numpy(q, params, kind, GROUP), jnp.asarray(kernel),
-            tuple(map(jnp.asarray, kernel_params)), kind)
+            tuple(map(jnp.asarray, kernel_params)))
 
 
 def as_the_kernel_takes_it(x: np.ndarray, kind: str, isa: str) -> np.ndarray:
@@ -97,9 +97,9 @@ def test_each_kernel_matches_numpy(kind):
     try:
         for rows, n_in, n_out in SHAPES:
             n_in = n_in // GROUP * GROUP if kind == "int4" else n_in
-            w, kernel, params, mode = weight(kind, n_in, n_out)
+            w, kernel, params = weight(kind, n_in, n_out)
             x = np.random.default_rng(1).standard_normal((rows, n_in)).astype(np.float32)
-            matmul = jax.jit(partial(cpu_matmul.matmul, mode=mode, group=GROUP))
+            matmul = jax.jit(partial(cpu_matmul.matmul, group=GROUP))
             for isa in isas():
                 cpu_matmul.set_isa(isa)
                 y = matmul(x, kernel, params)
@@ -112,9 +112,9 @@ def test_each_kernel_matches_numpy(kind):
 
 
 def test_leading_dims_are_kept_and_bfloat16_activations_taken():
-    w, kernel, params, mode = weight("int8", 64, 48)
+    w, kernel, params = weight("int8", 64, 48)
     x = np.random.default_rng(2).standard_normal((2, 3, 64)).astype(np.float32)
-    y = jax.jit(lambda x: cpu_matmul.matmul(x.astype(jnp.bfloat16), kernel, params, mode, GROUP))(x)
+    y = jax.jit(lambda x: cpu_matmul.matmul(x.astype(jnp.bfloat16), kernel, params, GROUP))(x)
     assert y.shape == (2, 3, 48) and y.dtype == jnp.float32
     want = x.astype(ml_dtypes.bfloat16).astype(np.float64) @ w
     np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=0, atol=0.02 * np.abs(want).max())
@@ -126,18 +126,18 @@ def test_inside_shard_map_on_8_devices(kind, split):
     """Each device multiplies by its shard of the weight: outputs split, or inputs split and summed."""
     mesh = make_mesh((1, 8))
     axis = mesh.axis_names[1]
-    w, kernel, params, mode = weight(kind, 8 * 64, 8 * 24, seed=3)
+    w, kernel, params = weight(kind, 8 * 64, 8 * 24, seed=3)
     x = np.random.default_rng(4).standard_normal((6, 8 * 64)).astype(np.float32)
     if split == "out":  # kernel [out, in]: rows split; int8 scale [out], int4 params [out, in/group]
         w_spec, x_spec, y_spec = P(axis, None), P(), P(None, axis)
         param_specs = tuple(P(axis, *([None] * (p.ndim - 1))) for p in params)
-        local = partial(cpu_matmul.matmul, mode=mode, group=GROUP)
+        local = partial(cpu_matmul.matmul, group=GROUP)
     else:
         w_spec, x_spec, y_spec = P(None, axis), P(None, axis), P()
         param_specs = tuple(P(None, axis) if kind == "int4" else P() for _ in params)  # int8: scale [out]
 
         def local(x, kernel, params):
-            return jax.lax.psum(cpu_matmul.matmul(x, kernel, params, mode, GROUP), axis)
+            return jax.lax.psum(cpu_matmul.matmul(x, kernel, params, GROUP), axis)
 
     y = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(x_spec, w_spec, param_specs), out_specs=y_spec))(
         x, kernel, params)
@@ -157,7 +157,7 @@ def test_the_fused_experts_match_numpy(kind):
     for e in range(4):
         mats = [weight(kind, n_in, n_out, seed=10 * e + j) for j, (n_in, n_out) in enumerate([(D, I), (D, I), (I, D)])]
         dense.append([w for w, *_ in mats])
-        experts.append([(kernel, params) for _, kernel, params, _ in mats])
+        experts.append([(kernel, params) for _, kernel, params in mats])
     kernel, params = experts[2][0]
     if params:  # expert 2, which no token chooses: NaN weights
         experts[2][0] = (kernel, (jnp.full_like(params[0], jnp.nan), *params[1:]))

@@ -1,6 +1,6 @@
-// XLA FFI handlers for the CPU matmuls of kernels.h: one target per weight type, called by
-// model/cpu_matmul.py inside the jitted programs. Each call splits its outputs into chunks run on XLA's
-// intra-op thread pool, the calling thread taking chunks too.
+// XLA FFI handlers for the CPU matmuls of kernels.h, called by model/cpu_matmul.py inside the jitted
+// programs: one weight of any type (the type read from its dtype), or a MoE layer's experts. Each call
+// splits its outputs into chunks run on XLA's intra-op thread pool, the calling thread taking chunks too.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -377,17 +377,17 @@ static ffi::Error next_weights(const ffi::RemainingArgs& args, size_t& i, int64_
     case ffi::DataType::U8: w.type = WeightType::INT4, w.K = 2 * d[1], w.group = group, params = 2; break;
     default: return ffi::Error::InvalidArgument("mixtral cpu kernels: weights must be f32, bf16, s8 or u8 (int4)");
   }
+  if (w.type == WeightType::INT4 && (group <= 0 || group % 32 || w.K % group))
+    return ffi::Error::InvalidArgument("int4 weights: groups must be a multiple of 32 dividing K");
   const float* param[2] = {nullptr, nullptr};
   for (int j = 0; j < params; j++) {
     auto p = args.get<ffi::AnyBuffer>(i++);
     if (!p) return p.error();
-    if (p->element_type() != ffi::DataType::F32) return ffi::Error::InvalidArgument("mixtral cpu kernels: scales must be f32");
-    const size_t expected = w.type == WeightType::INT8 ? size_t(w.N) : size_t(w.N * (w.K / std::max<int64_t>(group, 1)));
-    if (p->element_count() != expected) return ffi::Error::InvalidArgument("mixtral cpu kernels: scale or offset of the wrong size");
+    const size_t expected = w.type == WeightType::INT8 ? size_t(w.N) : size_t(w.N * (w.K / w.group));
+    if (p->element_type() != ffi::DataType::F32 || p->element_count() != expected)
+      return ffi::Error::InvalidArgument("mixtral cpu kernels: scales must be f32 [N] (int8) or [N, K / group] (int4)");
     param[j] = (const float*)p->untyped_data();
   }
-  if (w.type == WeightType::INT4 && (group <= 0 || group % 32 || w.K % group))
-    return ffi::Error::InvalidArgument("int4 weights: groups must be a multiple of 32 dividing K");
   w.scale = param[0];
   w.offset = param[1];
   return ffi::Error::Success();
@@ -478,34 +478,14 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
-static ffi::Error matmul_f32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+// y [M, N] = x [M, K] @ W^T for one weight of any type, given after x with its parameters (next_weights).
+static ffi::Error matmul_any(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weight, int64_t group,
                              ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  const auto d = w.dimensions();
-  return matmul(pool, {WeightType::F32, w.untyped_data(), nullptr, nullptr, d[0], d[1], 0}, x, y);
-}
-
-static ffi::Error matmul_bf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
-                              ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  const auto d = w.dimensions();
-  return matmul(pool, {WeightType::BF16, w.untyped_data(), nullptr, nullptr, d[0], d[1], 0}, x, y);
-}
-
-static ffi::Error matmul_int8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                              ffi::Buffer<ffi::F32> scale, ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  const auto d = w.dimensions();
-  if (scale.element_count() != size_t(d[0])) return ffi::Error::InvalidArgument("int8 matmul: scale must be [N]");
-  return matmul(pool, {WeightType::INT8, w.untyped_data(), scale.typed_data(), nullptr, d[0], d[1], 0}, x, y);
-}
-
-static ffi::Error matmul_int4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                              ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, int64_t group,
-                              ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  const auto d = w.dimensions();
-  const int64_t N = d[0], K = 2 * d[1];
-  if (group <= 0 || group % 32 || K % group || scale.element_count() != size_t(N * (K / group)) ||
-      offset.element_count() != scale.element_count())
-    return ffi::Error::InvalidArgument("int4 matmul: groups must be a multiple of 32 dividing K, scale and offset [N, K / group]");
-  return matmul(pool, {WeightType::INT4, w.untyped_data(), scale.typed_data(), offset.typed_data(), N, K, group}, x, y);
+  Weights w;
+  size_t i = 0;
+  if (auto error = next_weights(weight, i, group, w); error.failure()) return error;
+  if (i != weight.size()) return ffi::Error::InvalidArgument("mixtral cpu matmul: one weight and its parameters");
+  return matmul(pool, w, x, y);
 }
 
 }  // namespace mixtral_cpu
@@ -514,19 +494,11 @@ using namespace mixtral_cpu;
 
 #define BIND_MATMUL ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul_f32, matmul_f32,
-                              BIND_MATMUL.Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul_bf16, matmul_bf16,
-                              BIND_MATMUL.Arg<ffi::Buffer<ffi::BF16>>().Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul_int8, matmul_int8,
-                              BIND_MATMUL.Arg<ffi::Buffer<ffi::S8>>().Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul, matmul_any,
+                              BIND_MATMUL.RemainingArgs().Attr<int64_t>("group").Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_moe, moe,
                               BIND_MATMUL.Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().Attr<int64_t>("group")
                                   .Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul_int4, matmul_int4,
-                              BIND_MATMUL.Arg<ffi::Buffer<ffi::U8>>().Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>().Attr<int64_t>("group").Ret<ffi::Buffer<ffi::F32>>());
 
 // The instruction set the kernels use: 0 scalar reference, 1 AVX2 + FMA, 2 AVX-512, 3 AVX-512 + VNNI,
 // 4 AVX-512 + VNNI + BF16.
