@@ -419,12 +419,14 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     if (w[3 * e].N != I || w[3 * e].K != D || w[3 * e + 1].N != I || w[3 * e + 1].K != D || w[3 * e + 2].N != D ||
         w[3 * e + 2].K != I || w[3 * e].type != w[0].type)
       return ffi::Error::InvalidArgument("mixtral moe: w1, w3 must be [I, D] and w2 [D, I], of one type");
-  // each chosen expert: the tokens that chose it, as rows of x of its own
+  // each chosen expert: the tokens that chose it, as rows of x of its own unless every token did
   struct Chosen {
     int64_t expert;
     std::vector<int64_t> tokens;
-    std::vector<float> x, gate, up;  // [tokens, D]; [tokens, I]: w1 x, then silu(w1 x) * w3 x; w3 x
-    PreparedX x_in, h_in;            // x for w1 and w3; silu(w1 x) * w3 x for w2
+    std::vector<float> rows, gate, up;  // [tokens, D] (when not all of x); [tokens, I]: w1 x, then silu(w1 x) * w3 x; w3 x
+    const float* x = nullptr;           // its tokens' rows of x: x itself or `rows`
+    const PreparedX* x_in = nullptr;    // those rows prepared for w1 and w3
+    PreparedX own_in, h_in;             // `rows` prepared; silu(w1 x) * w3 x prepared for w2
   };
   const float* weight = routing.typed_data();
   const float* xs = x.typed_data();
@@ -432,10 +434,7 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   for (int64_t e = 0; e < E; e++) {
     Chosen c{e};
     for (int64_t m = 0; m < M; m++)
-      if (weight[m * E + e] != 0) {
-        c.tokens.push_back(m);
-        c.x.insert(c.x.end(), xs + m * D, xs + (m + 1) * D);
-      }
+      if (weight[m * E + e] != 0) c.tokens.push_back(m);
     if (!c.tokens.empty()) chosen.push_back(std::move(c));
   }
   float* ys = y->typed_data();
@@ -444,11 +443,21 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
   const Isa isa = Isa(current_isa.load(std::memory_order_relaxed));
   const Kernels& kernels = KERNELS[isa];
+  PreparedX all_in;  // x prepared once for the experts every token chose (in decode, every chosen one)
+  bool all_prepared = false;
   int64_t most = 0;  // tokens of the most chosen expert: the chunking follows its kernel
   for (auto& c : chosen) {
     const int64_t rows = c.tokens.size();
     most = std::max(most, rows);
-    prepare(pool, w[3 * c.expert], c.x.data(), rows, kernels, isa == AVX512_BF16, c.x_in);
+    if (rows == M) {
+      if (!all_prepared) prepare(pool, w[3 * c.expert], xs, M, kernels, isa == AVX512_BF16, all_in);
+      all_prepared = true;
+      c.x = xs, c.x_in = &all_in;
+    } else {
+      for (int64_t m : c.tokens) c.rows.insert(c.rows.end(), xs + m * D, xs + (m + 1) * D);
+      prepare(pool, w[3 * c.expert], c.rows.data(), rows, kernels, isa == AVX512_BF16, c.own_in);
+      c.x = c.rows.data(), c.x_in = &c.own_in;
+    }
     c.gate.resize(rows * I);
     c.up.resize(rows * I);
   }
@@ -456,8 +465,9 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   parallel_for(pool, C * chunks, [&](int64_t i) {
     Chosen& c = chosen[i / chunks];
     const int64_t rows = c.tokens.size(), n0 = i % chunks * cols, n1 = std::min(I, n0 + cols);
-    multiply(kernels, w[3 * c.expert], c.x.data(), c.x_in.view(), rows, n0, n1, c.gate.data());
-    multiply(kernels, w[3 * c.expert + 1], c.x.data(), c.x_in.view(), rows, n0, n1, c.up.data());
+    const Prepared in = c.x_in->view();
+    multiply(kernels, w[3 * c.expert], c.x, in, rows, n0, n1, c.gate.data());
+    multiply(kernels, w[3 * c.expert + 1], c.x, in, rows, n0, n1, c.up.data());
     for (int64_t r = 0; r < rows; r++)
       for (int64_t n = n0; n < n1; n++) c.gate[r * I + n] = silu(c.gate[r * I + n]) * c.up[r * I + n];
   });
