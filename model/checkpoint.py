@@ -31,7 +31,8 @@ def _normalise(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
 class CheckpointWeights:
     """Hands each weight to the model as a jax.Array already split into its device shards: every device
     reads only its own slice from disk (`jax.make_array_from_callback` + `TensorFiles.read_slice`); with
-    several processes each reads only its own devices' slices. Progress counts the checkpoint's bytes
+    several processes each reads only its own devices' slices. On a CPU a slice kept as stored (most of
+    them) is the checkpoint file mapped in memory, used in place: loading reads nothing. Progress counts the checkpoint's bytes
     whose arrays are made (the same fraction on every process, however little of them it reads)."""
 
     def __init__(self, files: TensorFiles, config: MixtralConfig, mesh: Mesh,
@@ -91,7 +92,7 @@ class CheckpointWeights:
                     index = index[:packed_axis] + (slice(s.start // 2, s.stop // 2),) + index[packed_axis + 1:]
                 if stored_swapped:  # to the file's
                     index = swap_last(index)
-                seen[key] = convert(self.files.read_slice(name, index, swap_last=swapped != stored_swapped))
+                seen[key] = convert(self.files.read_slice(name, index, swap_last=swapped != stored_swapped, mapped=True))
             return seen[key]
 
         array = jax.make_array_from_callback(tuple(shape), NamedSharding(self.mesh, P(*spec)), read,

@@ -28,6 +28,9 @@ NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.
                 "float16": np.dtype(np.float16)}
 
 
+ALIGNMENT = 64  # bytes: XLA's CPU client uses host memory that starts on such a boundary in place
+
+
 class SafetensorsError(ValueError):
     pass
 
@@ -54,7 +57,10 @@ class StreamingWriter:
                               "data_offsets": [offset, offset + s.nbytes]}
             offset += s.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+        # the data starts on a 64-byte boundary (after the 8-byte length), and so does every tensor whose
+        # predecessors' sizes are multiples of 64 (all of a model's): XLA's CPU client can use such a
+        # tensor in place, in the file mapped in memory (`TensorFiles.read_slice(..., mapped=True)`)
+        raw += b" " * (-(8 + len(raw)) % ALIGNMENT)
         self._file = open(path, "wb")
         self._sha = hashlib.sha256()
         self._specs = iter(specs)
@@ -186,13 +192,13 @@ def _contiguous_span(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[
     return first, tuple(stop - start for start, stop in ranges)
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = ALIGNMENT) -> np.ndarray:
     """An uninitialised array whose data starts on an `alignment`-byte boundary: XLA's CPU client uses
     such memory in place (`jax.device_put` without a copy, ~10x faster for a model's weights)."""
     return _aligned(np.empty, shape, dtype, alignment)
 
 
-def aligned_zeros(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+def aligned_zeros(shape: tuple[int, ...], dtype: np.dtype, alignment: int = ALIGNMENT) -> np.ndarray:
     """`aligned_empty`, filled with zeros: a large one is pages the OS maps when they are first written,
     so making it, and handing it to XLA, touches none of its memory."""
     return _aligned(np.zeros, shape, dtype, alignment)
@@ -209,7 +215,8 @@ class TensorFiles:
     """The tensors of a folder of safetensors (one file, or shards + `*.safetensors.index.json`).
 
     Reads copy just what was asked for and keep nothing mapped, so resident memory is what the caller
-    holds, not every page it has looked at (a streaming conversion, a sharded load).
+    holds, not every page it has looked at (a streaming conversion, a sharded load); unless the caller
+    asks for a `mapped` block (a model's weights, kept for as long as the model runs).
     """
 
     def __init__(self, folder: Path):
@@ -228,6 +235,7 @@ class TensorFiles:
             if not files:
                 raise SafetensorsError(f"no .safetensors files in {folder}")
         self._entries: dict[str, _Entry] = {}
+        self._maps: dict[Path, np.ndarray] = {}  # files mapped for `mapped` reads
         for f in files:
             self._entries.update(_read_header(f))
 
@@ -264,18 +272,31 @@ class TensorFiles:
             raise SafetensorsError(f"{e.path} is truncated: tensor {name} is incomplete")
         return data.reshape(shape)
 
-    def read_slice(self, name: str, index: tuple[slice, ...], swap_last: bool = False) -> np.ndarray:
+    def read_slice(self, name: str, index: tuple[slice, ...], swap_last: bool = False,
+                   mapped: bool = False) -> np.ndarray:
         """One block of the tensor (a device's shard). A block whose bytes follow each other in the file
         (a whole tensor, a range of rows) is read into place with one `readinto`; any other through a
         memory map opened and closed for this read, so only the block's pages are touched and none stay
-        mapped. `swap_last`: the block with its last two dims swapped (copied once, in that order)."""
+        mapped. `swap_last`: the block with its last two dims swapped (copied once, in that order).
+        `mapped`: a block whose bytes follow each other and start on an ALIGNMENT boundary comes as a
+        read-only view of the file mapped in memory, which XLA's CPU client uses in place: nothing is
+        read or copied until a program touches it, and its pages stay the OS's page cache (shared with
+        any process that maps the file; dropped, not swapped, under memory pressure). The file stays
+        mapped for as long as a view of it lives."""
         e = self._entry(name)
         span = None if swap_last else _contiguous_span(index, e.shape)
         if span is not None:
             first, shape = span
+            start = e.offset + first * e.dtype.itemsize
+            if mapped and start % ALIGNMENT == 0:
+                nbytes = int(np.prod(shape, dtype=np.int64)) * e.dtype.itemsize
+                whole = self._mapped(e.path)
+                if len(whole) < start + nbytes:
+                    raise SafetensorsError(f"{e.path} is truncated: tensor {name} is incomplete")
+                return whole[start:start + nbytes].view(e.dtype).reshape(shape)
             block = aligned_empty(shape, e.dtype)
             with open(e.path, "rb", buffering=0) as f:
-                f.seek(e.offset + first * e.dtype.itemsize)
+                f.seek(start)
                 if f.readinto(memoryview(block.reshape(-1).view(np.uint8))) != block.nbytes:
                     raise SafetensorsError(f"{e.path} is truncated: tensor {name} is incomplete")
             return block
@@ -285,6 +306,12 @@ class TensorFiles:
         np.copyto(block, view)
         del mapped  # unmapped here: nothing else refers to it
         return block
+
+    def _mapped(self, path: Path) -> np.ndarray:
+        """The whole file as read-only bytes mapped in memory (once per file)."""
+        if path not in self._maps:
+            self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+        return self._maps[path]
 
     def files(self) -> Iterator[Path]:
         return iter(sorted({e.path for e in self._entries.values()}))

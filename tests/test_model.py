@@ -16,7 +16,7 @@ from model.generate import Generator
 from model.kv_cache import KVCache
 from model.sampling import SamplingArrays
 from model.engine_api import SamplingParams
-from tiny_model import build_hf_mixtral
+from tiny_model import build_hf_mixtral, mapped_file
 
 import jax
 
@@ -149,6 +149,15 @@ def test_left_padded_batch(pair):
     for i, row in enumerate(rows):
         ref = hf_logits(hf, row[None])[0]
         np.testing.assert_allclose(ours[i, 24 - len(row):], ref, atol=TOLERANCE)
+
+
+def test_weights_are_the_checkpoint_file_mapped_in_place(tiny_ckpt):
+    """On a CPU every weight of a checkpoint we converted (tensors on 64-byte boundaries, each kept as
+    stored) is the file mapped in memory, used by XLA in place: loading reads and copies nothing."""
+    m = model.load(tiny_ckpt, one_device())
+    weights = jax.tree.leaves(nnx.state(m))
+    files = {mapped_file(a.unsafe_buffer_pointer()) for a in weights}
+    assert files == {str(tiny_ckpt / "model.safetensors")}
 
 
 def test_long_context_decode_crosses_attention_blocks(tiny_ckpt):
