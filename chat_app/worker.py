@@ -244,6 +244,7 @@ class EngineWorker:
                 break
             if isinstance(request, _Generate):
                 self._serve(engine, load_error, request)
+                preparing = engine is not None  # (a new conversation took the cache made ahead for it)
             elif engine is not None and isinstance(request, _CountTokens):
                 self._count(engine, request)
             elif engine is not None and isinstance(request, _Forget):

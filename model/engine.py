@@ -68,12 +68,14 @@ def _context(config, context_length: int | None) -> tuple[int, int]:
 
 def _executables(directory: str | Path, config, mesh, context_length: int | None) -> ExecutableCache:
     """The executable cache of this model (`config` as it will load) on this mesh, already loading (in the
-    background, while the weights load) the programs the last start's first turn ran, then the decode step."""
+    background, while the weights load) the prefill programs the last start's first turn ran, or without
+    that record the decode step. With it, the decode step loads once the first turn's prefill is done
+    (`_turn`): loading it beside the prefill took the prefill's cores (~0.2 s of a warm first token)."""
     if mesh.devices.flat[0].platform == "cpu":
         cpu_matmul.available()  # the programs that call the native kernels load only once they are registered
     executables = ExecutableCache(directory, model_key(config.to_json(), mesh), list(mesh.devices.flat))
     decode = program_name("decode", capacity=_context(config, context_length)[1])
-    executables.start_loading([*executables.first_turn(), decode])
+    executables.start_loading([p for p in executables.first_turn() if p != decode] or [decode])
     return executables
 
 
@@ -96,11 +98,14 @@ class Engine:
         executables = _executables(executable_cache, stored, mesh, context_length) if executable_cache else None
         from . import checkpoint  # imports flax (~0.3 s): after the programs started loading, beside it
 
-        with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
-            tokenizer = pool.submit(load_tokenizer, ckpt_dir)  # while the weights load
+        self.context_limit, self.capacity = _context(stored, context_length)
+        with ThreadPoolExecutor(2, thread_name_prefix="engine-load") as pool:  # while the weights load:
+            tokenizer = pool.submit(load_tokenizer, ckpt_dir)
+            # the first conversation's cache (not beside a multi-process load: placing it is collective)
+            spare = None if mesh.is_multi_process else pool.submit(KVCache.allocate, stored, mesh, 1, self.capacity)
             model = checkpoint.load(ckpt_dir, mesh, dtype=dtype, on_progress=lambda f, what: report(0.8 * f, what))
         self.config = model.config
-        self.context_limit, self.capacity = _context(self.config, context_length)
+        self._spare: KVCache | None = spare and spare.result()  # an empty cache for the next new conversation
         try:
             self.tokenizer = tokenizer.result()
         except TokenizerError as e:
@@ -136,9 +141,13 @@ class Engine:
         self.forget("__warm_up__")
 
     def prepare_next(self) -> bool:
-        """Compile (or load from the executable cache) the next program a turn may need (the decode step,
-        then the prefill buckets smallest first); False once every one is ready. The app calls it while
+        """Make the next new conversation's cache, where the cache budget has room for it, or compile (or
+        load from the executable cache) the next program a turn may need (the decode step, then the
+        prefill buckets smallest first); False once there is nothing left to do. The app calls it while
         idle, so later turns never wait."""
+        if self._spare is None and len(self._holders()) < self.max_cached_conversations:
+            self._spare = self.generator.new_cache(self.capacity)
+            return True
         if self._preparing is None:
             self._preparing = self.generator.warm_up_steps(self.capacity)
         return next(self._preparing, None) is not None
@@ -149,7 +158,9 @@ class Engine:
         return len(self._encode(messages, add_generation_prompt=messages[-1]["role"] != "assistant"))
 
     def forget(self, conversation_id: str) -> None:
-        self._conversations.pop(conversation_id, None)
+        conv = self._conversations.pop(conversation_id, None)
+        if conv is not None and conv.cache is not None and self._spare is None:
+            self._spare = conv.cache.rewind(0)  # its memory, for the next new conversation
 
     def cached_tokens(self, conversation_id: str) -> int:
         """How many tokens of this conversation are in its KV cache (0 if it has none)."""
@@ -216,14 +227,20 @@ class Engine:
         conv = self._conversations.pop(conversation_id, None) or _Conversation([], None)
         self._conversations[conversation_id] = conv  # most recently used
         if conv.cache is None:
-            holders = [c for c in self._conversations.values() if c.cache is not None]
-            if len(holders) >= self.max_cached_conversations:
+            holders = self._holders()
+            if self._spare is not None:
+                conv.cache, self._spare = self._spare, None
+            elif len(holders) >= self.max_cached_conversations:
                 victim = holders[0]
                 conv.cache, victim.cache, victim.tokens = victim.cache, None, []  # reuse its memory
             else:
                 conv.cache = self.generator.new_cache(self.capacity)
             conv.tokens = []
         return conv
+
+    def _holders(self) -> list[_Conversation]:
+        """The conversations that hold a cache, least recently used first."""
+        return [c for c in self._conversations.values() if c.cache is not None]
 
     def _turn(self, conversation_id, prompt: list[int], sampling: SamplingParams, should_stop) -> Iterator[Event]:
         started = time.perf_counter()
@@ -256,6 +273,7 @@ class Engine:
             fed.append(token)
 
         token = int(np.asarray(pending)[0])  # (indexing the device array would compile a program)
+        self.generator.load_soon(program_name("decode", cache))  # (a start's first turn: not loaded yet)
         try:
             while True:
                 # Feed token n and sample n+1 (async) before handling token n: the device works on step n+1

@@ -83,5 +83,6 @@ class ChatEngine(Protocol):
     def forget(self, conversation_id: str) -> None: ...
 
     def prepare_next(self) -> bool:
-        """Get the next program a later turn may need ready (compile or load it); False once all are."""
+        """Get the next thing a later turn may need ready (a new conversation's cache, a program: compile
+        or load it); False once nothing is left."""
         ...

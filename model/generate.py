@@ -70,20 +70,33 @@ def _step_key(seed: jax.Array, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(seed), step)
 
 
-@functools.partial(jax.jit, static_argnames=("model_def",), donate_argnames=("cache",))
 def _prefill_step(model_def: ModelDef, params, cache: KVCache, tokens, num_new, seen, seed,
                   sampling: SamplingArrays):
     logits, cache = model_def.merge(params).forward(tokens, cache, num_new, last_only=True)
     return sample(logits, seen, _step_key(seed, 0), sampling), cache
 
 
-@functools.partial(jax.jit, static_argnames=("model_def",), donate_argnames=("cache", "seen"))
 def _decode_step(model_def: ModelDef, params, cache: KVCache, token, seen, seed, step,
                  sampling: SamplingArrays):
     logits, cache = model_def.merge(params).forward(token[:, None], cache, 1, last_only=True)
     next_token = sample(logits, seen, _step_key(seed, step), sampling)
     seen = seen.at[jnp.arange(seen.shape[0]), next_token].set(True)
     return next_token, cache, seen
+
+
+# XLA:CPU's YNNPACK dot fusions run XLA's float32 matmuls fast, but a program sets each of them up on its
+# first run (~0.2 s of the int4 demo's first turn, for the attention's dots alone). Where our kernels
+# multiply by every weight (quantized or bfloat16 weights on a CPU) they bring no speed (bench: prefill and
+# decode as fast or faster without): those models' programs are compiled without them.
+NO_YNN_FUSIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
+
+
+@functools.cache
+def _program(step, donated: tuple[str, ...], xla_options: tuple[tuple[str, str], ...]):
+    """`step` jit-compiled with these XLA options (one jit per step and options: its own cache of
+    programs, by model shape)."""
+    return jax.jit(step, static_argnames=("model_def",), donate_argnames=donated,
+                   compiler_options=dict(xla_options) or None)
 
 
 class Generator:
@@ -97,6 +110,10 @@ class Generator:
 
         self.config, self.mesh = model.config, model.mesh
         self.model_def, self.params = ModelDef.split(model)
+        weights_on_kernels = model.cpu_kernels and (self.config.quantization is not None or self.config.dtype != "float32")
+        xla_options = NO_YNN_FUSIONS if weights_on_kernels else ()
+        self.prefill_program = _program(_prefill_step, ("cache",), xla_options)
+        self.decode_program = _program(_decode_step, ("cache", "seen"), xla_options)
         self._replicated = NamedSharding(self.mesh, P())
         # jax refuses sub-byte arrays (int4 weights left to XLA's matmuls) as arguments of a program
         # compiled through `lower().compile()` ("layouts that disagree"): such a model compiles as usual
@@ -118,6 +135,12 @@ class Generator:
             compiled = self._loaded[program] = self.executables.get(
                 program, self._layout, lambda: step.lower(self.model_def, self.params, *args))
         return compiled(self.params, *args)
+
+    def load_soon(self, program: str) -> None:
+        """Start deserializing this program in the background, if it is in the executable cache and not
+        loaded yet."""
+        if self.executables is not None and program not in self._loaded:
+            self.executables.start_loading([program])
 
     # --- host side --------------------------------------------------------------------------------
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
@@ -151,14 +174,14 @@ class Generator:
         padded = np.zeros((1, bucket), np.int32)
         padded[0, :len(chunk)] = chunk
         program = program_name(f"prefill {bucket}", cache)
-        return self._run(_prefill_step, program, cache, jax.device_put(padded, self._replicated),
+        return self._run(self.prefill_program, program, cache, jax.device_put(padded, self._replicated),
                          np.int32(len(chunk)), seen, seed, sampling)
 
     def decode(self, cache: KVCache, token: jax.Array, seen: jax.Array, seed: jax.Array, step: int,
                sampling: SamplingArrays) -> tuple[jax.Array, KVCache, jax.Array]:
         """Feed token [1] and sample the next one with step `step` (> 0) of `seed`'s stream."""
         program = program_name("decode", cache)
-        return self._run(_decode_step, program, cache, token, seen, seed, np.int32(step), sampling)
+        return self._run(self.decode_program, program, cache, token, seen, seed, np.int32(step), sampling)
 
     def greedy(self, token_ids: Sequence[int], n: int, capacity: int = 1024) -> list[int]:
         """The n greedy tokens after token_ids, in a fresh cache (for checks and benchmarks: the engine

@@ -92,12 +92,18 @@ class KVCache:
     @staticmethod
     def allocate(config: MixtralConfig, mesh: Mesh, batch: int, capacity: int) -> KVCache:
         """An empty cache made from host zeros: no program to compile (a start that loads its programs
-        from the executable cache compiles nothing). On a CPU XLA uses the aligned zeros in place, so no
-        page of them is touched before a program writes it (a copy was ~0.2 s of a start's first turn)."""
+        from the executable cache compiles nothing). The zeros are copied into memory XLA owns: XLA's
+        CPU client would use aligned host zeros in place, but it cannot donate memory it does not own,
+        so the first program given such a cache would copy all of it before it ran (0.1 s on the demo,
+        seconds for Mixtral's). Allocating costs that copy instead, where the caller chooses (the engine
+        makes the next conversation's cache ahead of its turn)."""
         sharding, replicated = NamedSharding(mesh, P(*cache_spec(config, mesh))), NamedSharding(mesh, P())
         dtype = storage_dtype(config.dtype)
-        return KVCache._empty(config, batch, capacity, lambda shape: jax.device_put(aligned_zeros(shape, dtype), sharding),
-                              jax.device_put(np.int32(0), replicated),
+
+        def zeros(shape):
+            return jax.device_put(jax.device_put(aligned_zeros(shape, dtype), sharding), sharding, may_alias=False)
+
+        return KVCache._empty(config, batch, capacity, zeros, jax.device_put(np.int32(0), replicated),
                               jax.device_put(np.zeros((batch,), np.int32), replicated))
 
     @staticmethod

@@ -139,7 +139,7 @@ class Weights(Protocol):
         ...
 
 
-class Linear(nnx.Module):
+class Linear(nnx.Module, pytree=False):
     """y = x @ W, W dense or weight-only quantized (quantize.py): [in, out] for XLA's matmuls, or
     out-major for our kernels (`kernels` given and able to tile W: laid out here, once, unless the
     weights come `laid_out` already, as `Weights.linear(..., out_major=True)` hands them out)."""

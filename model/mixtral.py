@@ -27,7 +27,7 @@ DECODE_FIRST_BLOCK = 256  # decode attention's first block of cache slots; each 
 MASKED = -1e30  # score of a key a query must not see (finite: no inf - inf in the online softmax)
 
 
-class RMSNorm(nnx.Module):
+class RMSNorm(nnx.Module, pytree=False):
     def __init__(self, weight: jax.Array, eps: float):
         self.weight = nnx.Param(weight)
         self.eps = eps
@@ -129,7 +129,7 @@ def linear_layer(weights: Weights, name: str, spec: tuple, config: MixtralConfig
     return Linear(weights.linear(name, spec), config, GpuKernels(mesh, spec) if branchless else None)
 
 
-class Attention(nnx.Module):
+class Attention(nnx.Module, pytree=False):
     def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict, mesh: Mesh,
                  branchless: bool, cpu_kernels: bool):
         self.config, self.branchless = config, branchless
@@ -155,7 +155,7 @@ class Attention(nnx.Module):
         return self.wo(out), k_cache, v_cache
 
 
-class Block(nnx.Module):
+class Block(nnx.Module, pytree=False):
     def __init__(self, config: MixtralConfig, weights: Weights, layer: int, specs: dict, mesh: Mesh, branchless: bool,
                  cpu_kernels: bool):
         prefix = f"layers.{layer}"
@@ -173,7 +173,7 @@ class Block(nnx.Module):
         return h, k_cache, v_cache
 
 
-class Mixtral(nnx.Module):
+class Mixtral(nnx.Module, pytree=False):
     """`branchless` (default: on GPUs) keeps data-dependent control flow out of the programs: XLA on a
     GPU runs each cond or loop iteration by copying its predicate to the host and waiting (~40 us; 384
     per token of Mixtral-8x7B), so attention reads the whole cache at once and the experts run in Pallas
@@ -191,6 +191,7 @@ class Mixtral(nnx.Module):
         branchless = mesh.devices.flat[0].platform == "gpu" if branchless is None else branchless
         if cpu_kernels is None:
             cpu_kernels = not branchless and use_cpu_kernels(mesh, config)
+        self.cpu_kernels = cpu_kernels
         specs = weight_specs(config, mesh)
         self.embed = nnx.Param(weights.dense("embed", specs["embed"]))
         self.layers = nnx.List([Block(config, weights, i, specs, mesh, branchless, cpu_kernels)

@@ -228,7 +228,7 @@ def grouped_rows(layout: ExpertLayout, xs: jax.Array, routing: GroupedRows, w1, 
     return layout.shard_map(local, GroupedRows(P(), P(), P()))(xs, routing, w1, w3, w2)
 
 
-class MoE(nnx.Module):
+class MoE(nnx.Module, pytree=False):
     """Top-k of E SwiGLU experts per token (see the module docstring for the strategies)."""
 
     def __init__(self, config: MixtralConfig, weights: Weights, prefix: str, specs: dict, mesh: Mesh, branchless: bool,

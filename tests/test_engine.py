@@ -133,6 +133,31 @@ def test_least_recently_used_cache_is_evicted_and_rebuilt(tiny_ckpt, engine):
     assert kept.prefilled_tokens < kept.prompt_tokens
 
 
+def test_a_new_conversation_gets_a_cache_made_ahead_and_filled_in_place(tiny_ckpt):
+    """The engine makes the next new conversation's cache ahead (while it loads; while idle, once a
+    conversation took it and the cache budget has room; from a forgotten conversation), in memory XLA
+    owns: the first prefill writes into it in place instead of copying all of it first."""
+    chat = [{"role": "user", "content": "Hello"}]
+    engine = Engine(tiny_ckpt, mesh_shape=(1, 1), context_length=CONTEXT)
+    made_ahead = engine._spare
+    assert made_ahead is not None and int(made_ahead.end) == 0
+    memory = made_ahead.k[0].unsafe_buffer_pointer()
+    run(engine, "ahead", chat)
+    assert engine._conversations["ahead"].cache.k[0].unsafe_buffer_pointer() == memory  # in place
+    assert engine._spare is None
+    assert engine.prepare_next() and engine._spare is not None  # idle: the next cache first
+    run(engine, "next", chat)
+    engine.forget("ahead")
+    assert engine._spare.k[0].unsafe_buffer_pointer() == memory and int(engine._spare.end) == 0
+    engine.forget("next")  # (a cache is kept already: this one is freed)
+
+    one_cache = Engine(tiny_ckpt, mesh_shape=(1, 1), context_length=CONTEXT,
+                       cache_budget_bytes=KVCache.bytes_for(engine.config, engine.capacity))
+    run(one_cache, "only", chat)
+    one_cache.prepare_next()
+    assert one_cache._spare is None  # the budget holds one cache: the conversation's
+
+
 def test_context_full_drops_oldest_turns_but_keeps_the_persona(engine):
     system = {"role": "system", "content": "Persona: a pirate."}
     messages = [system]

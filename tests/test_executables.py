@@ -127,8 +127,10 @@ def test_idle_preparation_readies_every_program_decode_then_smallest_first(tiny_
 
 
 def test_a_start_loads_first_the_programs_the_last_first_turn_ran(tiny_ckpt, tmp_path):
-    """The cache keeps which programs a start's first turn ran; the next start deserializes those first
-    (then the decode step), while its weights load. A damaged record is ignored and written again."""
+    """The cache keeps which programs a start's first turn ran; the next start deserializes their
+    prefills while its weights load, and the decode step once the first turn's prefill is done (a start
+    with no record: the decode step while the weights load). A damaged record is ignored and written
+    again."""
     from model.engine import Engine
     from model.executables import FIRST_TURN_SUFFIX, ExecutableCache
 
@@ -147,8 +149,13 @@ def test_a_start_loads_first_the_programs_the_last_first_turn_ran(tiny_ckpt, tmp
     cache = engine.generator.executables
     assert cache.first_turn() == ran
 
-    loading = start().generator.executables._loading  # what the next start deserializes, in order
-    assert list(loading) == ran
+    engine = start()
+    loading = engine.generator.executables._loading  # what the next start deserializes, in order
+    assert list(loading) == ran[:-1]
+    events = engine.generate("d", HELLO, SamplingParams(temperature=0, max_new_tokens=2))
+    next(events)  # the first token (the prefill is done): the decode step loads, or has been loaded
+    assert ran[-1] in loading or ran[-1] in engine.generator._loaded
+    list(events)
 
     record = next(tmp_path.glob(f"*{FIRST_TURN_SUFFIX}"))
     record.write_text('{"not": "a list"')

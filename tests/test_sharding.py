@@ -8,7 +8,7 @@ import pytest
 
 import model
 from model.engine_api import SamplingParams
-from model.generate import Generator, _decode_step
+from model.generate import Generator
 from model.sampling import SamplingArrays
 from tiny_model import build_hf_mixtral, greedy_tokens
 
@@ -76,8 +76,8 @@ def test_cache_split_by_kv_heads_and_collectives_compiled(ckpt):
     assert cache.k[0].addressable_shards[0].data.shape[1] == 1  # 4 kv heads over 4 devices
     sampling = SamplingArrays.of(SamplingParams())
     token = jax.numpy.zeros((1,), jax.numpy.int32)
-    hlo = _decode_step.lower(gen.model_def, gen.params, cache, token, gen.seen_mask([]), gen.seed(0),
-                             np.int32(1), sampling).compile().as_text()
+    hlo = gen.decode_program.lower(gen.model_def, gen.params, cache, token, gen.seen_mask([]), gen.seed(0),
+                                   np.int32(1), sampling).compile().as_text()
     assert "all-reduce" in hlo
 
 
