@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cpu_matmul, manifest, sharding
+from . import checkpoint, cpu_matmul, manifest, sharding
 from .chat_format import encode_chat
 from .config import DEFAULT_CONTEXT
 from .detokenize import StreamDecoder
@@ -79,6 +79,27 @@ def _executables(directory: str | Path, config, mesh, context_length: int | None
     return executables
 
 
+def _load(ckpt_dir: Path, mesh, dtype: str | None, executables: ExecutableCache | None,
+          on_progress: Callable[[float, str], None]) -> Generator:
+    """The model's weights and programs. A start on our CPU kernels keeps, beside its programs, how its
+    model made each array (`CheckpointWeights.plan`); the next start makes them so and builds no model
+    (Flax's import and the build were ~0.5 s of a warm start): only a program to trace builds it."""
+    weights = checkpoint.open_weights(ckpt_dir, mesh, dtype=dtype, on_progress=on_progress)
+    record = executables.weights_plan() if executables is not None and cpu_matmul.available() else None
+    try:
+        plan = [checkpoint.Read.from_json(read) for read in record] if isinstance(record, list) else None
+    except (TypeError, KeyError, ValueError):  # damaged: made again below
+        plan = None
+    if plan is not None:
+        params = [weights.make(read) for read in plan]
+        return Generator.of_arrays(weights.config, mesh, True, params, lambda: checkpoint.build(weights), executables)
+    model = checkpoint.build(weights)
+    generator = Generator(model, executables)
+    if executables is not None and model.cpu_kernels and (made := weights.plan(generator.params)) is not None:
+        executables.remember_weights_plan([read.to_json() for read in made])
+    return generator
+
+
 class Engine:
     """Loads a checkpoint and runs chat turns on it. Use from one thread at a time.
 
@@ -96,23 +117,20 @@ class Engine:
         stored = dataclasses.replace(stored, dtype=dtype or stored.dtype)  # as the load will make it
         self._check_memory(stored, mesh, context_length)
         executables = _executables(executable_cache, stored, mesh, context_length) if executable_cache else None
-        from . import checkpoint  # imports flax (~0.3 s): after the programs started loading, beside it
-
         self.context_limit, self.capacity = _context(stored, context_length)
-        with ThreadPoolExecutor(2, thread_name_prefix="engine-load") as pool:  # while the weights load:
-            tokenizer = pool.submit(load_tokenizer, ckpt_dir)
-            # the first conversation's cache (not beside a multi-process load: placing it is collective)
-            spare = None if mesh.is_multi_process else pool.submit(KVCache.allocate, stored, mesh, 1, self.capacity)
-            model = checkpoint.load(ckpt_dir, mesh, dtype=dtype, on_progress=lambda f, what: report(0.8 * f, what))
-        self.config = model.config
-        self._spare: KVCache | None = spare and spare.result()  # an empty cache for the next new conversation
+        with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
+            tokenizer = pool.submit(load_tokenizer, ckpt_dir)  # while the weights load
+            self.generator = _load(ckpt_dir, mesh, dtype, executables, lambda f, what: report(0.8 * f, what))
+        self.config = self.generator.config
+        # An empty cache made ahead for the next new conversation, while idle (`prepare_next`; not while
+        # loading: beside the first programs' loading it slowed a warm start more than it saved)
+        self._spare: KVCache | None = None
         try:
             self.tokenizer = tokenizer.result()
         except TokenizerError as e:
             raise manifest.CheckpointError(f"{e}; convert the model again") from None
         if problem := manifest.vocabulary_problem(self.config, self.tokenizer.vocab_size, ckpt_dir):
             raise manifest.CheckpointError(problem)
-        self.generator = Generator(model, executables)
         self.model_name = ckpt_dir.name
         self.device_summary = "; ".join([sharding.describe(mesh), *sharding.replicated(self.config, mesh)])
         self.max_cached_conversations = max(1, cache_budget_bytes // KVCache.bytes_for(self.config, self.capacity))
@@ -141,16 +159,16 @@ class Engine:
         self.forget("__warm_up__")
 
     def prepare_next(self) -> bool:
-        """Make the next new conversation's cache, where the cache budget has room for it, or compile (or
-        load from the executable cache) the next program a turn may need (the decode step, then the
-        prefill buckets smallest first); False once there is nothing left to do. The app calls it while
+        """Compile (or load from the executable cache) the next program a turn may need (the decode step,
+        then the prefill buckets smallest first), after making the next new conversation's cache where
+        the cache budget has room for it; False once there is nothing left to do. The app calls it while
         idle, so later turns never wait."""
-        if self._spare is None and len(self._holders()) < self.max_cached_conversations:
+        made_cache = self._spare is None and len(self._holders()) < self.max_cached_conversations
+        if made_cache:
             self._spare = self.generator.new_cache(self.capacity)
-            return True
         if self._preparing is None:
             self._preparing = self.generator.warm_up_steps(self.capacity)
-        return next(self._preparing, None) is not None
+        return next(self._preparing, None) is not None or made_cache
 
     # --- public API ---------------------------------------------------------------------------
     def count_tokens(self, messages: list[dict]) -> int:

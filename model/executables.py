@@ -35,6 +35,7 @@ from jax.experimental import serialize_executable
 
 SUFFIX = ".executable"
 FIRST_TURN_SUFFIX = ".first-turn.json"
+WEIGHTS_PLAN_SUFFIX = ".weights-plan.json"
 
 
 @cache
@@ -93,16 +94,30 @@ class ExecutableCache:
 
     def first_turn(self) -> list[str]:
         """The programs the first turn of the last start on this model ran, in that order ([] if unknown)."""
-        try:
-            programs = json.loads(self._path("first turn", FIRST_TURN_SUFFIX).read_text())
-        except (OSError, ValueError):
-            return []
+        programs = self._record("first turn", FIRST_TURN_SUFFIX)
         return [p for p in programs if isinstance(p, str)] if isinstance(programs, list) else []
 
     def remember_first_turn(self, programs: list[str]) -> None:
         """What this start's first turn runs: the next start loads these first."""
         if programs != self.first_turn():
             self._write(self._path("first turn", FIRST_TURN_SUFFIX), json.dumps(programs).encode())
+
+    def weights_plan(self) -> object:
+        """What the last start kept of how its model's arrays were made (`remember_weights_plan`; None if
+        nothing, or not JSON: the caller checks the rest)."""
+        return self._record("weights plan", WEIGHTS_PLAN_SUFFIX)
+
+    def remember_weights_plan(self, plan: object) -> None:
+        """How this start's model made its arrays (JSON): the next start makes them so, without building
+        the model (engine.py)."""
+        if plan != self.weights_plan():
+            self._write(self._path("weights plan", WEIGHTS_PLAN_SUFFIX), json.dumps(plan).encode())
+
+    def _record(self, name: str, suffix: str) -> object:
+        try:
+            return json.loads(self._path(name, suffix).read_text())
+        except (OSError, ValueError):
+            return None
 
     def has(self, program: str) -> bool:
         return program in self._loading or self._path(program).is_file()

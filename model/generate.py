@@ -8,20 +8,21 @@ in `PREFILL_BUCKETS`, one decode step; a conversation that grows never compiles 
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .config import MixtralConfig
 from .engine_api import SamplingParams
 from .executables import ExecutableCache, layout_digest
 from .kv_cache import KVCache
 from .sampling import SamplingArrays, sample
 
-if TYPE_CHECKING:  # (imports flax: a start loads its programs before that, while it imports; see engine.py)
+if TYPE_CHECKING:  # (imports flax: a start whose programs are all cached never does; see engine.py)
     from .mixtral import Mixtral, ModelDef
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -108,20 +109,47 @@ class Generator:
     def __init__(self, model: Mixtral, executables: ExecutableCache | None = None):
         from .mixtral import ModelDef  # (already imported with the model)
 
-        self.config, self.mesh = model.config, model.mesh
-        self.model_def, self.params = ModelDef.split(model)
-        weights_on_kernels = model.cpu_kernels and (self.config.quantization is not None or self.config.dtype != "float32")
+        model_def, params = ModelDef.split(model)
+        self._start(model.config, model.mesh, model.cpu_kernels, params, executables)
+        self._model_def = model_def
+
+    @classmethod
+    def of_arrays(cls, config: MixtralConfig, mesh: Mesh, cpu_kernels: bool, params: list[jax.Array],
+                  build: Callable[[], Mixtral], executables: ExecutableCache) -> Generator:
+        """A generator on `params`, the arrays of the model `build()` makes (in `ModelDef.split`'s order),
+        without building it: the model is built the first time a program must be traced (never, on a
+        start whose programs are all in the executable cache)."""
+        generator = cls.__new__(cls)
+        generator._start(config, mesh, cpu_kernels, params, executables)
+        generator._model_def, generator._build = None, build
+        return generator
+
+    def _start(self, config: MixtralConfig, mesh: Mesh, cpu_kernels: bool, params: list[jax.Array],
+               executables: ExecutableCache | None) -> None:
+        self.config, self.mesh, self.params = config, mesh, params
+        weights_on_kernels = cpu_kernels and (config.quantization is not None or config.dtype != "float32")
         xla_options = NO_YNN_FUSIONS if weights_on_kernels else ()
         self.prefill_program = _program(_prefill_step, ("cache",), xla_options)
         self.decode_program = _program(_decode_step, ("cache", "seen"), xla_options)
-        self._replicated = NamedSharding(self.mesh, P())
+        self._replicated = NamedSharding(mesh, P())
         # jax refuses sub-byte arrays (int4 weights left to XLA's matmuls) as arguments of a program
         # compiled through `lower().compile()` ("layouts that disagree"): such a model compiles as usual
-        if any(a.dtype in (jnp.int4, jnp.uint4) for a in jax.tree.leaves(self.params)):
+        if any(a.dtype in (jnp.int4, jnp.uint4) for a in params):
             executables = None
         self.executables = executables
-        self._layout = layout_digest(self.params) if executables else ""
+        self._layout = layout_digest(params) if executables else ""
         self._loaded: dict[str, jax.stages.Compiled] = {}  # programs from the executable cache, by name
+
+    @property
+    def model_def(self) -> ModelDef:
+        """The model's static half (built now if the generator was made `of_arrays`)."""
+        if self._model_def is None:
+            from .mixtral import ModelDef
+
+            self._model_def, params = ModelDef.split(self._build())
+            if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
+                raise RuntimeError("the model built does not hold the arrays made for it")  # (a bug)
+        return self._model_def
 
     def _run(self, step, program: str, *args):
         """step(model_def, params, *args), the compiled program named `program` (which names everything

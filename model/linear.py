@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import cpu_matmul, expert_gemv, quantize
 from .config import MixtralConfig
+from .weight_table import swap_last
 
 # A weight as a Weights source hands it out: (kernel [..., in, out], quantization parameters).
 Matrix = tuple[jax.Array, tuple[jax.Array, ...]]
@@ -43,22 +44,17 @@ def out_major(matrix: Matrix, quantization: str | None, mesh: Mesh, spec: tuple)
     `in`, its scales and offsets [..., out, in/group]; int8 scales unchanged), split the same way: the
     layout of the CPU kernels and of the GPU's quantized kernels."""
     kernel, params = matrix
-    sharding = NamedSharding(mesh, P(*swap_spec(spec)))
+    sharding = NamedSharding(mesh, P(*swap_last(spec)))
     if quantization == "int4":
         return (_relayout(expert_gemv.pack_int4, sharding)(kernel),
                 tuple(_relayout(_swap_last, sharding)(p) for p in params))
     return _relayout(_swap_last, sharding)(kernel), params
 
 
-def swap_spec(spec: tuple) -> tuple:
-    """The partition spec of an array with its last two dims swapped."""
-    return spec[:-2] + (spec[-1], spec[-2])
-
-
 def out_major_specs(spec: tuple, quantization: str | None) -> tuple[P, tuple[P, ...]]:
     """Partition specs of an out-major weight and of its quantization parameters, from the checkpoint
     layout's [.., in, out] spec (int8 scales [.., out]; int4 scales and offsets [.., out, in/group])."""
-    kernel = P(*swap_spec(spec))
+    kernel = P(*swap_last(spec))
     if quantization is None:
         return kernel, ()
     return kernel, (kernel, kernel) if quantization == "int4" else (P(*quantize.param_spec(spec, quantization)),)

@@ -19,9 +19,10 @@ from jax.sharding import Mesh
 from .config import MixtralConfig
 from .gpu_linear import GpuKernels
 from .kv_cache import KVCache, loaded, stored
-from .linear import CpuKernels, Linear, Weights, swap_spec, use_cpu_kernels
+from .linear import CpuKernels, Linear, Weights, use_cpu_kernels
 from .moe import MoE
 from .sharding import check_mesh_fits, weight_specs
+from .weight_table import swap_last
 
 DECODE_FIRST_BLOCK = 256  # decode attention's first block of cache slots; each next one is twice as long
 MASKED = -1e30  # score of a key a query must not see (finite: no inf - inf in the online softmax)
@@ -198,7 +199,7 @@ class Mixtral(nnx.Module, pytree=False):
                                 for i in range(config.num_layers)])
         self.final_norm = RMSNorm(weights.dense("final_norm", specs["final_norm"]), config.rms_norm_eps)
         # the LM head: [D, V] (out-major for our kernels), or the embedding [V, D] it is tied to
-        lm_head_spec = swap_spec(specs["embed"])
+        lm_head_spec = swap_last(specs["embed"])
         self.tied_lm_head = CpuKernels(mesh, lm_head_spec) if config.tie_word_embeddings and cpu_kernels else None
         self.lm_head = None if config.tie_word_embeddings else linear_layer(
             weights, "lm_head", lm_head_spec, config, mesh, branchless, cpu_kernels)

@@ -105,8 +105,9 @@ def stored_out_major(info: WeightInfo, config: MixtralConfig) -> bool:
     return config.weight_layout == "out_major" and (info.quantizable or info.kind == "lm_head")
 
 
-def swap_last(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return (*shape[:-2], shape[-1], shape[-2])
+def swap_last(dims: tuple) -> tuple:
+    """A shape, an index or a partition spec with its last two dims swapped."""
+    return (*dims[:-2], dims[-1], dims[-2])
 
 
 def checkpoint_weights(config: MixtralConfig) -> list[tuple[int | None, WeightInfo]]:

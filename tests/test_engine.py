@@ -134,19 +134,20 @@ def test_least_recently_used_cache_is_evicted_and_rebuilt(tiny_ckpt, engine):
 
 
 def test_a_new_conversation_gets_a_cache_made_ahead_and_filled_in_place(tiny_ckpt):
-    """The engine makes the next new conversation's cache ahead (while it loads; while idle, once a
-    conversation took it and the cache budget has room; from a forgotten conversation), in memory XLA
-    owns: the first prefill writes into it in place instead of copying all of it first."""
+    """The engine makes the next new conversation's cache ahead (while idle, where the cache budget has
+    room; or from a forgotten conversation), in memory XLA owns: the first prefill writes into it in
+    place instead of copying all of it first."""
     chat = [{"role": "user", "content": "Hello"}]
     engine = Engine(tiny_ckpt, mesh_shape=(1, 1), context_length=CONTEXT)
+    assert engine._spare is None
+    assert engine.prepare_next()  # idle: the next conversation's cache first
     made_ahead = engine._spare
     assert made_ahead is not None and int(made_ahead.end) == 0
     memory = made_ahead.k[0].unsafe_buffer_pointer()
     run(engine, "ahead", chat)
     assert engine._conversations["ahead"].cache.k[0].unsafe_buffer_pointer() == memory  # in place
     assert engine._spare is None
-    assert engine.prepare_next() and engine._spare is not None  # idle: the next cache first
-    run(engine, "next", chat)
+    run(engine, "next", chat)  # (none made ahead: made for it)
     engine.forget("ahead")
     assert engine._spare.k[0].unsafe_buffer_pointer() == memory and int(engine._spare.end) == 0
     engine.forget("next")  # (a cache is kept already: this one is freed)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from model.engine_api import SamplingParams
+from model.engine_api import SamplingParams, TextDelta
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,6 +165,36 @@ def test_a_start_loads_first_the_programs_the_last_first_turn_ran(tiny_ckpt, tmp
     turn(engine, "c", HELLO)
     assert engine.generator.executables.first_turn() == engine.generator.turn_programs(
         len(engine._encode(HELLO)), engine.capacity)  # recorded again
+
+
+def test_a_warm_start_builds_no_model_until_a_program_must_be_traced(tiny_ckpt, tmp_path):
+    """A start keeps, beside its programs, how its model made each array; the next start makes them so
+    without building the model, answers the same, and builds it only for a program not in the cache. A
+    damaged record is ignored and written again."""
+    from model.engine import Engine
+    from model.executables import WEIGHTS_PLAN_SUFFIX
+
+    def start() -> Engine:
+        return Engine(tiny_ckpt, mesh_shape=(1, 1), context_length=600, executable_cache=tmp_path)
+
+    def reply(engine: Engine, conversation: str, messages: list[dict]) -> str:
+        events = engine.generate(conversation, messages, SamplingParams(temperature=0, max_new_tokens=4))
+        return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+    cold = start()
+    answer = reply(cold, "a", HELLO)
+    warm = start()
+    assert warm.generator._model_def is None  # no model built
+    assert reply(warm, "a", HELLO) == answer and warm.generator._model_def is None
+    long_message = [{"role": "user", "content": " ".join(["tell me more about that"] * 8)}]
+    assert reply(warm, "b", long_message) == reply(cold, "b", long_message)  # a new bucket: built for it
+    assert warm.generator._model_def is not None
+
+    plan = next(tmp_path.glob(f"*{WEIGHTS_PLAN_SUFFIX}"))
+    plan.write_text('[{"name": "embed"}]')
+    damaged = start()
+    assert damaged.generator._model_def is not None and reply(damaged, "a", HELLO) == answer
+    assert start().generator._model_def is None  # recorded again
 
 
 def test_int4_weights_on_xla_run_without_the_executable_cache(tiny_hf, tmp_path):
