@@ -13,10 +13,10 @@ import os
 
 # XLA:CPU's YNNPACK fusions (all kinds on by default in jax 0.10) make a serialized executable ~2x slower
 # to load (each fusion looks its instructions up one by one); its dot fusions are what run float32
-# matmuls fast (a 512-token prefill of float32 mini-mixtral: 113 tok/s without, 265 with; quantized
-# models the same either way). So dots only, unless XLA_FLAGS sets them: the int4 demo's warm first turn
-# takes 1.3 s with none, 1.4 s with dots. This acts when jax starts its CPU backend, so `import model`
-# before using jax.
+# matmuls fast (a 512-token prefill of float32 mini-mixtral: 41-113 tok/s without, 265 with). So dots
+# only, unless XLA_FLAGS sets them (and none in the programs of a model whose weights all go through our
+# kernels: generate.NO_YNN_FUSIONS). This acts when jax starts its CPU backend, so `import model` before
+# using jax.
 _YNN_FUSIONS = "--xla_cpu_experimental_ynn_fusion_type"
 if _YNN_FUSIONS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_YNN_FUSIONS}=dot".strip()

@@ -105,7 +105,7 @@ class CheckpointWeights:
         if read.swapped != read.stored_swapped and self.transpose_on_device and read.packed_axis is None:
             from .linear import swapped_on_device  # (imports flax: only accelerators transpose on the devices)
 
-            as_stored = self.make(dataclasses.replace(read, swapped=read.stored_swapped))
+            as_stored = self._make(dataclasses.replace(read, swapped=read.stored_swapped))  # (not kept)
             wanted = swap_last(spec) if read.swapped else spec
             return swapped_on_device(as_stored, NamedSharding(self.mesh, P(*wanted)))
         on_disk = swap_last(read.shape) if read.stored_swapped else read.shape
