@@ -131,7 +131,9 @@ def test_dead_follower_ends_the_driver_with_one_line(tiny_ckpt, tmp_path):
         for p in (driver, follower):
             p.kill()
     assert driver.returncode == 1 and took < 16, (driver.returncode, took)
-    lines = [line for line in err.splitlines() if line and not line.startswith("[Gloo]")]
+    # Gloo (XLA's CPU collectives) logs its connections on stderr, from several threads: a line of it can
+    # come broken in two ("[Gloo] Rank " and "2 is connected to 3 peer ranks. ...")
+    lines = [line for line in err.splitlines() if line and not line.startswith("[Gloo]") and "peer ranks" not in line]
     assert lines == ["mixtral-chat: error: process 1 stopped responding (no sign of life for 10 s); every process stops"]
 
 
