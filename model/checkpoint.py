@@ -195,6 +195,16 @@ def _rows(rows: slice | None) -> tuple[int, int] | None:
     return None if rows is None else (rows.start, rows.stop)
 
 
+def maps_in_place(ckpt_dir: str | Path) -> bool:
+    """Whether the checkpoint's tensors start on 64-byte boundaries, so that a CPU load uses the file
+    mapped in memory instead of reading it (checkpoints converted before that was so load through
+    copies: converting again gets it)."""
+    try:
+        return TensorFiles(Path(ckpt_dir)).aligned()
+    except SafetensorsError:
+        return False
+
+
 def load(ckpt_dir: str | Path, mesh: Mesh | None = None, *, dtype: str | None = None,
          on_progress: Callable[[float, str], None] | None = None, branchless: bool | None = None,
          cpu_kernels: bool | None = None) -> Mixtral:

@@ -242,6 +242,11 @@ class TensorFiles:
     def names(self) -> list[str]:
         return list(self._entries)
 
+    def aligned(self) -> bool:
+        """Whether every tensor starts on an ALIGNMENT boundary (so a `mapped` read of a whole one is the
+        file in memory; files written before the writer padded its header are not)."""
+        return all(e.offset % ALIGNMENT == 0 for e in self._entries.values())
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 

@@ -198,6 +198,26 @@ def test_ensure_demo_rebuilds_a_damaged_demo(data_dir, damage, said):
 
 
 @pytest.mark.slow
+def test_a_demo_whose_tensors_are_not_on_64_byte_boundaries_is_rebuilt_once(data_dir, demo_files, monkeypatch):
+    """A demo built by an earlier release (tensors 8-byte aligned: each load read them) is rebuilt once, so
+    that it loads in place."""
+    from model import safetensors_io
+
+    ckpt = data_dir / "models" / DEMO_NAME
+    with monkeypatch.context() as earlier_release:
+        earlier_release.setattr(safetensors_io, "ALIGNMENT", 8)
+        model.convert_hf(demo_files.hf_dir, ckpt, quantize=demo_quantization(), upcycle_experts=UPCYCLE_EXPERTS,
+                         overwrite=True)
+    assert not model.maps_in_place(ckpt)
+    messages = []
+    assert ensure_demo(data_dir, on_status=messages.append) == ckpt
+    assert messages[0] == "Rebuilding the demo model so that it loads without reading its weights (once)"
+    assert model.maps_in_place(ckpt) and model.verify(ckpt, deep=True).quantization == demo_quantization()
+    messages.clear()
+    assert ensure_demo(data_dir, on_status=messages.append) == ckpt and messages == []  # once
+
+
+@pytest.mark.slow
 def test_a_demo_built_the_other_way_is_rebuilt_once_or_kept_when_it_cannot_be(data_dir, demo_files, tmp_path,
                                                                             monkeypatch):
     """An older release built the demo as float32 (and a machine without the native kernels builds it so): where
