@@ -159,8 +159,9 @@ class Engine:
         self.forget("__warm_up__")
 
     def prepare_next(self) -> bool:
-        """Compile (or load from the executable cache) the next program a turn may need (the decode step,
-        then the prefill buckets smallest first), after making the next new conversation's cache where
+        """Compile (or load from the executable cache) the next program a turn may need (the 64-token
+        prefill, the decode step, the other buckets: `Generator.warm_up_steps`), after making the next
+        new conversation's cache where
         the cache budget has room for it; False once there is nothing left to do. The app calls it while
         idle, so later turns never wait."""
         made_cache = self._spare is None and len(self._holders()) < self.max_cached_conversations

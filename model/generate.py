@@ -250,14 +250,22 @@ class Generator:
             pass
 
     def warm_up_steps(self, capacity: int) -> Iterator[str]:
-        """Compile (or load) the programs one at a time, yielding after each: the decode step first
-        (every turn needs it, and it takes the longest to compile), then the prefill buckets smallest
-        first (a short first message needs the smallest). A caller can serve a turn between two steps."""
+        """Compile (or load) the programs one at a time, yielding after each: the prefill bucket of
+        READY_CHUNK_MIN tokens first (with it, a prompt of any length is prefilled without compiling:
+        `chunk_buckets`; and a turn's first token needs its prefill only), then the decode step (every
+        turn needs it, and it takes the longest to compile), then the other buckets smallest first. A
+        caller can serve a turn between two steps."""
         sampling = SamplingArrays.of(SamplingParams())
         seed, token = self.seed(0), jax.device_put(np.zeros(1, np.int32), self._replicated)
+
+        def prefill(bucket: int) -> str:
+            self._prefill_chunk(self.new_cache(capacity), [0] * bucket, bucket, self.seen_mask([]), seed,
+                                sampling)[0].block_until_ready()
+            return f"prefill {bucket}"
+
+        yield prefill(READY_CHUNK_MIN)
         self.decode(self.new_cache(capacity), token, self.seen_mask([]), seed, 1, sampling)[0].block_until_ready()
         yield "decode"
         for bucket in PREFILL_BUCKETS:
-            self._prefill_chunk(self.new_cache(capacity), [0] * bucket, bucket, self.seen_mask([]), seed,
-                                sampling)[0].block_until_ready()
-            yield f"prefill {bucket}"
+            if bucket != READY_CHUNK_MIN:
+                yield prefill(bucket)

@@ -94,7 +94,7 @@ def test_resumed_conversation_compiles_nothing_a_new_one_did_not(tiny_ckpt, tmp_
     programs the earlier session prepared, instead of compiling the bucket its length would pick."""
     from model.generate import PREFILL_BUCKETS, READY_CHUNK_MIN
 
-    prepared = 2 + PREFILL_BUCKETS.index(READY_CHUNK_MIN)  # what a short idle time prepares: decode, buckets up to that one
+    prepared = 2 + PREFILL_BUCKETS.index(READY_CHUNK_MIN)  # a short idle time: that bucket, decode, the smaller ones
     first = run_turn(tiny_ckpt, tmp_path, prepare=prepared)
     history = HELLO + [{"role": "assistant", "content": first["text"]},
                        {"role": "user", "content": " ".join(["tell me more about that"] * 40)},
@@ -107,18 +107,23 @@ def test_resumed_conversation_compiles_nothing_a_new_one_did_not(tiny_ckpt, tmp_
     assert len(list(tmp_path.glob("*.executable"))) == prepared  # no new program
 
 
-def test_idle_preparation_readies_every_program_decode_then_smallest_first(tiny_ckpt, tmp_path):
+def test_idle_preparation_readies_every_program_the_64_token_prefill_first(tiny_ckpt, tmp_path):
     """What the app's worker does while idle: one program per call, until a turn of any length compiles
-    nothing; the programs land in the executable cache."""
+    nothing; the programs land in the executable cache. The first is the 64-token prefill: with it, a
+    first message of any length gets its first token without compiling, the decode step comes next."""
     from model.engine import Engine
-    from model.generate import PREFILL_BUCKETS
+    from model.generate import PREFILL_BUCKETS, program_name
 
     engine = Engine(tiny_ckpt, mesh_shape=(1, 1), context_length=600, executable_cache=tmp_path)
     assert engine.generator.will_compile(10, engine.capacity)
-    assert engine.prepare_next()  # the decode step
-    assert engine.prepare_next()  # the smallest prefill bucket: a short first message compiles nothing now
+    assert engine.prepare_next()  # the 64-token prefill
+    for tokens in (10, 100, 600):
+        prefills = engine.generator.turn_programs(tokens, engine.capacity)[:-1]
+        assert prefills == [program_name("prefill 64", capacity=engine.capacity)]
+    assert engine.generator.will_compile(10, engine.capacity)  # (the decode step)
+    assert engine.prepare_next()  # the decode step: a message of any length compiles nothing now
     assert not engine.generator.will_compile(10, engine.capacity)
-    assert engine.generator.will_compile(100, engine.capacity)
+    assert not engine.generator.will_compile(600, engine.capacity)
     while engine.prepare_next():
         pass
     assert not engine.generator.will_compile(600, engine.capacity)
