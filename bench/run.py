@@ -3,6 +3,7 @@
     python -m bench.run                      # demo + mini-mixtral, float32: a table, and bench/results/latest-float32.json
     python -m bench.run --configs mini --dtype bfloat16
     python -m bench.run --configs mini --quantize int4     # against llama.cpp's Q4_1 (int8: Q8_0)
+    python -m bench.run --configs mini --quantize int4 --start   # and launch to first token (bench/start.py)
 
 llama.cpp runs through llama-cpp-python when it is installed (bench/gguf_peer.py), on the matching type
 (F32, BF16, Q8_0, Q4_1); transformers only unquantized. For each config and
@@ -15,7 +16,9 @@ engine a fresh worker process measures (batch 1, greedy):
 - peak resident memory of the process,
 and for ours, time to first token at turn 20 vs turn 1 of a conversation of equal-length turns, against
 re-prefilling the whole history every turn. The bandwidth ceiling is this machine's measured read
-bandwidth divided by the bytes one decoded token reads (active weights + KV cache).
+bandwidth divided by the bytes one decoded token reads (active weights + KV cache). `--start` adds, on
+the demo with the same weights, launch to first token cold and warm for ours, transformers and llama.cpp
+(`bench/start.py`, which runs it alone too).
 """
 
 from __future__ import annotations
@@ -266,6 +269,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"])
     parser.add_argument("--no-turns", dest="turns", action="store_false",
                         help="skip the time-to-first-token-along-a-conversation measurement (minutes)")
+    parser.add_argument("--start", action="store_true",
+                        help="also launch to first token, cold and warm, on the demo with these weights (bench/start.py)")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     configs = args.configs.split(",")
@@ -289,6 +294,10 @@ def main(argv=None) -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"latest-{weights}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
+    if args.start:
+        from bench import start
+
+        start.main(["--weights", quantize or args.dtype])
     return 0
 
 
