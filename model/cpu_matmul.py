@@ -90,6 +90,13 @@ def supports(mode: str | None, group: int) -> bool:
     return mode != "int4" or group % INT4_BLOCK == 0
 
 
+def multiplies(dtype) -> bool:
+    """Whether a model on the kernels multiplies by weights of this dtype through them: float32 weights
+    stay on XLA's matmuls, which stream them at memory speed already, without the cost of a call
+    (`linear.out_major_matmul` has the figures)."""
+    return jnp.dtype(dtype) != jnp.float32
+
+
 def layout(kernel: np.ndarray, params: tuple[np.ndarray, ...], mode: str | None) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     """A weight as stored in a checkpoint (kernel [..., in, out], int4 packed along `in`; params: int8 scale
     [..., out], int4 scale and offset [..., in/group, out]) -> the kernels' layout (module docstring)."""

@@ -80,7 +80,7 @@ def out_major_matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, .
     float32 weights through XLA's matmul instead: it streams them at memory speed already, without the
     cost of a call (in the same runs, decode of a float32 demo 15.6-18.7 tok/s on XLA, 8.2-13.2 through
     ours; mini-mixtral 24.3-24.7 against 14.3-21.5)."""
-    if kernel.dtype == jnp.float32:
+    if not cpu_matmul.multiplies(kernel.dtype):
         return jnp.einsum("...i,oi->...o", x, kernel, preferred_element_type=jnp.float32)
     return cpu_matmul.matmul(x, kernel, params, group)
 

@@ -286,8 +286,7 @@ class MoE(nnx.Module, pytree=False):
         elif N <= MOE_TILE:
             weights = jnp.zeros((N, E + 1), jnp.float32).at[jnp.arange(N)[:, None], top_e].add(top_w)[:, :E]
             routing = TokenWeights(weights, expert_counts(top_e, E))
-            # float32 experts stay on XLA's matmuls (out_major_matmul says why)
-            fused = self.layout.cpu_kernels and matrices[0][0][0].dtype != jnp.float32
+            fused = self.layout.cpu_kernels and cpu_matmul.multiplies(matrices[0][0][0].dtype)
             out = (fused_experts if fused else few_tokens_cond)(self.layout, xs, routing, *matrices)
         else:
             counts = expert_counts(top_e, E)
