@@ -119,14 +119,14 @@ def ensure_demo(data_dir: Path, *, on_status: Status | None = None,
             say(f"Rebuilding the demo model: {e}")
         else:
             wanted = demo_quantization()
-            if config.quantization == wanted and model.maps_in_place(ckpt):
-                return ckpt
             if config.quantization != wanted:
                 say("Rebuilding the demo model as int4 (exact on its weights, a quarter of the memory, faster; "
                     "once)" if wanted else "Rebuilding the demo model as float32 (the native CPU kernels that run "
                                            "int4 are missing; once)")
-            else:
+            elif not model.maps_in_place(ckpt):
                 say("Rebuilding the demo model so that it loads without reading its weights (once)")
+            else:
+                return ckpt
             try:
                 return build_demo(data_dir, on_status=on_status)
             except (DemoError, model.ConversionError, DiskError, OSError) as e:
