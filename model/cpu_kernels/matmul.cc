@@ -402,7 +402,7 @@ static inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 // chunk by chunk of their outputs, then w2's outputs summed over the experts. One call instead of a cond
 // and three calls per expert: a program a third smaller to trace and compile.
 static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> routing,
-                           ffi::RemainingArgs experts, int64_t group, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+                      ffi::RemainingArgs experts, int64_t group, ffi::Result<ffi::Buffer<ffi::F32>> y) {
   const auto x_dims = x.dimensions(), r_dims = routing.dimensions();
   if (x_dims.size() != 2 || r_dims.size() != 2 || r_dims[0] != x_dims[0] || x_dims[0] > GEMM_ROWS)
     return ffi::Error::InvalidArgument("mixtral moe: expected x [M, D] (M <= 192) and routing [M, E]");
@@ -443,6 +443,7 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
   const Isa isa = Isa(current_isa.load(std::memory_order_relaxed));
   const Kernels& kernels = KERNELS[isa];
+  const bool bf16_dot = isa == AVX512_BF16;
   PreparedX all_in;  // x prepared once for the experts every token chose (in decode, every chosen one)
   bool all_prepared = false;
   int64_t most = 0;  // tokens of the most chosen expert: the chunking follows its kernel
@@ -450,12 +451,12 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     const int64_t rows = c.tokens.size();
     most = std::max(most, rows);
     if (rows == M) {
-      if (!all_prepared) prepare(pool, w[3 * c.expert], xs, M, kernels, isa == AVX512_BF16, all_in);
+      if (!all_prepared) prepare(pool, w[3 * c.expert], xs, M, kernels, bf16_dot, all_in);
       all_prepared = true;
       c.x = xs, c.x_in = &all_in;
     } else {
       for (int64_t m : c.tokens) c.rows.insert(c.rows.end(), xs + m * D, xs + (m + 1) * D);
-      prepare(pool, w[3 * c.expert], c.rows.data(), rows, kernels, isa == AVX512_BF16, c.own_in);
+      prepare(pool, w[3 * c.expert], c.rows.data(), rows, kernels, bf16_dot, c.own_in);
       c.x = c.rows.data(), c.x_in = &c.own_in;
     }
     c.gate.resize(rows * I);
@@ -472,7 +473,7 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       for (int64_t n = n0; n < n1; n++) c.gate[r * I + n] = silu(c.gate[r * I + n]) * c.up[r * I + n];
   });
 
-  for (auto& c : chosen) prepare(pool, w[3 * c.expert + 2], c.gate.data(), c.tokens.size(), kernels, isa == AVX512_BF16, c.h_in);
+  for (auto& c : chosen) prepare(pool, w[3 * c.expert + 2], c.gate.data(), c.tokens.size(), kernels, bf16_dot, c.h_in);
   const int64_t out_cols = moe_chunk(pool, most, D);
   parallel_for(pool, (D + out_cols - 1) / out_cols, [&](int64_t i) {
     const int64_t n0 = i * out_cols, n1 = std::min(D, n0 + out_cols);
