@@ -24,7 +24,12 @@ async def send(pilot, app, text: str) -> None:
 
 
 async def reply_done(pilot, app) -> None:
-    await wait_until(pilot, lambda: app.chat.reply is None, "the reply to finish")
+    """The reply ended and its box shows it ended (the screen forgets the reply before its box has
+    written out the rest of its stream)."""
+    def finished() -> bool:
+        return app.chat.reply is None and not any(box.streaming for box in app.chat.chat_view.boxes)
+
+    await wait_until(pilot, finished, "the reply to finish")
 
 
 async def first_text(pilot, app) -> None:

@@ -257,7 +257,7 @@ def test_a_new_history_on_a_full_disk_is_one_clear_error(tmp_path):
 async def test_the_app_on_a_full_disk_keeps_streaming_says_so_once_and_marks_the_reply_not_saved(tmp_path):
     """On the scripted engine (a reply of ~7 s: several save attempts on the full disk, one retry)."""
     from chat_app.app import ChatApp
-    from pilot import wait_until
+    from pilot import reply_done, wait_until
     from scripted_engine import ScriptedEngine, endless
 
     with small_tmpfs(tmp_path / "disk", 4 << 20) as data_dir:
@@ -274,7 +274,7 @@ async def test_the_app_on_a_full_disk_keeps_streaming_says_so_once_and_marks_the
                              "the first text of the reply")
             filler = fill(data_dir)
             recorder = app.chat.reply.recorder
-            await wait_until(pilot, lambda: app.chat.reply is None, "the reply to finish")
+            await reply_done(pilot, app)
             messages = notified
             assert sum("The reply is not being saved: the disk holding" in m for m in messages) == 1, messages
             assert any(m.startswith("The reply was not saved: the disk holding") for m in messages), messages

@@ -78,7 +78,7 @@ class MessageBox(Vertical, can_focus=True):
             self._stream = None
 
     async def finish(self, text: str, note: str) -> None:
-        """The reply ended: one full render of its final text."""
-        await self.stop_stream()
+        """The reply ended: its note at once, then one full render of its final text."""
         self.border_subtitle = note
+        await self.stop_stream()
         await self.query_one(Markdown).update(text)
