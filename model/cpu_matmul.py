@@ -11,9 +11,10 @@ The kernels want each weight as [out, in] rows (`layout` does it once, at load):
 `matmul(x, kernel, params, group)` multiplies float activations by such a weight, inside jit and
 inside shard_map (each device calls the kernel on its own shard). Times many rows (prefill) every weight
 type computes what the dequantized float32 weight would; times a few rows (decode) int8 / int4 weights
-take x rounded to int16 per block of X16_BLOCK inputs (within 1.5e-5 of the block's largest value) for
-integer dot products, and bfloat16 ones, on CPUs with AVX512-BF16, x split into two bfloat16 parts
-(within 2^-16): several times fewer instructions per weight.
+take x rounded for integer dot products (int8: to int16 per block of X16_BLOCK inputs; int4: to two int8
+parts per 32 inputs of its X8_BLOCK blocks; within 1.6e-5 of the largest value there), and bfloat16
+ones, on CPUs with AVX512-BF16, x split into two bfloat16 parts (within 2^-16): several times fewer
+instructions per weight.
 
 The kernels come as a shared library built by `pip install` (setup.py; a C++ compiler is needed). If it is
 missing or fails to load, `available()` is False, the model stays on XLA's matmuls, and `warn_once` says
@@ -37,7 +38,8 @@ MATMUL_TARGET = "mixtral_matmul"  # x times one weight of any type (its dtype sa
 MOE_TARGET = "mixtral_moe"  # a MoE layer's experts for a few tokens, in one call
 ISAS = ("scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16")  # mixtral_cpu_isa()'s values
 GEMV_MAX_ROWS = 4  # as in matmul.cc: more rows take the blocked GEMM kernel
-X16_BLOCK = 64  # as in kernels.h: the int8 / int4 gemv rounds x to int16 per block of this many inputs
+X16_BLOCK = 64  # as in kernels.h: the int8 gemv rounds x to int16 per block of this many inputs
+X8_BLOCK = 128  # and the int4 gemv to two int8 parts, in blocks of this many inputs (a scale per 32)
 INT4_BLOCK = 32  # int4 groups must be a multiple of it (the kernels unpack 32 inputs at a time)
 
 

@@ -55,30 +55,42 @@ def weight(kind: str, n_in: int, n_out: int, seed: int = 0):
 
 
 def as_the_kernel_takes_it(x: np.ndarray, kind: str, isa: str) -> np.ndarray:
-    """x [rows, in] as the kernels multiply it (float64). The gemv (a few rows): int8 / int4 round each
-    whole block of X16_BLOCK inputs to int16 with one scale (as matmul.cc does, in float32); bfloat16 on
-    a CPU with bfloat16 dot products splits each whole 32 inputs into two bfloat16 parts. Else x itself."""
+    """x [rows, in] as the kernels multiply it (float64). The gemv (a few rows): int8 rounds each whole
+    block of X16_BLOCK inputs to int16 with one scale, int4 each 32 inputs of its whole X8_BLOCK blocks to
+    two int8 parts (as matmul.cc does, in float32); bfloat16 on a CPU with bfloat16 dot products splits
+    each whole 32 inputs into two bfloat16 parts. Else x itself."""
     x = x.astype(np.float32)
+    out = x.astype(np.float64)
     if x.shape[0] > cpu_matmul.GEMV_MAX_ROWS:
-        return x.astype(np.float64)
+        return out
     if kind == "bfloat16" and isa == "avx512_bf16":
         whole = x.shape[1] // 32 * 32
         high = x.astype(ml_dtypes.bfloat16).astype(np.float32)
         low = (x - high).astype(ml_dtypes.bfloat16).astype(np.float32)
-        out = x.astype(np.float64)
         out[:, :whole] = high[:, :whole].astype(np.float64) + low[:, :whole]
-        return out
-    if kind not in ("int8", "int4"):
-        return x.astype(np.float64)
-    whole = x.shape[1] // cpu_matmul.X16_BLOCK * cpu_matmul.X16_BLOCK
-    blocks = x[:, :whole].reshape(x.shape[0], -1, cpu_matmul.X16_BLOCK)
-    largest = np.abs(blocks).max(axis=-1, keepdims=True)
-    to_int = np.where(largest > 0, np.float32(32767) / np.maximum(largest, np.float32(1e-30)), np.float32(0))
-    x16 = np.rint(blocks * to_int.astype(np.float32))
-    assert np.abs(x16).max() <= 32767
-    out = x.astype(np.float64)
-    out[:, :whole] = (x16 * (largest / np.float32(32767)).astype(np.float64)).reshape(x.shape[0], whole)
+    elif kind == "int8":
+        out[:, :_whole(x, cpu_matmul.X16_BLOCK)] = _rounded(x, cpu_matmul.X16_BLOCK, cpu_matmul.X16_BLOCK, 32767, 1)
+    elif kind == "int4":
+        out[:, :_whole(x, cpu_matmul.X8_BLOCK)] = _rounded(x, cpu_matmul.X8_BLOCK, 32, 127, 256)
     return out
+
+
+def _whole(x: np.ndarray, block: int) -> int:
+    return x.shape[1] // block * block
+
+
+def _rounded(x: np.ndarray, block: int, group: int, largest_int: int, parts: int) -> np.ndarray:
+    """The whole blocks of x, each group of inputs rounded to integers of at most `largest_int` times its
+    scale, to 1 / `parts` of that (int4: a second int8 part of 256ths)."""
+    groups = x[:, :_whole(x, block)].reshape(x.shape[0], -1, group)
+    largest = np.abs(groups).max(axis=-1, keepdims=True)
+    to_int = np.where(largest > 0, np.float32(largest_int) / np.maximum(largest, np.float32(1e-30)), np.float32(0))
+    t = groups * to_int.astype(np.float32)
+    whole = np.rint(t)
+    rest = np.rint((t - whole) * np.float32(parts))  # (int4 rounds a remainder of 128/256 as a + 1, b = -128)
+    assert np.abs(whole).max(initial=0) <= largest_int and np.abs(rest).max(initial=0) <= parts / 2
+    taken = (whole * parts + rest) * (largest / np.float32(largest_int) / parts).astype(np.float64)
+    return taken.reshape(x.shape[0], -1)
 
 
 def close(got, want):

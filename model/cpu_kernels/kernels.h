@@ -24,17 +24,29 @@ struct Weights {
   int64_t N, K, group;
 };
 
-// The gemv of INT8 and INT4 weights takes x as int16, in blocks of X16_BLOCK inputs with a float32 scale
-// each (x ~= x16 * scale, |x16| <= 32767: within 1.5e-5 of the block's largest |x|), and multiplies it
-// by the weights' integers in integer dot products; inputs after the last whole block stay float32.
+// The gemv of INT8 weights takes x as int16, in blocks of X16_BLOCK inputs with a float32 scale each
+// (x ~= x16 * scale, |x16| <= 32767: within 1.5e-5 of the block's largest |x|), and multiplies it by the
+// weights' integers in integer dot products; inputs after the last whole block stay float32.
 constexpr int64_t X16_BLOCK = 64;
+
+// The gemv of INT4 weights takes x in blocks of X8_BLOCK inputs (what 64 bytes of a row hold) as two
+// int8 parts a and b per input, with a float32 scale per 32 inputs (X8_GROUP): x ~= (256 a + b) * scale
+// / 256, |a| <= 127 (the 32 inputs' largest |x| is 127 * scale), within 1.6e-5 of that largest |x|.
+// Unsigned nibbles times signed bytes, 4 products summed a lane (vpdpbusd; vpmaddubsw + vpmaddwd
+// without VNNI): the nibbles need no widening. Inputs after the last whole block stay float32.
+constexpr int64_t X8_BLOCK = 128;
+constexpr int64_t X8_GROUP = 32;
+constexpr int64_t X8_LANE = 8;  // inputs per int32 lane of the dot products: 4 bytes, two nibbles each
 
 // What the kernels want of x besides x, prepared once per call (matmul.cc).
 struct Prepared {
   const float* group_sums;  // INT4 [M, K / group]: x summed over each group (the gemv: x as x16 stands for it)
-  const int16_t* x16;       // INT8 / INT4 gemv [M, K]: the whole blocks of x as int16 (INT4: each block's 32
-                            // even inputs first, then its odd ones: the low and high nibbles' order)
+  const int16_t* x16;       // INT8 gemv [M, K]: the whole blocks of x as int16
   const float* x16_scale;   // [M, K / X16_BLOCK]
+  const int8_t* x8;         // INT4 gemv [M, K / X8_BLOCK, 4, 64]: per whole block, a of its 64 even inputs (the
+                            // low nibbles' order), a of its odd ones (the high nibbles'), then b of each
+  const float* x8_scale;    // [M, K / X8_LANE] (whole blocks): each lane's scale / 256
+  const int32_t* lane_group;  // [K / X8_LANE] (whole blocks): each lane's weight group, less its block's first
   const uint16_t* x_bf16;   // BF16 gemv [M, 2, K]: x as a bfloat16 and the bfloat16 of what it leaves (their sum
                             // within 2^-16 of x), for the CPUs with bfloat16 dot products (AVX512-BF16)
   const float* split;       // INT4 gemm [M, K]: each 32 inputs of x reordered, the 16 even ones first

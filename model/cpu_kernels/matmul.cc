@@ -62,30 +62,34 @@ static void matmul_reference(const Weights& w, const float* x, const Prepared&, 
     }
 }
 
-// Input k's place in a row of Prepared::x16.
-static int64_t x16_index(WeightType type, int64_t k) {
-  if (type != WeightType::INT4) return k;
-  const int64_t i = k % X16_BLOCK;
-  return k - i + (i % 2 ? X16_BLOCK / 2 : 0) + i / 2;
+// The int4 gemv's x (Prepared::x8) at input k of row m, within its whole blocks: 256 a + b, to be
+// multiplied by x8_scale.
+static int32_t x8_integer(const Prepared& prepared, int64_t K, int64_t m, int64_t k) {
+  const int8_t* block = prepared.x8 + (m * (K / X8_BLOCK) + k / X8_BLOCK) * 4 * 64;
+  const int64_t i = k % X8_BLOCK, at = i % 2 * 64 + i / 2;  // even inputs first
+  return 256 * block[at] + block[2 * 64 + at];
 }
 
-// The gemv of INT8 / INT4 weights (what the SIMD gemv computes): per 32 inputs of a whole block, the
-// integer dot product with x16, times the block's scale (INT4: and the group's scale); the inputs after
-// the whole blocks in float32; INT8 times the row's scale, INT4 plus its offsets times x's group sums.
+// The gemv of INT8 / INT4 weights (what the SIMD gemv computes): per 32 inputs of the whole blocks, the
+// integer dot product with x16 (INT8) or x8 (INT4), times x's scale there (INT4: and the group's scale);
+// the inputs after the whole blocks in float32; INT8 times the row's scale, INT4 plus its offsets times
+// x's group sums.
 static void gemv_reference_int(const Weights& w, const float* x, const Prepared& prepared, int64_t, int64_t m0,
                                int64_t m1, int64_t n0, int64_t n1, float* y) {
-  const int64_t K = w.K, B = K / X16_BLOCK, G = w.type == WeightType::INT4 ? K / w.group : 0;
+  const bool int4 = w.type == WeightType::INT4;
+  const int64_t K = w.K, whole = K / (int4 ? X8_BLOCK : X16_BLOCK) * (int4 ? X8_BLOCK : X16_BLOCK);
+  const int64_t G = int4 ? K / w.group : 0;
   for (int64_t m = m0; m < m1; m++)
     for (int64_t n = n0; n < n1; n++) {
-      const int16_t* xq = prepared.x16 + m * K;
       float s = 0;
-      for (int64_t k0 = 0; k0 < B * X16_BLOCK; k0 += 32) {
+      for (int64_t k0 = 0; k0 < whole; k0 += 32) {
         int32_t dot = 0;
-        for (int64_t k = k0; k < k0 + 32; k++) dot += weight_integer(w, n, k) * xq[x16_index(w.type, k)];
-        const float scale = prepared.x16_scale[m * B + k0 / X16_BLOCK];
-        s += G ? dot * (w.scale[n * G + k0 / w.group] * scale) : dot * scale;
+        for (int64_t k = k0; k < k0 + 32; k++)
+          dot += weight_integer(w, n, k) * (int4 ? x8_integer(prepared, K, m, k) : prepared.x16[m * K + k]);
+        s += int4 ? dot * (w.scale[n * G + k0 / w.group] * prepared.x8_scale[m * (whole / X8_LANE) + k0 / X8_LANE])
+                  : dot * prepared.x16_scale[m * (K / X16_BLOCK) + k0 / X16_BLOCK];
       }
-      for (int64_t k = B * X16_BLOCK; k < K; k++)
+      for (int64_t k = whole; k < K; k++)
         s += x[m * K + k] * (G ? weight_integer(w, n, k) * w.scale[n * G + k / w.group] : weight_integer(w, n, k));
       if (G)
         for (int64_t g = 0; g < G; g++) s += w.offset[n * G + g] * prepared.group_sums[m * G + g];
@@ -256,12 +260,15 @@ static void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& fn) {
 
 // x as the kernels of one weight type want it besides x (kernels.h's Prepared), with its buffers.
 struct PreparedX {
-  std::vector<float> sums, split, tiles, x16_scale;
+  std::vector<float> sums, split, tiles, x16_scale, x8_scale;
   std::vector<int16_t> x16;
+  std::vector<int8_t> x8;
+  std::vector<int32_t> lane_group;
   std::vector<uint16_t> x_bf16;
 
   Prepared view() const {
-    return {sums.data(), x16.data(), x16_scale.data(), x_bf16.data(), split.data(), tiles.data()};
+    return {sums.data(), x16.data(), x16_scale.data(), x8.data(), x8_scale.data(), lane_group.data(),
+            x_bf16.data(), split.data(), tiles.data()};
   }
 };
 
@@ -269,41 +276,65 @@ struct PreparedX {
 static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, int64_t M, const Kernels& kernels,
                     bool bf16_dot, PreparedX& p) {
   const bool gemv = M <= GEMV_MAX_ROWS;
+  const int64_t K = w.K;
   if (gemv && w.type == WeightType::BF16 && bf16_dot) {  // the only kernels that read it
-    p.x_bf16.resize(M * 2 * w.K);
+    p.x_bf16.resize(M * 2 * K);
     for (int64_t m = 0; m < M; m++)
-      for (int64_t k = 0; k < w.K; k++) {
-        const float v = xs[m * w.K + k];
+      for (int64_t k = 0; k < K; k++) {
+        const float v = xs[m * K + k];
         const uint16_t high = float_to_bf16(v);
-        p.x_bf16[(2 * m) * w.K + k] = high;
-        p.x_bf16[(2 * m + 1) * w.K + k] = float_to_bf16(v - bf16_to_float(high));
+        p.x_bf16[(2 * m) * K + k] = high;
+        p.x_bf16[(2 * m + 1) * K + k] = float_to_bf16(v - bf16_to_float(high));
       }
   }
-  if (gemv && (w.type == WeightType::INT8 || w.type == WeightType::INT4)) {
-    const int64_t B = w.K / X16_BLOCK;
-    p.x16.resize(M * w.K);
+  if (gemv && w.type == WeightType::INT8) {
+    const int64_t B = K / X16_BLOCK;
+    p.x16.resize(M * K);
     p.x16_scale.resize(M * B);
     for (int64_t m = 0; m < M; m++)
       for (int64_t b = 0; b < B; b++) {
-        const float* block = xs + m * w.K + b * X16_BLOCK;
+        const float* block = xs + m * K + b * X16_BLOCK;
         float largest = 0;
         for (int64_t i = 0; i < X16_BLOCK; i++) largest = std::max(largest, std::fabs(block[i]));
         const float to_int = largest > 0 ? 32767.0f / largest : 0.0f;
         p.x16_scale[m * B + b] = largest / 32767.0f;
-        for (int64_t i = 0; i < X16_BLOCK; i++)
-          p.x16[m * w.K + x16_index(w.type, b * X16_BLOCK + i)] = int16_t(std::nearbyint(block[i] * to_int));
+        for (int64_t i = 0; i < X16_BLOCK; i++) p.x16[m * K + b * X16_BLOCK + i] = int16_t(std::nearbyint(block[i] * to_int));
       }
   }
-  if (w.type == WeightType::INT4) {  // the group sums of x as multiplied: the gemv's x16 where it has it
-    const int64_t G = w.K / w.group, B = w.K / X16_BLOCK;
-    p.sums.assign(M * G, 0.0f);
-    if (!gemv) p.split.resize(M * w.K);
+  const int64_t x8_whole = K / X8_BLOCK * X8_BLOCK, lanes = x8_whole / X8_LANE;
+  if (gemv && w.type == WeightType::INT4) {
+    p.x8.resize(M * x8_whole * 2);
+    p.x8_scale.resize(M * lanes);
+    p.lane_group.resize(lanes);
+    for (int64_t l = 0; l < lanes; l++)
+      p.lane_group[l] = l * X8_LANE / w.group - l * X8_LANE / X8_BLOCK * X8_BLOCK / w.group;
     for (int64_t m = 0; m < M; m++)
-      for (int64_t k = 0; k < w.K; k++) {
-        const bool rounded = gemv && k < B * X16_BLOCK;
-        p.sums[m * G + k / w.group] += rounded ? p.x16[m * w.K + x16_index(w.type, k)] * p.x16_scale[m * B + k / X16_BLOCK]
-                                               : xs[m * w.K + k];
-        if (!gemv) p.split[m * w.K + k / 32 * 32 + k % 32 / 2 + k % 2 * 16] = xs[m * w.K + k];
+      for (int64_t k0 = 0; k0 < x8_whole; k0 += X8_GROUP) {
+        const float* group = xs + m * K + k0;
+        float largest = 0;
+        for (int64_t i = 0; i < X8_GROUP; i++) largest = std::max(largest, std::fabs(group[i]));
+        const float to_int = largest > 0 ? 127.0f / largest : 0.0f;
+        for (int64_t l = k0 / X8_LANE; l < (k0 + X8_GROUP) / X8_LANE; l++) p.x8_scale[m * lanes + l] = largest / 127.0f / 256;
+        int8_t* block = p.x8.data() + (m * (K / X8_BLOCK) + k0 / X8_BLOCK) * 4 * 64;
+        for (int64_t k = k0; k < k0 + X8_GROUP; k++) {
+          const float t = group[k - k0] * to_int, a = std::nearbyint(t), b = std::nearbyint((t - a) * 256);
+          const int64_t at = k % X8_BLOCK % 2 * 64 + k % X8_BLOCK / 2;
+          block[at] = int8_t(b > 127 ? a + 1 : a);  // b = 128: a + 1 and b = -128 (|a| < 127 then)
+          block[2 * 64 + at] = int8_t(b > 127 ? -128 : b);
+        }
+      }
+  }
+  if (w.type == WeightType::INT4) {  // the group sums of x as multiplied: the gemv's x8 where it has it
+    const int64_t G = K / w.group;
+    p.sums.assign(M * G, 0.0f);
+    if (!gemv) p.split.resize(M * K);
+    const Prepared taken = p.view();
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t k = 0; k < K; k++) {
+        p.sums[m * G + k / w.group] += gemv && k < x8_whole
+                                           ? x8_integer(taken, K, m, k) * p.x8_scale[m * lanes + k / X8_LANE]
+                                           : xs[m * K + k];
+        if (!gemv) p.split[m * K + k / 32 * 32 + k % 32 / 2 + k % 2 * 16] = xs[m * K + k];
       }
   }
   const int64_t tile = kernels.tile_rows;
