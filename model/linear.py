@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Protocol
 
 import jax
@@ -77,10 +78,10 @@ def _relayout(fn, sharding: NamedSharding):
 
 def out_major_matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], group: int) -> jax.Array:
     """x [..., in] @ an out-major weight on one device, through the CPU kernels -> float32 [..., out];
-    float32 weights through XLA's matmul instead: it streams them at memory speed already, without the
-    cost of a call (in the same runs, decode of a float32 demo 15.6-18.7 tok/s on XLA, 8.2-13.2 through
-    ours; mini-mixtral 24.3-24.7 against 14.3-21.5)."""
-    if not cpu_matmul.multiplies(kernel.dtype):
+    float32 weights times a few rows through XLA's matmul instead: it streams them at memory speed
+    already, without the cost of a call (in the same runs, decode of a float32 demo 15.6-18.7 tok/s on
+    XLA, 8.2-13.2 through ours; mini-mixtral 24.3-24.7 against 14.3-21.5). `cpu_matmul.multiplies`."""
+    if not cpu_matmul.multiplies(kernel.dtype, math.prod(x.shape[:-1])):
         return jnp.einsum("...i,oi->...o", x, kernel, preferred_element_type=jnp.float32)
     return cpu_matmul.matmul(x, kernel, params, group)
 

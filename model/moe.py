@@ -13,13 +13,15 @@ One function per strategy, each with its own routing value and its own `shard_ma
 its own experts; a psum adds the devices' partial sums):
 - `decode_in_place`: batch-1 decode on a GPU; the expert_gemv kernel reads the chosen experts' weights
   in place (no cond: a GPU cond waits for the host).
-- `fused_experts`: up to MOE_TILE tokens on the CPU kernels, quantized or bfloat16 experts: one kernel
-  call takes every expert of the device and runs each a token chose on the tokens that chose it.
-- `few_tokens_cond`: up to MOE_TILE tokens on the CPU; each expert under a cond, skipped unless a token
-  chose it, run on all the tokens with the others weighted 0 (batch-1 decode reads just k experts).
-- `sorted_tiles`: more tokens on the CPU; assignments sorted by expert, and a loop per expert over the
-  tiles of tokens routed to it (data-dependent trip count: N * k rows in all instead of N * E). XLA:CPU
-  copies an expert's weights into its loop first: ~7% of a 512-token prefill.
+- `fused_experts`: on the CPU kernels, quantized or bfloat16 experts, or float32 ones for more than a
+  few tokens (`cpu_matmul.multiplies`): one kernel call takes every expert of the device and runs each a
+  token chose on the tokens that chose it, all of them at once (each expert's weights read once a call).
+- `few_tokens_cond`: up to MOE_TILE tokens on the CPU, on XLA's matmuls; each expert under a cond,
+  skipped unless a token chose it, run on all the tokens with the others weighted 0 (batch-1 decode
+  reads just k experts).
+- `sorted_tiles`: more tokens on the CPU, on XLA's matmuls; assignments sorted by expert, and a loop per
+  expert over the tiles of tokens routed to it (data-dependent trip count: N * k rows in all instead of
+  N * E). XLA:CPU copies an expert's weights into its loop first: ~7% of a 512-token prefill.
 - `grouped_rows`: more than one token on a GPU; the rows grouped by expert go through the
   grouped_matmul kernel, every expert in one static grid (no loop, no host round trip).
 On a GPU quantized experts are stored out-major ([.., out, in]; int4 packed two per byte along the
@@ -172,8 +174,8 @@ def few_tokens_cond(layout: ExpertLayout, xs: jax.Array, routing: TokenWeights, 
 
 
 def fused_experts(layout: ExpertLayout, xs: jax.Array, routing: TokenWeights, w1, w3, w2) -> jax.Array:
-    """xs [N, D], N <= MOE_TILE, on the CPU kernels: all of a device's experts in one call, which runs
-    those a token chose. -> float32 [N, D]."""
+    """xs [N, D] on the CPU kernels: all of a device's experts in one call, which runs those a token
+    chose. -> float32 [N, D]."""
     def local(xs, routing, w1, w3, w2):
         experts = list(layout.local_experts(w1, w3, w2))
         weights = jnp.stack([routing.weights[:, expert] for expert, _ in experts], axis=1)  # [N, local experts]
@@ -256,6 +258,10 @@ class MoE(nnx.Module, pytree=False):
 
         self.w1, self.w3, self.w2 = stored("w1"), stored("w3"), stored("w2")
 
+    def fused(self, tokens: int) -> bool:
+        """Whether `fused_experts` runs the experts for this many tokens (else XLA's matmuls)."""
+        return self.layout.cpu_kernels and cpu_matmul.multiplies(self.w1[0].arrays()[0].dtype, tokens)
+
     def _expert_dims(self) -> list[tuple[int, int]]:
         """(in, out) of w1/w3 and of w2 on one device."""
         c, layout = self.config, self.layout
@@ -283,11 +289,10 @@ class MoE(nnx.Module, pytree=False):
         elif self.grouped_prefill:
             block_rows = grouped_matmul.block_rows_for(N * c.experts_per_token)
             out = grouped_rows(self.layout, xs, GroupedRows.of(top_w, top_e, E, block_rows), *matrices)
-        elif N <= MOE_TILE:
+        elif N <= MOE_TILE or self.fused(N):
             weights = jnp.zeros((N, E + 1), jnp.float32).at[jnp.arange(N)[:, None], top_e].add(top_w)[:, :E]
             routing = TokenWeights(weights, expert_counts(top_e, E))
-            fused = self.layout.cpu_kernels and cpu_matmul.multiplies(matrices[0][0][0].dtype)
-            out = (fused_experts if fused else few_tokens_cond)(self.layout, xs, routing, *matrices)
+            out = (fused_experts if self.fused(N) else few_tokens_cond)(self.layout, xs, routing, *matrices)
         else:
             counts = expert_counts(top_e, E)
             order = jnp.argsort(top_e.reshape(-1), stable=True)

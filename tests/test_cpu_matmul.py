@@ -163,7 +163,8 @@ def silu(v):
 @pytest.mark.parametrize("kind", TYPES)
 def test_the_fused_experts_match_numpy(kind):
     """moe: the SwiGLU experts a token chose, weighted and summed, in one call (gemv: a few tokens;
-    gemm: more); experts no token chose are not read (a NaN weight there would show)."""
+    gemm: more, and more than one block of the gemm's rows); experts no token chose are not read (a NaN
+    weight there would show)."""
     D, I = (96, 160) if kind == "int4" else (99, 70)
     experts, dense = [], []
     for e in range(4):
@@ -176,7 +177,7 @@ def test_the_fused_experts_match_numpy(kind):
     else:
         experts[2][0] = (jnp.full_like(kernel, jnp.nan), ())
     moe = jax.jit(partial(cpu_matmul.moe, group=GROUP))
-    for rows in (1, 3, 37):
+    for rows in (1, 3, 37, 400):
         rng = np.random.default_rng(rows)
         x = rng.standard_normal((rows, D)).astype(np.float32)
         routing = rng.uniform(0.1, 1, (rows, 4)).astype(np.float32)
@@ -228,7 +229,7 @@ IDS = np.random.default_rng(5).integers(3, 32000, (2, 12)).astype(np.int32)
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_a_quantized_model_computes_what_its_dequantized_float32_does_on_xla(tiny_hf, tmp_path, mode):
-    """Attention projections, experts (decode, few-token and sorted prefill paths) and the LM head go
+    """Attention projections, experts (decode, few-token and longer prefills) and the LM head go
     through the kernels, on one device and split over 8."""
     ckpt = model.convert_hf(tiny_hf, tmp_path / mode, quantize=mode)
     dequantized = model.convert_hf(model.export_hf(ckpt, tmp_path / "hf"), tmp_path / "float32")

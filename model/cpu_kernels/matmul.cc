@@ -258,7 +258,10 @@ static void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& fn) {
   }
 }
 
-// x as the kernels of one weight type want it besides x (kernels.h's Prepared), with its buffers.
+// x as the kernels of one weight type want it besides x (kernels.h's Prepared), with its buffers. The
+// handlers keep theirs, per calling thread, for the next call (`thread_local`): a prefill's buffers of a
+// few MB would otherwise come as fresh pages every call, faulted in and zeroed by the OS (8% of a
+// prefill's time). Each call sizes what it uses; the kernels read only what their weight type needs.
 struct PreparedX {
   std::vector<float> sums, split, tiles, x16_scale, x8_scale;
   std::vector<int16_t> x16;
@@ -339,7 +342,7 @@ static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, in
   }
   const int64_t tile = kernels.tile_rows;
   if (!gemv && tile) {  // x (INT4: split) in tiles of rows, input-major
-    const float* rows = p.split.empty() ? xs : p.split.data();
+    const float* rows = w.type == WeightType::INT4 ? p.split.data() : xs;
     p.tiles.resize((M + tile - 1) / tile * tile * w.K);
     parallel_for(pool, (M + tile - 1) / tile, [&](int64_t t) {
       float* out = p.tiles.data() + t * tile * w.K;
@@ -354,15 +357,21 @@ static int64_t gemv_chunk(const ffi::ThreadPool& pool, int64_t n) {
   return std::max<int64_t>(16, (n / (4 * (pool.num_threads() + 1)) + 3) / 4 * 4);
 }
 
-// Outputs per chunk of a MoE layer's pass over `n` outputs of each chosen expert, M rows.
+// Outputs per chunk of a MoE layer's pass over `n` outputs of each chosen expert, M rows (the gemm's
+// chunks half the matmul's: a pass over an expert's 1-4k outputs in ~20-80 chunks keeps both threads busy
+// to the end).
 static int64_t moe_chunk(const ffi::ThreadPool& pool, int64_t M, int64_t n) {
-  return M <= GEMV_MAX_ROWS ? gemv_chunk(pool, n) : GEMM_COLS;
+  return M <= GEMV_MAX_ROWS ? gemv_chunk(pool, n) : GEMM_COLS / 2;
 }
 
-// y[:, n0:n1] of x [M, K] (M <= GEMM_ROWS: one block of rows) times w: the gemv or the gemm kernel.
+// Blocks of GEMM_ROWS activation rows in M rows: the gemm's (the gemv takes its few rows at once).
+static int64_t row_blocks(int64_t M) { return M <= GEMV_MAX_ROWS ? 1 : (M + GEMM_ROWS - 1) / GEMM_ROWS; }
+
+// y[m0:m1, n0:n1] of x [M, K] times w (m0 a multiple of GEMM_ROWS, m1 - m0 <= GEMM_ROWS): the gemv or the
+// gemm kernel.
 static void multiply(const Kernels& kernels, const Weights& w, const float* x, const Prepared& prepared, int64_t M,
-                     int64_t n0, int64_t n1, float* y) {
-  (M <= GEMV_MAX_ROWS ? kernels.gemv : kernels.gemm)(w, x, prepared, M, 0, M, n0, n1, y);
+                     int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y) {
+  (M <= GEMV_MAX_ROWS ? kernels.gemv : kernels.gemm)(w, x, prepared, M, m0, m1, n0, n1, y);
 }
 
 static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::F32>> y) {
@@ -374,7 +383,7 @@ static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> 
   float* ys = y->typed_data();
   const Isa isa = Isa(current_isa.load(std::memory_order_relaxed));
   const Kernels& kernels = KERNELS[isa];
-  PreparedX prepared_x;
+  thread_local PreparedX prepared_x;
   prepare(pool, w, xs, M, kernels, isa == AVX512_BF16, prepared_x);
   const Prepared prepared = prepared_x.view();
   if (M <= GEMV_MAX_ROWS) {
@@ -383,8 +392,8 @@ static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> 
       kernels.gemv(w, xs, prepared, M, 0, M, i * rows, std::min(w.N, (i + 1) * rows), ys);
     });
   } else {
-    const int64_t row_blocks = (M + GEMM_ROWS - 1) / GEMM_ROWS, col_blocks = (w.N + GEMM_COLS - 1) / GEMM_COLS;
-    parallel_for(pool, row_blocks * col_blocks, [&](int64_t i) {
+    const int64_t col_blocks = (w.N + GEMM_COLS - 1) / GEMM_COLS;
+    parallel_for(pool, row_blocks(M) * col_blocks, [&](int64_t i) {
       const int64_t m0 = i / col_blocks * GEMM_ROWS, n0 = i % col_blocks * GEMM_COLS;
       kernels.gemm(w, xs, prepared, M, m0, std::min(M, m0 + GEMM_ROWS), n0, std::min(w.N, n0 + GEMM_COLS), ys);
     });
@@ -426,17 +435,19 @@ static ffi::Error next_weights(const ffi::RemainingArgs& args, size_t& i, int64_
 
 static inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
-// The SwiGLU experts of a MoE layer for up to GEMM_ROWS tokens, in one call:
+// The SwiGLU experts of a MoE layer, in one call:
 //   y[m] = sum over experts e of routing[m, e] * w2_e(silu(w1_e x[m]) * w3_e x[m])
-// run for the experts some token chose (routing weight not 0), each on the tokens that chose it (a cond
-// per expert ran it on all of them). Two passes over the threads: w1 and w3 of every chosen expert,
-// chunk by chunk of their outputs, then w2's outputs summed over the experts. One call instead of a cond
-// and three calls per expert: a program a third smaller to trace and compile.
+// run for the experts some token chose (routing weight not 0), each on the tokens that chose it, all of
+// them at once: each expert's weights are read once a call (in prefill, a loop over tiles of an expert's
+// tokens read them once a tile). Two passes over the threads: w1 and w3 of every chosen expert, block by
+// block of its rows and chunk by chunk of their outputs, then w2's outputs, chunk by chunk, summed over
+// the experts. One call instead of a cond or a loop and three calls per expert: a program a third
+// smaller to trace and compile.
 static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> routing,
                       ffi::RemainingArgs experts, int64_t group, ffi::Result<ffi::Buffer<ffi::F32>> y) {
   const auto x_dims = x.dimensions(), r_dims = routing.dimensions();
-  if (x_dims.size() != 2 || r_dims.size() != 2 || r_dims[0] != x_dims[0] || x_dims[0] > GEMM_ROWS)
-    return ffi::Error::InvalidArgument("mixtral moe: expected x [M, D] (M <= 192) and routing [M, E]");
+  if (x_dims.size() != 2 || r_dims.size() != 2 || r_dims[0] != x_dims[0])
+    return ffi::Error::InvalidArgument("mixtral moe: expected x [M, D] and routing [M, E]");
   const int64_t M = x_dims[0], D = x_dims[1], E = r_dims[1];
   std::vector<Weights> w;  // w1, w3, w2 of each expert
   for (size_t i = 0; i < experts.size();) {
@@ -450,24 +461,32 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     if (w[3 * e].N != I || w[3 * e].K != D || w[3 * e + 1].N != I || w[3 * e + 1].K != D || w[3 * e + 2].N != D ||
         w[3 * e + 2].K != I || w[3 * e].type != w[0].type)
       return ffi::Error::InvalidArgument("mixtral moe: w1, w3 must be [I, D] and w2 [D, I], of one type");
-  // each chosen expert: the tokens that chose it, as rows of x of its own unless every token did
+  // each chosen expert: the tokens that chose it, as rows of x of its own unless every token did (the
+  // buffers kept for the next call, as PreparedX's)
   struct Chosen {
     int64_t expert;
     std::vector<int64_t> tokens;
-    std::vector<float> rows, gate, up;  // [tokens, D] (when not all of x); [tokens, I]: w1 x, then silu(w1 x) * w3 x; w3 x
+    std::vector<float> rows, gate, up, out;  // [tokens, D] (when not all of x); [tokens, I]: w1 x, then
+                                             // silu(w1 x) * w3 x; w3 x; [tokens, D]: w2 of that
     const float* x = nullptr;           // its tokens' rows of x: x itself or `rows`
     const PreparedX* x_in = nullptr;    // those rows prepared for w1 and w3
     PreparedX own_in, h_in;             // `rows` prepared; silu(w1 x) * w3 x prepared for w2
   };
   const float* weight = routing.typed_data();
   const float* xs = x.typed_data();
-  std::vector<Chosen> chosen;
+  thread_local std::vector<Chosen> kept;  // chosen: the first C, grown to the most a call has had
+  int64_t C = 0;
   for (int64_t e = 0; e < E; e++) {
-    Chosen c{e};
+    if (int64_t(kept.size()) == C) kept.emplace_back();
+    Chosen& c = kept[C];
+    c.expert = e;
+    c.tokens.clear();
     for (int64_t m = 0; m < M; m++)
       if (weight[m * E + e] != 0) c.tokens.push_back(m);
-    if (!c.tokens.empty()) chosen.push_back(std::move(c));
+    C += !c.tokens.empty();
   }
+  std::vector<Chosen*> chosen;
+  for (int64_t j = 0; j < C; j++) chosen.push_back(&kept[j]);
   float* ys = y->typed_data();
   std::fill(ys, ys + M * D, 0.0f);
   if (chosen.empty()) return ffi::Error::Success();
@@ -475,45 +494,54 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const Isa isa = Isa(current_isa.load(std::memory_order_relaxed));
   const Kernels& kernels = KERNELS[isa];
   const bool bf16_dot = isa == AVX512_BF16;
-  PreparedX all_in;  // x prepared once for the experts every token chose (in decode, every chosen one)
+  thread_local PreparedX all_in;  // x prepared once for the experts every token chose (in decode, every chosen one)
   bool all_prepared = false;
   int64_t most = 0;  // tokens of the most chosen expert: the chunking follows its kernel
-  for (auto& c : chosen) {
-    const int64_t rows = c.tokens.size();
+  for (Chosen* c : chosen) {
+    const int64_t rows = c->tokens.size();
     most = std::max(most, rows);
     if (rows == M) {
-      if (!all_prepared) prepare(pool, w[3 * c.expert], xs, M, kernels, bf16_dot, all_in);
+      if (!all_prepared) prepare(pool, w[3 * c->expert], xs, M, kernels, bf16_dot, all_in);
       all_prepared = true;
-      c.x = xs, c.x_in = &all_in;
+      c->x = xs, c->x_in = &all_in;
     } else {
-      for (int64_t m : c.tokens) c.rows.insert(c.rows.end(), xs + m * D, xs + (m + 1) * D);
-      prepare(pool, w[3 * c.expert], c.rows.data(), rows, kernels, bf16_dot, c.own_in);
-      c.x = c.rows.data(), c.x_in = &c.own_in;
+      c->rows.clear();
+      for (int64_t m : c->tokens) c->rows.insert(c->rows.end(), xs + m * D, xs + (m + 1) * D);
+      prepare(pool, w[3 * c->expert], c->rows.data(), rows, kernels, bf16_dot, c->own_in);
+      c->x = c->rows.data(), c->x_in = &c->own_in;
     }
-    c.gate.resize(rows * I);
-    c.up.resize(rows * I);
+    c->gate.resize(rows * I);
+    c->up.resize(rows * I);
+    c->out.resize(rows * D);
   }
-  const int64_t C = chosen.size(), cols = moe_chunk(pool, most, C * I), chunks = (I + cols - 1) / cols;
-  parallel_for(pool, C * chunks, [&](int64_t i) {
-    Chosen& c = chosen[i / chunks];
-    const int64_t rows = c.tokens.size(), n0 = i % chunks * cols, n1 = std::min(I, n0 + cols);
-    const Prepared in = c.x_in->view();
-    multiply(kernels, w[3 * c.expert], c.x, in, rows, n0, n1, c.gate.data());
-    multiply(kernels, w[3 * c.expert + 1], c.x, in, rows, n0, n1, c.up.data());
-    for (int64_t r = 0; r < rows; r++)
-      for (int64_t n = n0; n < n1; n++) c.gate[r * I + n] = silu(c.gate[r * I + n]) * c.up[r * I + n];
+  // the first pass's tasks: (chosen expert, block of its rows), each in chunks of w1's and w3's outputs
+  std::vector<std::pair<Chosen*, int64_t>> blocks;
+  for (Chosen* c : chosen)
+    for (int64_t b = 0; b < row_blocks(c->tokens.size()); b++) blocks.emplace_back(c, b * GEMM_ROWS);
+  const int64_t cols = moe_chunk(pool, most, int64_t(chosen.size()) * I), chunks = (I + cols - 1) / cols;
+  parallel_for(pool, int64_t(blocks.size()) * chunks, [&](int64_t i) {
+    auto [c, m0] = blocks[i / chunks];
+    const int64_t rows = c->tokens.size(), m1 = std::min(rows, m0 + GEMM_ROWS);
+    const int64_t n0 = i % chunks * cols, n1 = std::min(I, n0 + cols);
+    const Prepared in = c->x_in->view();
+    multiply(kernels, w[3 * c->expert], c->x, in, rows, m0, m1, n0, n1, c->gate.data());
+    multiply(kernels, w[3 * c->expert + 1], c->x, in, rows, m0, m1, n0, n1, c->up.data());
+    for (int64_t r = m0; r < m1; r++)
+      for (int64_t n = n0; n < n1; n++) c->gate[r * I + n] = silu(c->gate[r * I + n]) * c->up[r * I + n];
   });
 
-  for (auto& c : chosen) prepare(pool, w[3 * c.expert + 2], c.gate.data(), c.tokens.size(), kernels, bf16_dot, c.h_in);
+  for (Chosen* c : chosen) prepare(pool, w[3 * c->expert + 2], c->gate.data(), c->tokens.size(), kernels, bf16_dot, c->h_in);
   const int64_t out_cols = moe_chunk(pool, most, D);
   parallel_for(pool, (D + out_cols - 1) / out_cols, [&](int64_t i) {
     const int64_t n0 = i * out_cols, n1 = std::min(D, n0 + out_cols);
-    std::vector<float> part(most * D);  // this chunk's columns of one expert's w2 output, its tokens' rows
-    for (auto& c : chosen) {
-      multiply(kernels, w[3 * c.expert + 2], c.gate.data(), c.h_in.view(), c.tokens.size(), n0, n1, part.data());
-      for (size_t r = 0; r < c.tokens.size(); r++) {
-        const int64_t m = c.tokens[r];
-        for (int64_t n = n0; n < n1; n++) ys[m * D + n] += weight[m * E + c.expert] * part[r * D + n];
+    for (Chosen* c : chosen) {
+      const int64_t rows = c->tokens.size();
+      for (int64_t m0 = 0; m0 < rows; m0 += GEMM_ROWS)
+        multiply(kernels, w[3 * c->expert + 2], c->gate.data(), c->h_in.view(), rows, m0, std::min(rows, m0 + GEMM_ROWS),
+                 n0, n1, c->out.data());
+      for (int64_t r = 0; r < rows; r++) {
+        const int64_t m = c->tokens[r];
+        for (int64_t n = n0; n < n1; n++) ys[m * D + n] += weight[m * E + c->expert] * c->out[r * D + n];
       }
     }
   });
