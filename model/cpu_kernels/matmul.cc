@@ -258,10 +258,18 @@ static void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& fn) {
   }
 }
 
-// x as the kernels of one weight type want it besides x (kernels.h's Prepared), with its buffers. The
-// handlers keep theirs, per calling thread, for the next call (`thread_local`): a prefill's buffers of a
-// few MB would otherwise come as fresh pages every call, faulted in and zeroed by the OS (8% of a
-// prefill's time). Each call sizes what it uses; the kernels read only what their weight type needs.
+// The handlers keep their buffers, per calling thread, for the next call (`thread_local`): a prefill's
+// buffers of a few MB would otherwise come as fresh pages every call, faulted in and zeroed by the OS
+// (15% of a mini-mixtral prefill's time). Each call sizes what it uses. Up to KEPT_BYTES a thread: a
+// call that needed more (a long prefill of a large model, whose matmuls take so long that the faults
+// matter little) frees them at its end.
+constexpr size_t KEPT_BYTES = size_t(256) << 20;
+
+template <class T>
+static size_t bytes(const std::vector<T>& v) { return v.capacity() * sizeof(T); }
+
+// x as the kernels of one weight type want it besides x (kernels.h's Prepared), with its buffers (the
+// kernels read only what their weight type needs).
 struct PreparedX {
   std::vector<float> sums, split, tiles, x16_scale, x8_scale;
   std::vector<int16_t> x16;
@@ -272,6 +280,10 @@ struct PreparedX {
   Prepared view() const {
     return {sums.data(), x16.data(), x16_scale.data(), x8.data(), x8_scale.data(), lane_group.data(),
             x_bf16.data(), split.data(), tiles.data()};
+  }
+  size_t held() const {
+    return bytes(sums) + bytes(split) + bytes(tiles) + bytes(x16_scale) + bytes(x8_scale) + bytes(x16) + bytes(x8) +
+           bytes(lane_group) + bytes(x_bf16);
   }
 };
 
@@ -398,6 +410,7 @@ static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> 
       kernels.gemm(w, xs, prepared, M, m0, std::min(M, m0 + GEMM_ROWS), n0, std::min(w.N, n0 + GEMM_COLS), ys);
     });
   }
+  if (prepared_x.held() > KEPT_BYTES) prepared_x = PreparedX();
   return ffi::Error::Success();
 }
 
@@ -471,6 +484,10 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     const float* x = nullptr;           // its tokens' rows of x: x itself or `rows`
     const PreparedX* x_in = nullptr;    // those rows prepared for w1 and w3
     PreparedX own_in, h_in;             // `rows` prepared; silu(w1 x) * w3 x prepared for w2
+
+    size_t held() const {
+      return bytes(tokens) + bytes(rows) + bytes(gate) + bytes(up) + bytes(out) + own_in.held() + h_in.held();
+    }
   };
   const float* weight = routing.typed_data();
   const float* xs = x.typed_data();
@@ -545,6 +562,9 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       }
     }
   });
+  size_t held = all_in.held();
+  for (const Chosen& c : kept) held += c.held();
+  if (held > KEPT_BYTES) kept.clear(), kept.shrink_to_fit(), all_in = PreparedX();
   return ffi::Error::Success();
 }
 
