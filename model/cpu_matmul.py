@@ -124,9 +124,9 @@ def matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], group
 
 
 def moe(x: jax.Array, routing: jax.Array, experts: list[tuple], group: int) -> jax.Array:
-    """A MoE layer's SwiGLU experts in one kernel call: x [N, D], routing [N, E] each token's weight for each expert (0: not chosen), experts E
-    (w1, w3, w2), each a (kernel, params) in the kernels' layout (w1, w3 [I, D], w2 [D, I]). Only experts
-    some token chose run, each on the tokens that chose it.
+    """A MoE layer's SwiGLU experts in one kernel call: x [N, D], routing [N, E] each token's weight for
+    each expert (0: not chosen), experts E (w1, w3, w2), each a (kernel, params) in the kernels' layout
+    (w1, w3 [I, D], w2 [D, I]). Only experts some token chose run, each on all the tokens that chose it.
     -> float32 [N, D]: sum over e of routing[:, e] * w2_e(silu(w1_e x) * w3_e x), x as `matmul` takes it."""
     if not available():
         raise RuntimeError(unavailable_reason())

@@ -284,15 +284,16 @@ class MoE(nnx.Module, pytree=False):
         xs = x.reshape(N, D)
         top_w, top_e = route(xs @ self.router[...], jnp.tile(live, B), c.experts_per_token)
         matrices = tuple([lin.arrays() for lin in linears] for linears in (self.w1, self.w3, self.w2))
+        fused = self.fused(N)
         if N == 1 and self.in_place_decode:
             out = decode_in_place(self.layout, xs, ChosenExperts(top_e[0], top_w[0]), *matrices)
         elif self.grouped_prefill:
             block_rows = grouped_matmul.block_rows_for(N * c.experts_per_token)
             out = grouped_rows(self.layout, xs, GroupedRows.of(top_w, top_e, E, block_rows), *matrices)
-        elif N <= MOE_TILE or self.fused(N):
+        elif N <= MOE_TILE or fused:
             weights = jnp.zeros((N, E + 1), jnp.float32).at[jnp.arange(N)[:, None], top_e].add(top_w)[:, :E]
             routing = TokenWeights(weights, expert_counts(top_e, E))
-            out = (fused_experts if self.fused(N) else few_tokens_cond)(self.layout, xs, routing, *matrices)
+            out = (fused_experts if fused else few_tokens_cond)(self.layout, xs, routing, *matrices)
         else:
             counts = expert_counts(top_e, E)
             order = jnp.argsort(top_e.reshape(-1), stable=True)

@@ -77,7 +77,7 @@ static int32_t x8_integer(const Prepared& prepared, int64_t K, int64_t m, int64_
 static void gemv_reference_int(const Weights& w, const float* x, const Prepared& prepared, int64_t, int64_t m0,
                                int64_t m1, int64_t n0, int64_t n1, float* y) {
   const bool int4 = w.type == WeightType::INT4;
-  const int64_t K = w.K, whole = K / (int4 ? X8_BLOCK : X16_BLOCK) * (int4 ? X8_BLOCK : X16_BLOCK);
+  const int64_t K = w.K, block = int4 ? X8_BLOCK : X16_BLOCK, whole = K / block * block;
   const int64_t G = int4 ? K / w.group : 0;
   for (int64_t m = m0; m < m1; m++)
     for (int64_t n = n0; n < n1; n++) {
