@@ -19,8 +19,8 @@ class BuildWithJaxHeaders(build_ext):
 setup(
     ext_modules=[Extension(
         "model._cpu_kernels",
-        sources=["model/cpu_kernels/matmul.cc", "model/cpu_kernels/module.cc"],
-        depends=["model/cpu_kernels/kernels.h", "model/cpu_kernels/simd.inc"],
+        sources=["model/cpu_kernels/matmul.cc", "model/cpu_kernels/attention.cc", "model/cpu_kernels/module.cc"],
+        depends=["model/cpu_kernels/kernels.h", "model/cpu_kernels/parallel.h", "model/cpu_kernels/simd.inc"],
         language="c++",
         # No -march: matmul.cc compiles its SIMD kernels per instruction set and picks one at run time.
         extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=fast"],

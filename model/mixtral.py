@@ -17,11 +17,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from .config import MixtralConfig
+from .cpu_attention import MAX_QUERIES, CpuAttention
 from .gpu_linear import GpuKernels
 from .kv_cache import KVCache, loaded, stored
 from .linear import CpuKernels, Linear, Weights, use_cpu_kernels
 from .moe import MoE
-from .sharding import check_mesh_fits, weight_specs
+from .sharding import cache_spec, check_mesh_fits, weight_specs
 from .weight_table import swap_last
 
 DECODE_FIRST_BLOCK = 256  # decode attention's first block of cache slots; each next one is twice as long
@@ -139,6 +140,7 @@ class Attention(nnx.Module, pytree=False):
             return linear_layer(weights, f"{prefix}.{name}", specs[name], config, mesh, branchless, cpu_kernels)
 
         self.wq, self.wk, self.wv, self.wo = linear("wq"), linear("wk"), linear("wv"), linear("wo")
+        self.cpu_attention = CpuAttention(mesh, cache_spec(config, mesh)) if cpu_kernels else None
 
     def __call__(self, x, cos, sin, k_cache, v_cache, q_slots, start, block):
         """x [B, T, D] -> ([B, T, D], updated k_cache, v_cache); the new keys/values go to slots q_slots."""
@@ -151,7 +153,10 @@ class Attention(nnx.Module, pytree=False):
         k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, stored(k.transpose(0, 2, 3, 1), c.dtype), q_slots[0], axis=3)
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, stored(v.transpose(0, 2, 1, 3), c.dtype), q_slots[0], axis=2)
         q = q.reshape(B, T, c.num_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4) * (c.head_dim ** -0.5)
-        out = attend(q, k_cache, v_cache, q_slots, start, block, c.sliding_window, self.branchless, c.dtype)  # [B, KV, G, T, Dh]
+        if self.cpu_attention is not None and T <= MAX_QUERIES:  # decode
+            out = self.cpu_attention(q, k_cache, v_cache, q_slots, start, c.sliding_window, c.dtype)
+        else:
+            out = attend(q, k_cache, v_cache, q_slots, start, block, c.sliding_window, self.branchless, c.dtype)
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, c.num_heads * c.head_dim).astype(x.dtype)
         return self.wo(out), k_cache, v_cache
 
@@ -183,7 +188,8 @@ class Mixtral(nnx.Module, pytree=False):
 
     `cpu_kernels` (default: on CPUs where they loaded, unless branchless) runs the matmuls of the
     attention projections, the experts and the LM head through the native CPU kernels (cpu_matmul.py),
-    their weights laid out for them at load; otherwise through XLA's."""
+    their weights laid out for them at load, and decode attention too (cpu_attention.py); otherwise
+    through XLA's."""
 
     def __init__(self, config: MixtralConfig, weights: Weights, mesh: Mesh, branchless: bool | None = None,
                  cpu_kernels: bool | None = None):

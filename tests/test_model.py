@@ -12,6 +12,7 @@ import torch
 from flax import nnx
 
 import model
+from model import cpu_matmul
 from model.generate import Generator
 from model.kv_cache import KVCache
 from model.sampling import SamplingArrays
@@ -75,13 +76,16 @@ def test_logits_match_transformers(pair):
     assert np.array_equal(ours.argmax(-1), ref.argmax(-1))
 
 
-@pytest.mark.parametrize("branchless", [False, True], ids=["cpu-decode", "gpu-decode"])
-def test_cached_decode_equals_full_forward(pair, branchless):
+@pytest.mark.parametrize("branchless, cpu_kernels", [(False, None), (False, False), (True, False)],
+                         ids=["cpu-kernels-decode", "cpu-xla-decode", "gpu-decode"])
+def test_cached_decode_equals_full_forward(pair, branchless, cpu_kernels):
     """Prefill 10 tokens (padded to a bucket of 16), then feed the rest one by one through the cache:
-    every step's logits equal the full forward's at that position. Both decode paths: the CPU's
-    (conds), and the GPU's (whole-cache attention, experts in the expert_gemv kernel, interpreted)."""
+    every step's logits equal the full forward's at that position. Every decode path: the CPU's
+    through our kernels (attention included), the CPU's on XLA alone (attention in conds), and the
+    GPU's (whole-cache attention, experts in the expert_gemv kernel, interpreted)."""
     _, _, ckpt = pair
-    m = model.load(ckpt, one_device(), branchless=branchless)
+    m = model.load(ckpt, one_device(), branchless=branchless, cpu_kernels=cpu_kernels)
+    assert (m.layers[0].attn.cpu_attention is not None) == (cpu_kernels is None and cpu_matmul.available())
     ids = random_ids(1, 20, seed=3)
     full = np.asarray(forward(m, ids, None))[0]
 

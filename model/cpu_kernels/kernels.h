@@ -11,10 +11,18 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace mixtral_cpu {
 
 enum class WeightType { F32, BF16, INT8, INT4 };
+
+static inline float bf16_to_float(uint16_t v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
 
 struct Weights {
   WeightType type;

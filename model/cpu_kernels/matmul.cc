@@ -6,24 +6,16 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <utility>
 #include <vector>
 
 #include "kernels.h"
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace mixtral_cpu {
-
-static inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
 
 static inline uint16_t float_to_bf16(float f) {  // rounded to the nearest, ties to even (no NaNs here)
   uint32_t bits;
@@ -226,38 +218,6 @@ constexpr int64_t GEMV_MAX_ROWS = 4;  // more activation rows than this take the
 constexpr int64_t GEMM_ROWS = 192;    // activation rows per gemm chunk (a multiple of every tile_rows)
 constexpr int64_t GEMM_COLS = 96;     // outputs per gemm chunk (a multiple of every NB)
 
-// Runs fn(0) .. fn(n - 1) on the pool's threads and the calling one. Tasks claim chunks from a shared
-// counter, so a busy pool (other devices' calls under shard_map) leaves the work to the caller; the caller
-// returns once every chunk has completed; a task that starts late finds no chunk left and touches nothing.
-template <class F>
-static void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  const int64_t total = n;
-  auto work = [total](State& s, const F& fn) {
-    int64_t finished = 0;
-    for (int64_t i; (i = s.next.fetch_add(1)) < total; finished++) fn(i);
-    if (finished) s.done.fetch_add(finished, std::memory_order_release);
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
-  for (int64_t h = 0; h < helpers; h++) pool.Schedule([state, &fn, work] { work(*state, fn); });
-  work(*state, fn);
-  // the last chunks are in other threads' hands, a few microseconds from done: wait awake (sleeping on a
-  // condition variable and waking again cost more than a small matrix takes)
-  for (int spins = 0; state->done.load(std::memory_order_acquire) < total;) {
-    if (spins < 4096) {
-      spins++;
-#ifdef MIXTRAL_X86
-      _mm_pause();
-#endif
-    } else {
-      std::this_thread::yield();
-    }
-  }
-}
-
 // The handlers keep their buffers, per calling thread, for the next call (`thread_local`): a prefill's
 // buffers of a few MB would otherwise come as fresh pages every call, faulted in and zeroed by the OS
 // (15% of a mini-mixtral prefill's time). Each call sizes what it uses. Up to KEPT_BYTES a thread: a
@@ -287,14 +247,8 @@ struct PreparedX {
   }
 };
 
-// The rounding of x for the int8 / int4 gemv, compiled for the vector units too (the calling thread
-// prepares x while the others wait: in scalar code it took 15% of an int4 gemv of 3584 inputs).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VECTORIZED __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define VECTORIZED
-#endif
-
+// The rounding of x for the int8 / int4 gemv, compiled for the vector units too (VECTORIZED: the calling
+// thread prepares x while the others wait: in scalar code it took 15% of an int4 gemv of 3584 inputs).
 VECTORIZED static float largest_abs(const float* x, int64_t n) {
   float largest = 0;
   for (int64_t i = 0; i < n; i++) largest = std::max(largest, std::fabs(x[i]));
