@@ -124,14 +124,15 @@ def matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], group
     return y.reshape(*lead, n_out)
 
 
-def moe(x: jax.Array, routing: jax.Array, experts: list[tuple], group: int) -> jax.Array:
+def moe(x: jax.Array, routing: jax.Array, stacks: list[tuple], group: int) -> jax.Array:
     """A MoE layer's SwiGLU experts in one kernel call: x [N, D], routing [N, E] each token's weight for
-    each expert (0: not chosen), experts E (w1, w3, w2), each a (kernel, params) in the kernels' layout
-    (w1, w3 [I, D], w2 [D, I]). Only experts some token chose run, each on all the tokens that chose it.
+    each expert (0: not chosen), the experts as stacks (w1, w3, w2) of E' experts each, in routing's
+    order, each a (kernel, params) in the kernels' layout with a leading [E'] (w1, w3 [E', I, D], w2
+    [E', D, I]; read in place). Only experts some token chose run, each on all the tokens that chose it.
     -> float32 [N, D]: sum over e of routing[:, e] * w2_e(silu(w1_e x) * w3_e x), x as `matmul` takes it."""
     if not available():
         raise RuntimeError(unavailable_reason())
-    operands = [a for expert in experts for kernel, params in expert
+    operands = [a for stack in stacks for kernel, params in stack
                 for a in (kernel, *(p.astype(jnp.float32) for p in params))]
     return jax.ffi.ffi_call(MOE_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
         x.astype(jnp.float32), routing.astype(jnp.float32), *operands, group=np.int64(group))

@@ -5,9 +5,12 @@ and summed in float32. Shapes: N tokens (batch x time), D hidden, I intermediate
 k experts per token, A devices on the mesh's expert axis, M on its model axis.
 
 Experts are stored in groups of `group_size` stacked experts ([group_size, D, I] for w1/w3), split over
-the expert axis (`ExpertLayout`): on the CPU a group is A experts, one per device (XLA:CPU multiplies by
-a slice of a stacked array ~10x below memory speed, by a whole array at memory speed); `branchless`
-(GPU) one group of all E, its last two dims swapped where the expert_gemv kernel reads that layout faster.
+the expert axis (`ExpertLayout`): where XLA:CPU's matmuls multiply them (no CPU kernels, or float32
+decode) a group is A experts, one per device (XLA:CPU multiplies by a slice of a stacked array ~10x below
+memory speed, by a whole array at memory speed); where kernels read them in place (the CPU's fused call,
+`branchless` on a GPU) one group of all E, on a GPU its last two dims swapped where the expert_gemv
+kernel reads that layout faster. (Each stored array is an input of every program: a decode step of
+int4 mini-mixtral took 701, 0.4 ms a token to hand over, with a group per expert.)
 
 One function per strategy, each with its own routing value and its own `shard_map` (every device runs
 its own experts; a psum adds the devices' partial sums):
@@ -128,13 +131,18 @@ class ExpertLayout:
         h = jax.nn.silu(matmul(x, w1)) * matmul(x, w3)
         return matmul(h, w2).astype(jnp.float32)
 
+    def local_expert_ids(self) -> list[jax.Array]:
+        """The global index of each expert on this device (in shard_map), group by group."""
+        a = jax.lax.axis_index(EXPERT)
+        return [g * self.group_size + a * self.per_device + i for g in range(self.num_groups) for i in range(self.per_device)]
+
     def local_experts(self, w1: list[Matrix], w3: list[Matrix], w2: list[Matrix]):
         """(global expert index, (w1, w3, w2) of that expert) for each expert on this device (in shard_map)."""
-        a = jax.lax.axis_index(EXPERT)
+        ids = iter(self.local_expert_ids())
         for g in range(self.num_groups):
             for i in range(self.per_device):
                 mats = tuple((kernel[i], tuple(p[i] for p in params)) for kernel, params in (w1[g], w3[g], w2[g]))
-                yield g * self.group_size + a * self.per_device + i, mats
+                yield next(ids), mats
 
 
 def decode_in_place(layout: ExpertLayout, xs: jax.Array, routing: ChosenExperts, w1, w3, w2) -> jax.Array:
@@ -177,9 +185,8 @@ def fused_experts(layout: ExpertLayout, xs: jax.Array, routing: TokenWeights, w1
     """xs [N, D] on the CPU kernels: all of a device's experts in one call, which runs those a token
     chose. -> float32 [N, D]."""
     def local(xs, routing, w1, w3, w2):
-        experts = list(layout.local_experts(w1, w3, w2))
-        weights = jnp.stack([routing.weights[:, expert] for expert, _ in experts], axis=1)  # [N, local experts]
-        return cpu_matmul.moe(xs, weights, [mats for _, mats in experts], layout.quant_group)
+        weights = jnp.stack([routing.weights[:, expert] for expert in layout.local_expert_ids()], axis=1)  # [N, local experts]
+        return cpu_matmul.moe(xs, weights, list(zip(w1, w3, w2)), layout.quant_group)
 
     return layout.shard_map(local, TokenWeights(P(), P()))(xs, routing, w1, w3, w2)
 
@@ -239,7 +246,10 @@ class MoE(nnx.Module, pytree=False):
         self.router = nnx.Param(weights.dense(f"{prefix}.router", specs["router"]))
         # the kernels' dtype for the weights (int4: packed two per byte)
         kernel_dtype = gpu_linear.kernel_dtype(config.quantization, config.dtype)
-        group_size = config.num_experts if branchless else mesh.shape[EXPERT]
+        # one group of every expert where kernels read them in place: the GPU's, and the CPU's fused call
+        # where it runs them at any number of tokens (not float32 decode, which XLA's matmuls run)
+        in_place = branchless or (cpu_kernels and cpu_matmul.multiplies(kernel_dtype, 1))
+        group_size = config.num_experts if in_place else mesh.shape[EXPERT]
         self.layout = ExpertLayout(
             mesh=mesh, num_experts=config.num_experts, group_size=group_size,
             out_major=cpu_kernels or (branchless and expert_gemv.stores_out_major(kernel_dtype)), cpu_kernels=cpu_kernels,

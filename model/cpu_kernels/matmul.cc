@@ -396,34 +396,41 @@ static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> 
 }
 
 // The next weight of a call's remaining arguments, from `i` on: the weight, then its scale (INT8) or
-// scale and offset (INT4), its type from the weight's dtype (F32, BF16, S8, U8: INT4 packed).
-static ffi::Error next_weights(const ffi::RemainingArgs& args, size_t& i, int64_t group, Weights& w) {
+// scale and offset (INT4), its type from the weight's dtype (F32, BF16, S8, U8: INT4 packed). A weight
+// [N, K] is one matrix; a stack [E, N, K] (its parameters [E, ...]) E of them, read in place.
+static ffi::Error next_weights(const ffi::RemainingArgs& args, size_t& i, int64_t group, std::vector<Weights>& out) {
   auto weight = args.get<ffi::AnyBuffer>(i++);
   if (!weight) return weight.error();
   const auto d = weight->dimensions();
-  if (d.size() != 2) return ffi::Error::InvalidArgument("mixtral cpu kernels: a weight must be [N, K]");
-  w = {WeightType::F32, weight->untyped_data(), nullptr, nullptr, d[0], d[1], 0};
-  int params = 0;
+  if (d.size() != 2 && d.size() != 3) return ffi::Error::InvalidArgument("mixtral cpu kernels: a weight must be [N, K] or [E, N, K]");
+  const int64_t E = d.size() == 3 ? d[0] : 1, N = d[d.size() - 2];
+  Weights w = {WeightType::F32, nullptr, nullptr, nullptr, N, d[d.size() - 1], 0};
+  int params = 0, itemsize = 4;
   switch (weight->element_type()) {
     case ffi::DataType::F32: break;
-    case ffi::DataType::BF16: w.type = WeightType::BF16; break;
-    case ffi::DataType::S8: w.type = WeightType::INT8, params = 1; break;
-    case ffi::DataType::U8: w.type = WeightType::INT4, w.K = 2 * d[1], w.group = group, params = 2; break;
+    case ffi::DataType::BF16: w.type = WeightType::BF16, itemsize = 2; break;
+    case ffi::DataType::S8: w.type = WeightType::INT8, params = 1, itemsize = 1; break;
+    case ffi::DataType::U8: w.type = WeightType::INT4, w.K = 2 * w.K, w.group = group, params = 2, itemsize = 1; break;
     default: return ffi::Error::InvalidArgument("mixtral cpu kernels: weights must be f32, bf16, s8 or u8 (int4)");
   }
   if (w.type == WeightType::INT4 && (group <= 0 || group % 32 || w.K % group))
     return ffi::Error::InvalidArgument("int4 weights: groups must be a multiple of 32 dividing K");
+  const int64_t per_matrix = w.type == WeightType::INT8 ? N : w.type == WeightType::INT4 ? N * (w.K / w.group) : 0;
   const float* param[2] = {nullptr, nullptr};
   for (int j = 0; j < params; j++) {
     auto p = args.get<ffi::AnyBuffer>(i++);
     if (!p) return p.error();
-    const size_t expected = w.type == WeightType::INT8 ? size_t(w.N) : size_t(w.N * (w.K / w.group));
-    if (p->element_type() != ffi::DataType::F32 || p->element_count() != expected)
-      return ffi::Error::InvalidArgument("mixtral cpu kernels: scales must be f32 [N] (int8) or [N, K / group] (int4)");
+    if (p->element_type() != ffi::DataType::F32 || p->element_count() != size_t(E * per_matrix))
+      return ffi::Error::InvalidArgument("mixtral cpu kernels: scales must be f32 [N] (int8) or [N, K / group] (int4), per matrix");
     param[j] = (const float*)p->untyped_data();
   }
-  w.scale = param[0];
-  w.offset = param[1];
+  const int64_t matrix_bytes = N * w.K * itemsize / (w.type == WeightType::INT4 ? 2 : 1);
+  for (int64_t e = 0; e < E; e++) {
+    w.data = (const uint8_t*)weight->untyped_data() + e * matrix_bytes;
+    w.scale = param[0] ? param[0] + e * per_matrix : nullptr;
+    w.offset = param[1] ? param[1] + e * per_matrix : nullptr;
+    out.push_back(w);
+  }
   return ffi::Error::Success();
 }
 
@@ -436,7 +443,8 @@ static inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 // tokens read them once a tile). Two passes over the threads: w1 and w3 of every chosen expert, block by
 // block of its rows and chunk by chunk of their outputs, then w2's outputs, chunk by chunk, summed over
 // the experts. One call instead of a cond or a loop and three calls per expert: a program a third
-// smaller to trace and compile.
+// smaller to trace and compile. The experts come as stacks (w1, w3, w2 of E' experts each; next_weights),
+// in the order of routing's columns, read in place.
 static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> routing,
                       ffi::RemainingArgs experts, int64_t group, ffi::Result<ffi::Buffer<ffi::F32>> y) {
   const auto x_dims = x.dimensions(), r_dims = routing.dimensions();
@@ -444,12 +452,15 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::InvalidArgument("mixtral moe: expected x [M, D] and routing [M, E]");
   const int64_t M = x_dims[0], D = x_dims[1], E = r_dims[1];
   std::vector<Weights> w;  // w1, w3, w2 of each expert
-  for (size_t i = 0; i < experts.size();) {
-    Weights next;
-    if (auto error = next_weights(experts, i, group, next); error.failure()) return error;
-    w.push_back(next);
+  for (size_t i = 0; i < experts.size();) {  // stacks of w1, w3 and w2 of as many experts each
+    std::vector<Weights> stacks[3];
+    for (auto& stack : stacks)
+      if (auto error = next_weights(experts, i, group, stack); error.failure()) return error;
+    if (stacks[1].size() != stacks[0].size() || stacks[2].size() != stacks[0].size())
+      return ffi::Error::InvalidArgument("mixtral moe: w1, w3 and w2 must stack as many experts");
+    for (size_t e = 0; e < stacks[0].size(); e++) w.insert(w.end(), {stacks[0][e], stacks[1][e], stacks[2][e]});
   }
-  if (int64_t(w.size()) != 3 * E) return ffi::Error::InvalidArgument("mixtral moe: expected w1, w3, w2 per expert");
+  if (int64_t(w.size()) != 3 * E) return ffi::Error::InvalidArgument("mixtral moe: expected w1, w3, w2 of each expert routed");
   const int64_t I = w[0].N;
   for (int64_t e = 0; e < E; e++)
     if (w[3 * e].N != I || w[3 * e].K != D || w[3 * e + 1].N != I || w[3 * e + 1].K != D || w[3 * e + 2].N != D ||
@@ -552,11 +563,12 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // y [M, N] = x [M, K] @ W^T for one weight of any type, given after x with its parameters (next_weights).
 static ffi::Error matmul_any(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weight, int64_t group,
                              ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  Weights w;
+  std::vector<Weights> w;
   size_t i = 0;
   if (auto error = next_weights(weight, i, group, w); error.failure()) return error;
-  if (i != weight.size()) return ffi::Error::InvalidArgument("mixtral cpu matmul: one weight and its parameters");
-  return matmul(pool, w, x, y);
+  if (i != weight.size() || w.size() != 1 || weight.get<ffi::AnyBuffer>(0)->dimensions().size() != 2)
+    return ffi::Error::InvalidArgument("mixtral cpu matmul: one weight [N, K] and its parameters");
+  return matmul(pool, w[0], x, y);
 }
 
 }  // namespace mixtral_cpu
