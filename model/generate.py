@@ -74,14 +74,16 @@ def _step_key(seed: jax.Array, step: jax.Array) -> jax.Array:
 
 def _prefill_step(model_def: ModelDef, params, cache: KVCache, tokens, num_new, seen, seed,
                   sampling: SamplingArrays):
-    logits, cache = model_def.merge(params).forward(tokens, cache, num_new, last_only=True)
-    return sample(logits, seen, _step_key(seed, 0), sampling), cache
+    m = model_def.merge(params)
+    logits, cache = m.forward(tokens, cache, num_new, last_only=True)
+    return sample(logits, seen, _step_key(seed, 0), sampling, m.branchless), cache
 
 
 def _decode_step(model_def: ModelDef, params, cache: KVCache, token, seen, seed, step,
                  sampling: SamplingArrays):
-    logits, cache = model_def.merge(params).forward(token[:, None], cache, 1, last_only=True)
-    next_token = sample(logits, seen, _step_key(seed, step), sampling)
+    m = model_def.merge(params)
+    logits, cache = m.forward(token[:, None], cache, 1, last_only=True)
+    next_token = sample(logits, seen, _step_key(seed, step), sampling, m.branchless)
     seen = seen.at[jnp.arange(seen.shape[0]), next_token].set(True)
     return next_token, cache, seen
 

@@ -196,6 +196,7 @@ class Mixtral(nnx.Module, pytree=False):
         check_mesh_fits(mesh, config)
         self.config, self.mesh = config, mesh
         branchless = mesh.devices.flat[0].platform == "gpu" if branchless is None else branchless
+        self.branchless = branchless
         if cpu_kernels is None:
             cpu_kernels = not branchless and use_cpu_kernels(mesh, config)
         self.cpu_kernels = cpu_kernels
