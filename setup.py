@@ -1,4 +1,4 @@
-"""Builds the native CPU matmul kernels (model/cpu_kernels) into model/_cpu_kernels*.so; everything else is
+"""Builds the native CPU matmul and attention kernels (model/cpu_kernels) into model/_cpu_kernels*.so; everything else is
 in pyproject.toml. The kernels include XLA's FFI headers, which ship with jaxlib (`jax.ffi.include_dir()`).
 The build is optional: without a C++ compiler the package installs and runs on XLA's matmuls alone
 (model/cpu_matmul.py says so when a model loads)."""

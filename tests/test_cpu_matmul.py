@@ -5,6 +5,7 @@ running through them: the same numbers as on XLA's matmuls, the demo's greedy re
 from __future__ import annotations
 
 import importlib.machinery
+import itertools
 import shutil
 import subprocess
 import sys
@@ -111,8 +112,10 @@ def test_each_kernel_matches_numpy(kind):
             n_in = n_in // GROUP * GROUP if kind == "int4" else n_in
             w, kernel, params = weight(kind, n_in, n_out)
             x = np.random.default_rng(1).standard_normal((rows, n_in)).astype(np.float32)
+            # bfloat16 weights: also x that is bfloat16 already (a bfloat16 model's), one dot product per input
+            xs = [x, x.astype(ml_dtypes.bfloat16).astype(np.float32)] if kind == "bfloat16" else [x]
             matmul = jax.jit(partial(cpu_matmul.matmul, group=GROUP))
-            for isa in isas():
+            for isa, x in itertools.product(isas(), xs):
                 cpu_matmul.set_isa(isa)
                 y = matmul(x, kernel, params)
                 assert y.shape == (rows, n_out) and y.dtype == jnp.float32

@@ -27,7 +27,7 @@ namespace mixtral_cpu {
 
 enum class Held { F32 = 0, BF16 = 1, F16 = 2 };
 
-constexpr int64_t SLOTS_CHUNK = 512;  // slots whose scores are summed together (their K rows stay in L1)
+constexpr int64_t SLOTS_CHUNK = 512;  // slots whose scores add up together (R x 512 floats, in L1)
 
 static inline float f16_to_float(uint16_t h) {  // IEEE half -> float, subnormals, infinities and NaNs too
   const uint32_t magnitude = uint32_t(h & 0x7FFF) << 13, exponent = magnitude & (0x1F << 23);
@@ -126,7 +126,8 @@ static void attend_head(const float* q, const uint8_t* k, const uint8_t* v, Held
   std::fill(scores, scores + R * L, 0.0f);
   for (int64_t j0 = lo; j0 < hi; j0 += SLOTS_CHUNK)
     add_scores(q, k, held, R, Dh, S, j0, std::min(hi, j0 + SLOTS_CHUNK) - j0, L, row, scores + (j0 - lo));
-  std::vector<float> total(R);  // of each row's numerators
+  thread_local std::vector<float> total;  // of each row's numerators
+  total.assign(R, 0.0f);
   for (int64_t r = 0; r < R; r++) {
     float* s = scores + r * L;
     const int64_t a = first[r] - lo, b = last[r] + 1 - lo;  // its visible slots, [a, b)

@@ -59,6 +59,7 @@ struct Prepared {
                             // within 2^-16 of x), for the CPUs with bfloat16 dot products (AVX512-BF16)
   const float* split;       // INT4 gemm [M, K]: each 32 inputs of x reordered, the 16 even ones first
   const float* tiles;       // SIMD gemm [M / tile_rows][K][tile_rows]: x (INT4: split) in tiles of rows, zero-padded
+  bool x_is_bf16;           // x_bf16's second parts are all 0 (x is bfloat16 already)
 };
 
 // y rows [m0, m1) x columns [n0, n1) of y [M, N].

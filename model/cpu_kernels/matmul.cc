@@ -236,10 +236,11 @@ struct PreparedX {
   std::vector<int8_t> x8;
   std::vector<int32_t> lane_group;
   std::vector<uint16_t> x_bf16;
+  bool x_is_bf16 = false;
 
   Prepared view() const {
     return {sums.data(), x16.data(), x16_scale.data(), x8.data(), x8_scale.data(), lane_group.data(),
-            x_bf16.data(), split.data(), tiles.data()};
+            x_bf16.data(), split.data(), tiles.data(), x_is_bf16};
   }
   size_t held() const {
     return bytes(sums) + bytes(split) + bytes(tiles) + bytes(x16_scale) + bytes(x8_scale) + bytes(x16) + bytes(x8) +
@@ -279,6 +280,18 @@ VECTORIZED static int32_t to_x8(const float* x, float to_int, int8_t* a) {
   return sum;
 }
 
+// n inputs as bfloat16 (to high[0, n)) and the bfloat16 of what each leaves (to high[n, 2n)); returns
+// those second parts or-ed together (0: x is bfloat16 already).
+VECTORIZED static uint16_t to_bf16_parts(const float* x, int64_t n, uint16_t* high) {
+  uint16_t any_rest = 0;
+  for (int64_t i = 0; i < n; i++) {
+    high[i] = float_to_bf16(x[i]);
+    high[n + i] = float_to_bf16(x[i] - bf16_to_float(high[i]));
+    any_rest |= high[n + i];
+  }
+  return any_rest;
+}
+
 // Prepares x [M, w.K] for `w`'s gemv (M <= GEMV_MAX_ROWS) or gemm kernels.
 static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, int64_t M, const Kernels& kernels,
                     bool bf16_dot, PreparedX& p) {
@@ -286,13 +299,9 @@ static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, in
   const int64_t K = w.K;
   if (gemv && w.type == WeightType::BF16 && bf16_dot) {  // the only kernels that read it
     p.x_bf16.resize(M * 2 * K);
-    for (int64_t m = 0; m < M; m++)
-      for (int64_t k = 0; k < K; k++) {
-        const float v = xs[m * K + k];
-        const uint16_t high = float_to_bf16(v);
-        p.x_bf16[(2 * m) * K + k] = high;
-        p.x_bf16[(2 * m + 1) * K + k] = float_to_bf16(v - bf16_to_float(high));
-      }
+    uint16_t any_rest = 0;
+    for (int64_t m = 0; m < M; m++) any_rest |= to_bf16_parts(xs + m * K, K, p.x_bf16.data() + 2 * m * K);
+    p.x_is_bf16 = any_rest == 0;
   }
   if (gemv && w.type == WeightType::INT8) {
     const int64_t B = K / X16_BLOCK;
