@@ -48,7 +48,7 @@ constexpr int64_t X8_LANE = 8;  // inputs per int32 lane of the dot products: 4 
 
 // What the kernels want of x besides x, prepared once per call (matmul.cc).
 struct Prepared {
-  const float* group_sums;  // INT4 [M, K / group]: x summed over each group (the gemv: x as x16 stands for it)
+  const float* group_sums;  // INT4 gemv [M, K / group]: x summed over each group, as x8 stands for it
   const int16_t* x16;       // INT8 gemv [M, K]: the whole blocks of x as int16
   const float* x16_scale;   // [M, K / X16_BLOCK]
   const int8_t* x8;         // INT4 gemv [M, K / X8_BLOCK, 4, 64]: per whole block, a of its 64 even inputs (the
@@ -57,8 +57,8 @@ struct Prepared {
   const int32_t* lane_group;  // [K / X8_LANE] (whole blocks): each lane's weight group, less its block's first
   const uint16_t* x_bf16;   // BF16 gemv [M, 2, K]: x as a bfloat16 and the bfloat16 of what it leaves (their sum
                             // within 2^-16 of x), for the CPUs with bfloat16 dot products (AVX512-BF16)
-  const float* split;       // INT4 gemm [M, K]: each 32 inputs of x reordered, the 16 even ones first
-  const float* tiles;       // SIMD gemm [M / tile_rows][K][tile_rows]: x (INT4: split) in tiles of rows, zero-padded
+  const float* tiles;       // SIMD gemm [M / tile_rows][K][tile_rows]: x in tiles of rows, zero-padded (INT4: each 32
+                            // inputs reordered, the 16 even ones first, as its weights dequantize)
   bool x_is_bf16;           // x_bf16's second parts are all 0 (x is bfloat16 already)
 };
 

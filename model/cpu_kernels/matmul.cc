@@ -231,7 +231,7 @@ static size_t bytes(const std::vector<T>& v) { return v.capacity() * sizeof(T); 
 // x as the kernels of one weight type want it besides x (kernels.h's Prepared), with its buffers (the
 // kernels read only what their weight type needs).
 struct PreparedX {
-  std::vector<float> sums, split, tiles, x16_scale, x8_scale;
+  std::vector<float> sums, tiles, x16_scale, x8_scale;
   std::vector<int16_t> x16;
   std::vector<int8_t> x8;
   std::vector<int32_t> lane_group;
@@ -240,10 +240,10 @@ struct PreparedX {
 
   Prepared view() const {
     return {sums.data(), x16.data(), x16_scale.data(), x8.data(), x8_scale.data(), lane_group.data(),
-            x_bf16.data(), split.data(), tiles.data(), x_is_bf16};
+            x_bf16.data(), tiles.data(), x_is_bf16};
   }
   size_t held() const {
-    return bytes(sums) + bytes(split) + bytes(tiles) + bytes(x16_scale) + bytes(x8_scale) + bytes(x16) + bytes(x8) +
+    return bytes(sums) + bytes(tiles) + bytes(x16_scale) + bytes(x8_scale) + bytes(x16) + bytes(x8) +
            bytes(lane_group) + bytes(x_bf16);
   }
 };
@@ -315,41 +315,40 @@ static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, in
         to_x16(block, to_int, p.x16.data() + m * K + b * X16_BLOCK);
       }
   }
-  if (w.type == WeightType::INT4) {  // the group sums of x as multiplied: the gemv's x8 where it has it
-    const int64_t G = K / w.group, x8_whole = gemv ? K / X8_BLOCK * X8_BLOCK : 0, lanes = x8_whole / X8_LANE;
+  if (gemv && w.type == WeightType::INT4) {  // x8, and the group sums of x as multiplied
+    const int64_t G = K / w.group, x8_whole = K / X8_BLOCK * X8_BLOCK, lanes = x8_whole / X8_LANE;
     p.sums.assign(M * G, 0.0f);
-    if (gemv) {
-      p.x8.resize(M * x8_whole * 2);
-      p.x8_scale.resize(M * lanes);
-      p.lane_group.resize(lanes);
-      for (int64_t l = 0; l < lanes; l++)
-        p.lane_group[l] = l * X8_LANE / w.group - l * X8_LANE / X8_BLOCK * X8_BLOCK / w.group;
-      for (int64_t m = 0; m < M; m++)
-        for (int64_t k0 = 0; k0 < x8_whole; k0 += X8_GROUP) {
-          const float* group = xs + m * K + k0;
-          const float largest = largest_abs(group, X8_GROUP), to_int = largest > 0 ? 127.0f / largest : 0.0f;
-          const float scale = largest / 127.0f / 256;
-          std::fill_n(p.x8_scale.data() + m * lanes + k0 / X8_LANE, X8_GROUP / X8_LANE, scale);
-          int8_t* block = p.x8.data() + (m * (K / X8_BLOCK) + k0 / X8_BLOCK) * 4 * 64;
-          p.sums[m * G + k0 / w.group] += to_x8(group, to_int, block + k0 % X8_BLOCK / 2) * scale;
-        }
-    } else {
-      p.split.resize(M * K);
-    }
-    for (int64_t m = 0; m < M; m++)
+    p.x8.resize(M * x8_whole * 2);
+    p.x8_scale.resize(M * lanes);
+    p.lane_group.resize(lanes);
+    for (int64_t l = 0; l < lanes; l++)
+      p.lane_group[l] = l * X8_LANE / w.group - l * X8_LANE / X8_BLOCK * X8_BLOCK / w.group;
+    for (int64_t m = 0; m < M; m++) {
+      for (int64_t k0 = 0; k0 < x8_whole; k0 += X8_GROUP) {
+        const float* group = xs + m * K + k0;
+        const float largest = largest_abs(group, X8_GROUP), to_int = largest > 0 ? 127.0f / largest : 0.0f;
+        const float scale = largest / 127.0f / 256;
+        std::fill_n(p.x8_scale.data() + m * lanes + k0 / X8_LANE, X8_GROUP / X8_LANE, scale);
+        int8_t* block = p.x8.data() + (m * (K / X8_BLOCK) + k0 / X8_BLOCK) * 4 * 64;
+        p.sums[m * G + k0 / w.group] += to_x8(group, to_int, block + k0 % X8_BLOCK / 2) * scale;
+      }
       for (int64_t k = x8_whole; k < K; k++) p.sums[m * G + k / w.group] += xs[m * K + k];
-    if (!gemv)
-      for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) p.split[m * K + k / 32 * 32 + k % 32 / 2 + k % 2 * 16] = xs[m * K + k];
+    }
   }
   const int64_t tile = kernels.tile_rows;
-  if (!gemv && tile) {  // x (INT4: split) in tiles of rows, input-major
-    const float* rows = w.type == WeightType::INT4 ? p.split.data() : xs;
+  if (!gemv && tile) {  // x in tiles of rows, input-major; INT4: each 32 inputs with the 16 even ones first,
+                        // the order its dequantized weights come in (low nibbles, then high ones)
+    const bool int4 = w.type == WeightType::INT4;
     p.tiles.resize((M + tile - 1) / tile * tile * w.K);
     parallel_for(pool, (M + tile - 1) / tile, [&](int64_t t) {
       float* out = p.tiles.data() + t * tile * w.K;
-      for (int64_t r = 0; r < tile; r++)
-        for (int64_t k = 0; k < w.K; k++) out[k * tile + r] = t * tile + r < M ? rows[(t * tile + r) * w.K + k] : 0.0f;
+      const int64_t rows = std::min(tile, M - t * tile);
+      const float* in = xs + t * tile * w.K;
+      for (int64_t k = 0; k < w.K; k++) {  // written in order; the tile's rows of x stay in L1 meanwhile
+        float* column = out + (int4 ? k / 32 * 32 + k % 32 / 2 + k % 2 * 16 : k) * tile;
+        for (int64_t r = 0; r < rows; r++) column[r] = in[r * w.K + k];
+        std::fill(column + rows, column + tile, 0.0f);
+      }
     });
   }
 }
