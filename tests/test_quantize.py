@@ -97,7 +97,8 @@ def test_the_lm_head_is_quantized_and_older_checkpoints_keep_theirs(tiny_hf, tin
 
 def test_programs_of_a_model_on_our_kernels_have_no_ynnpack_fusions(tiny_hf, tiny_ckpt, tmp_path):
     """XLA:CPU's YNNPACK dots run XLA's float32 matmuls fast, but a program sets each up on its first run;
-    a model whose weights all go through our kernels (int8 here) is compiled without them, float32 with."""
+    a model whose weights all go through our kernels (int8 here) is compiled without them, float32 with
+    (a prefill's: its attention's dots are XLA's)."""
     import jax.numpy as jnp
     from model.engine_api import SamplingParams
     from model.generate import Generator
@@ -106,7 +107,7 @@ def test_programs_of_a_model_on_our_kernels_have_no_ynnpack_fusions(tiny_hf, tin
     int8 = model.convert_hf(tiny_hf, tmp_path / "int8", quantize="int8")
     for ckpt, fused in ((int8, False), (tiny_ckpt, True)):
         gen = Generator(model.load(ckpt, model.make_mesh((1, 1))))
-        compiled = gen.decode_program.lower(gen.model_def, gen.params, gen.new_cache(64), jnp.zeros((1,), jnp.int32),
-                                            gen.seen_mask([]), gen.seed(0), np.int32(1),
-                                            SamplingArrays.of(SamplingParams())).compile()
+        compiled = gen.prefill_program.lower(gen.model_def, gen.params, gen.new_cache(64), jnp.zeros((1, 16), jnp.int32),
+                                             np.int32(16), gen.seen_mask([]), gen.seed(0),
+                                             SamplingArrays.of(SamplingParams())).compile()
         assert ("ynn_fusion" in compiled.as_text()) == fused, ckpt
