@@ -27,6 +27,9 @@ namespace mixtral_cpu {
 // Runs fn(0) .. fn(n - 1) on the pool's threads and the calling one. Tasks claim chunks from a shared
 // counter, so a busy pool (other devices' calls under shard_map) leaves the work to the caller; the caller
 // returns once every chunk has completed; a task that starts late finds no chunk left and touches nothing.
+// The pool is asked for one helper fewer than its threads: the caller is one of them when XLA runs the
+// program on its pool (a program with a cond), or PjRt's own thread otherwise, and a helper for every
+// pool thread then made one worker more than there are cores.
 template <class F>
 static void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, const F& fn) {
   struct State {
