@@ -413,12 +413,12 @@ static ffi::Error next_weights(const ffi::RemainingArgs& args, size_t& i, int64_
   if (d.size() != 2 && d.size() != 3) return ffi::Error::InvalidArgument("mixtral cpu kernels: a weight must be [N, K] or [E, N, K]");
   const int64_t E = d.size() == 3 ? d[0] : 1, N = d[d.size() - 2];
   Weights w = {WeightType::F32, nullptr, nullptr, nullptr, N, d[d.size() - 1], 0};
-  int params = 0, itemsize = 4;
+  int params = 0;
   switch (weight->element_type()) {
     case ffi::DataType::F32: break;
-    case ffi::DataType::BF16: w.type = WeightType::BF16, itemsize = 2; break;
-    case ffi::DataType::S8: w.type = WeightType::INT8, params = 1, itemsize = 1; break;
-    case ffi::DataType::U8: w.type = WeightType::INT4, w.K = 2 * w.K, w.group = group, params = 2, itemsize = 1; break;
+    case ffi::DataType::BF16: w.type = WeightType::BF16; break;
+    case ffi::DataType::S8: w.type = WeightType::INT8, params = 1; break;
+    case ffi::DataType::U8: w.type = WeightType::INT4, w.K = 2 * w.K, w.group = group, params = 2; break;
     default: return ffi::Error::InvalidArgument("mixtral cpu kernels: weights must be f32, bf16, s8 or u8 (int4)");
   }
   if (w.type == WeightType::INT4 && (group <= 0 || group % 32 || w.K % group))
@@ -432,9 +432,8 @@ static ffi::Error next_weights(const ffi::RemainingArgs& args, size_t& i, int64_
       return ffi::Error::InvalidArgument("mixtral cpu kernels: scales must be f32 [N] (int8) or [N, K / group] (int4), per matrix");
     param[j] = (const float*)p->untyped_data();
   }
-  const int64_t matrix_bytes = N * w.K * itemsize / (w.type == WeightType::INT4 ? 2 : 1);
   for (int64_t e = 0; e < E; e++) {
-    w.data = (const uint8_t*)weight->untyped_data() + e * matrix_bytes;
+    w.data = (const uint8_t*)weight->untyped_data() + e * (weight->size_bytes() / E);
     w.scale = param[0] ? param[0] + e * per_matrix : nullptr;
     w.offset = param[1] ? param[1] + e * per_matrix : nullptr;
     out.push_back(w);
