@@ -85,7 +85,7 @@ class RandomWeights:
 
     def linear(self, name: str, spec: tuple, rows: slice | None = None, out_major: bool = False
                ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        if out_major:  # drawn [in, out], laid out on the devices
+        if out_major:  # drawn [in, out], laid out on the devices (int4 not interleaved: random bytes either way)
             mode = self.config.quantization if info_of(self.table, name).quantizable else None
             return linear.out_major(self.linear(name, spec, rows), mode, self.mesh, spec)
         mode, group = self.config.quantization, self.config.quant_group_size

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import quantize
+from . import cpu_matmul, quantize
 from .config import MixtralConfig
 from .manifest import CheckpointError, verify
 from .safetensors_io import NUMPY_DTYPES, SafetensorsError, TensorFiles
@@ -31,11 +31,13 @@ def _normalise(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
 
 
 # What a weight's blocks go through once read (`Read.convert`): kept as stored, cast to the model's dtype,
-# int4 pairs unpacked to one value per element (for XLA's matmuls).
+# int4 pairs unpacked to one value per element (for XLA's matmuls) or out-major ones interleaved for the
+# CPU kernels (each device's block alone, as its kernel call sees it).
 CONVERTS: dict[str, Callable[[np.ndarray, np.dtype], np.ndarray]] = {
     "as stored": lambda a, dtype: a,
     "cast": lambda a, dtype: a.astype(dtype, copy=False),
     "unpack int4": lambda a, dtype: quantize.unpack_int4(a),
+    "interleave int4": lambda a, dtype: cpu_matmul.interleave_int4(a),
 }
 
 
@@ -176,8 +178,11 @@ class CheckpointWeights:
         _, values = quantize.stored_values(info.shape, mode)
         spec, rows = tuple(spec), _rows(rows)
         if out_major or mode == "int8":
-            # out-major int4 is the [.., in/2, out] bytes (even input in the low nibble) swapped, as they are
-            kernel = self.make(Read(name, tuple(values), spec, rows, stored_swapped=stored_swapped, swapped=out_major))
+            # out-major int4 is the [.., in/2, out] bytes (even input in the low nibble) swapped, as they are,
+            # then interleaved: only the CPU kernels ask for int4 out-major (the GPU's lay it out on the devices)
+            convert = "interleave int4" if mode == "int4" else "as stored"
+            kernel = self.make(Read(name, tuple(values), spec, rows, convert, stored_swapped=stored_swapped,
+                                    swapped=out_major))
         else:
             kernel = self.make(Read(name, tuple(values), spec, rows, "unpack int4",
                                     np.dtype(quantize.UNPACKED_INT4).name, packed_axis=len(spec) - 2,

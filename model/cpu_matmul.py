@@ -6,13 +6,15 @@ The kernels want each weight as [out, in] rows (`layout` does it once, at load):
     float32 / bfloat16  [..., out, in]
     int8                int8 [..., out, in], scale float32 [..., out]
     int4                uint8 [..., out, in/2] (input 2j in the low nibble of byte j, 2j + 1 in the high
-                        one); scale, offset float32 [..., out, in/group]
-(the layouts of the GPU kernels for quantized weights, model/expert_gemv.py).
+                        one), each row's bytes interleaved (`interleave_int4`); scale, offset float32
+                        [..., out, in/group]
+(but for int4's interleave, the layouts of the GPU kernels for quantized weights, model/expert_gemv.py).
 `matmul(x, kernel, params, group)` multiplies float activations by such a weight, inside jit and
 inside shard_map (each device calls the kernel on its own shard). Times many rows (prefill) every weight
 type computes what the dequantized float32 weight would; times a few rows (decode) int8 / int4 weights
-take x rounded for integer dot products (int8: to int16 per block of X16_BLOCK inputs; int4: to two int8
-parts per 32 inputs of its X8_BLOCK blocks; within 1.6e-5 of the largest value there), and bfloat16
+take x rounded for integer dot products (int8: to int16 per block of X16_BLOCK inputs, within 1.5e-5 of
+the largest value there; int4: to int8 per INT4_UNIT inputs, within 0.4% of it, as llama.cpp's Q8
+activations), and bfloat16
 ones, on CPUs with AVX512-BF16, x split into two bfloat16 parts (within 2^-16): several times fewer
 instructions per weight.
 
@@ -40,8 +42,8 @@ ATTENTION_TARGET = "mixtral_attention"  # decode attention over the KV cache (cp
 ISAS = ("scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16")  # mixtral_cpu_isa()'s values
 GEMV_MAX_ROWS = 4  # as in matmul.cc: more rows take the blocked GEMM kernel
 X16_BLOCK = 64  # as in kernels.h: the int8 gemv rounds x to int16 per block of this many inputs
-X8_BLOCK = 128  # and the int4 gemv to two int8 parts, in blocks of this many inputs (a scale per 32)
-INT4_BLOCK = 32  # int4 groups must be a multiple of it (the kernels unpack 32 inputs at a time)
+INT4_UNIT = 32  # as in kernels.h: int4 rows in units of this many inputs (the gemv rounds x to int8 per unit),
+INT4_BLOCK_UNITS = 16  # interleaved in blocks of this many units; groups: whole units dividing a block
 
 
 @functools.cache
@@ -89,8 +91,8 @@ def set_isa(name: str) -> bool:
 
 
 def supports(mode: str | None, group: int) -> bool:
-    """Whether the kernels take weights of this quantization (int4: groups of whole 32-input blocks)."""
-    return mode != "int4" or group % INT4_BLOCK == 0
+    """Whether the kernels take weights of this quantization (int4: groups of 32, 64, ..., 512 inputs)."""
+    return mode != "int4" or (group % INT4_UNIT == 0 and INT4_UNIT * INT4_BLOCK_UNITS % group == 0)
 
 
 def multiplies(dtype, rows: int = 1) -> bool:
@@ -108,7 +110,25 @@ def layout(kernel: np.ndarray, params: tuple[np.ndarray, ...], mode: str | None)
     def swap(a):
         return np.ascontiguousarray(np.swapaxes(a, -1, -2))
 
-    return swap(kernel), tuple(map(swap, params)) if mode == "int4" else params
+    if mode == "int4":
+        return interleave_int4(swap(kernel)), tuple(map(swap, params))
+    return swap(kernel), params
+
+
+def interleave_int4(packed: np.ndarray) -> np.ndarray:
+    """Out-major int4 values, uint8 [..., out, in/2], as the kernels read them (kernels.h): each row in
+    units of INT4_UNIT inputs (16 bytes, 4 chunks of 4), the units in blocks of INT4_BLOCK_UNITS (the last
+    may be short), each block's bytes chunk-major: [units, 4 chunks, 4] -> [4 chunks, units, 4]. Rows are
+    laid out alone: a device's block of a split weight is laid out as it is read (checkpoint.py)."""
+    half = packed.shape[-1]
+    units = half // (INT4_UNIT // 2)
+    whole = units // INT4_BLOCK_UNITS
+    words = np.ascontiguousarray(packed).reshape(-1, half).view(np.uint32)  # 4 bytes each: [rows, units * 4]
+    out = np.empty_like(words)
+    for first, blocks, size in ((0, whole, INT4_BLOCK_UNITS), (whole * INT4_BLOCK_UNITS, 1, units % INT4_BLOCK_UNITS)):
+        span = slice(4 * first, 4 * (first + blocks * size))  # whole blocks, then the short one (views: one copy)
+        out[:, span].reshape(len(words), blocks, 4, size)[...] = words[:, span].reshape(len(words), blocks, size, 4).swapaxes(2, 3)
+    return out.view(np.uint8).reshape(packed.shape)
 
 
 def matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], group: int) -> jax.Array:

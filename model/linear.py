@@ -4,8 +4,8 @@
 them from disk, bench/full_size.RandomWeights draws them on the devices); `Linear` holds one weight,
 dense or weight-only quantized (quantize.py).
 
-Our kernels read weights out-major ([out, in], int4 packed along `in`): on a CPU with the native kernels
-(cpu_matmul.py) every Linear, on a GPU the quantized ones (gpu_linear.py). Such a Linear lays its weight
+Our kernels read weights out-major ([out, in], int4 packed along `in`; the CPU's int4 interleaved too):
+on a CPU with the native kernels (cpu_matmul.py) every Linear, on a GPU the quantized ones (gpu_linear.py). Such a Linear lays its weight
 out once at load (`out_major`) and multiplies through its `kernels` (`CpuKernels` here, `GpuKernels`
 there), each device on its own shard; any other keeps the checkpoint's [in, out] for XLA's matmuls.
 """
@@ -131,8 +131,8 @@ class Weights(Protocol):
     def linear(self, name: str, spec: tuple, rows: slice | None = None, out_major: bool = False
                ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """(kernel, quantization parameters: none for a dense kernel, see quantize.PARAMS), [.., in, out]
-        split by `spec`, or with `out_major` as `out_major` lays them out (read so, without a relayout
-        on the devices, where the source can)."""
+        split by `spec`, or with `out_major` as the CPU kernels take them (`out_major`'s layout, int4 values
+        interleaved: cpu_matmul.py; read so, without a relayout on the devices, where the source can)."""
         ...
 
 

@@ -43,22 +43,25 @@ def isas() -> list[str]:
     return found
 
 
-def weight(kind: str, n_in: int, n_out: int, seed: int = 0):
-    """(the float32 weight [in, out] it stands for, the kernel's arrays)."""
+def weight(kind: str, n_in: int, n_out: int, seed: int = 0, in_shards: int = 1):
+    """(the float32 weight [in, out] it stands for, the kernel's arrays); int4 values split `in_shards`
+    ways along `in` are laid out a block at a time, as a load onto that many devices does."""
     w = np.random.default_rng(seed).standard_normal((n_in, n_out), np.float32)
     if kind in ("float32", "bfloat16"):
         w = w.astype(ml_dtypes.bfloat16 if kind == "bfloat16" else np.float32)
         return w.astype(np.float32), jnp.asarray(cpu_matmul.layout(w, (), None)[0]), ()
     q, params = quantize.quantize(w, kind, GROUP)
     kernel, kernel_params = cpu_matmul.layout(q, params, kind)
+    if kind == "int4":
+        kernel = np.concatenate([cpu_matmul.layout(block, (), kind)[0] for block in np.split(q, in_shards)], axis=-1)
     return (quantize.dequantize_numpy(q, params, kind, GROUP), jnp.asarray(kernel),
             tuple(map(jnp.asarray, kernel_params)))
 
 
 def as_the_kernel_takes_it(x: np.ndarray, kind: str, isa: str) -> np.ndarray:
     """x [rows, in] as the kernels multiply it (float64). The gemv (a few rows): int8 rounds each whole
-    block of X16_BLOCK inputs to int16 with one scale, int4 each 32 inputs of its whole X8_BLOCK blocks to
-    two int8 parts (as matmul.cc does, in float32); bfloat16 on a CPU with bfloat16 dot products splits
+    block of X16_BLOCK inputs to int16 with one scale, int4 each INT4_UNIT inputs to int8 (as matmul.cc
+    does, in float32); bfloat16 on a CPU with bfloat16 dot products splits
     each whole 32 inputs into two bfloat16 parts. Else x itself."""
     x = x.astype(np.float32)
     out = x.astype(np.float64)
@@ -70,9 +73,9 @@ def as_the_kernel_takes_it(x: np.ndarray, kind: str, isa: str) -> np.ndarray:
         low = (x - high).astype(ml_dtypes.bfloat16).astype(np.float32)
         out[:, :whole] = high[:, :whole].astype(np.float64) + low[:, :whole]
     elif kind == "int8":
-        out[:, :_whole(x, cpu_matmul.X16_BLOCK)] = _rounded(x, cpu_matmul.X16_BLOCK, cpu_matmul.X16_BLOCK, 32767, 1)
-    elif kind == "int4":
-        out[:, :_whole(x, cpu_matmul.X8_BLOCK)] = _rounded(x, cpu_matmul.X8_BLOCK, 32, 127, 256)
+        out[:, :_whole(x, cpu_matmul.X16_BLOCK)] = _rounded(x, cpu_matmul.X16_BLOCK, 32767)
+    elif kind == "int4":  # (its inputs are whole units)
+        out[:] = _rounded(x, cpu_matmul.INT4_UNIT, 127)
     return out
 
 
@@ -80,17 +83,14 @@ def _whole(x: np.ndarray, block: int) -> int:
     return x.shape[1] // block * block
 
 
-def _rounded(x: np.ndarray, block: int, group: int, largest_int: int, parts: int) -> np.ndarray:
-    """The whole blocks of x, each group of inputs rounded to integers of at most `largest_int` times its
-    scale, to 1 / `parts` of that (int4: a second int8 part of 256ths)."""
-    groups = x[:, :_whole(x, block)].reshape(x.shape[0], -1, group)
-    largest = np.abs(groups).max(axis=-1, keepdims=True)
+def _rounded(x: np.ndarray, block: int, largest_int: int) -> np.ndarray:
+    """The whole blocks of x, each rounded to integers of at most `largest_int` times its scale."""
+    blocks = x[:, :_whole(x, block)].reshape(x.shape[0], -1, block)
+    largest = np.abs(blocks).max(axis=-1, keepdims=True)
     to_int = np.where(largest > 0, np.float32(largest_int) / np.maximum(largest, np.float32(1e-30)), np.float32(0))
-    t = groups * to_int.astype(np.float32)
-    whole = np.rint(t)
-    rest = np.rint((t - whole) * np.float32(parts))  # (int4 rounds a remainder of 128/256 as a + 1, b = -128)
-    assert np.abs(whole).max(initial=0) <= largest_int and np.abs(rest).max(initial=0) <= parts / 2
-    taken = (whole * parts + rest) * (largest / np.float32(largest_int) / parts).astype(np.float64)
+    whole = np.rint(blocks * to_int.astype(np.float32))
+    assert np.abs(whole).max(initial=0) <= largest_int
+    taken = whole * (largest / np.float32(largest_int)).astype(np.float64)
     return taken.reshape(x.shape[0], -1)
 
 
@@ -121,7 +121,40 @@ def test_each_kernel_matches_numpy(kind):
                 assert y.shape == (rows, n_out) and y.dtype == jnp.float32
                 taken = as_the_kernel_takes_it(x, kind, isa)
                 close(y, taken @ w)
-                np.testing.assert_allclose(taken, x, rtol=0, atol=2e-5 * np.abs(x).max())  # the roundings are that small
+                # the roundings are that small (int4's gemv: half an int8 step of a unit's largest |x|)
+                rounding = 0.5 / 127 if kind == "int4" and rows <= cpu_matmul.GEMV_MAX_ROWS else 2e-5
+                np.testing.assert_allclose(taken, x, rtol=0, atol=rounding * np.abs(x).max())
+    finally:
+        cpu_matmul.set_isa(original)
+
+
+def test_int4_rows_are_interleaved_as_kernels_h_says():
+    """Byte j of unit u (16 bytes, 32 inputs) at 4 U c + 4 u' + j % 4 of its block (c = j // 4, u' its
+    place in the block, U the block's units: 16, or fewer in a row's last block)."""
+    for shape in [(3, 48), (2, 5, 256), (4, 272), (3, 528)]:
+        packed = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+        units = shape[-1] // 16
+        want = np.empty_like(packed)
+        for u, j in itertools.product(range(units), range(16)):
+            first = u // 16 * 16
+            want[..., 16 * first + 4 * min(16, units - first) * (j // 4) + 4 * (u - first) + j % 4] = packed[..., 16 * u + j]
+        np.testing.assert_array_equal(cpu_matmul.interleave_int4(packed), want)
+
+
+@pytest.mark.parametrize("group", [64, 128, 512])
+def test_int4_groups_of_several_units(group):
+    """Groups of 2 to 16 units (a whole interleaved block), in whole blocks and a short last one."""
+    original = cpu_matmul.isa()
+    try:
+        for rows, n_in, n_out in [(1, 1536, 19), (3, 1024 + group, 8), (9, 512 + group, 5)]:
+            w = np.random.default_rng(n_in).standard_normal((n_in, n_out), np.float32)
+            q, params = quantize.quantize(w, "int4", group)
+            kernel, kernel_params = map(jax.tree.map, (jnp.asarray,) * 2, cpu_matmul.layout(q, params, "int4"))
+            x = np.random.default_rng(1).standard_normal((rows, n_in)).astype(np.float32)
+            for isa in isas():
+                cpu_matmul.set_isa(isa)
+                y = jax.jit(partial(cpu_matmul.matmul, group=group))(x, kernel, kernel_params)
+                close(y, as_the_kernel_takes_it(x, "int4", isa) @ quantize.dequantize_numpy(q, params, "int4", group))
     finally:
         cpu_matmul.set_isa(original)
 
@@ -141,7 +174,7 @@ def test_inside_shard_map_on_8_devices(kind, split):
     """Each device multiplies by its shard of the weight: outputs split, or inputs split and summed."""
     mesh = make_mesh((1, 8))
     axis = mesh.axis_names[1]
-    w, kernel, params = weight(kind, 8 * 64, 8 * 24, seed=3)
+    w, kernel, params = weight(kind, 8 * 64, 8 * 24, seed=3, in_shards=mesh.shape[axis] if split == "in" else 1)
     x = np.random.default_rng(4).standard_normal((6, 8 * 64)).astype(np.float32)
     if split == "out":  # kernel [out, in]: rows split; int8 scale [out], int4 params [out, in/group]
         w_spec, x_spec, y_spec = P(axis, None), P(), P(None, axis)

@@ -56,10 +56,12 @@ def test_quantized_checkpoint_is_smaller_and_close(tiny_hf, tiny_ckpt, reference
     error = np.abs(logits - reference).max() / np.abs(reference).max()
     assert error < max_error
     assert (logits.argmax(-1) == reference.argmax(-1)).mean() >= 0.75
-    # sharded over 8 devices, and the GPU's layout (int8 experts stored [out, in]): the same numbers
+    # sharded over 8 devices, and the GPU's layout (int8 experts stored [out, in]): the same numbers (but
+    # that the CPU's int4 gemv, the experts' of a few tokens here, rounds x to int8 where the GPU's does not)
     for mesh, branchless in (((2, 4), False), ((1, 1), True), ((2, 4), True)):
         other = model.load(ckpt, model.make_mesh(mesh), branchless=branchless)
-        np.testing.assert_allclose(np.asarray(other(IDS)), logits, atol=1e-5)
+        rounding = 2e-3 * np.abs(logits).max() if mode == "int4" and branchless else 1e-5
+        np.testing.assert_allclose(np.asarray(other(IDS)), logits, atol=rounding)
         if branchless:  # the GPU's layout: attention weights [out, in] (int4 packed along in), read by our kernels
             wq = other.layers[0].attn.wq
             assert wq.kernels is not None and wq.kernel.shape == (config.num_heads * config.head_dim,

@@ -37,24 +37,32 @@ struct Weights {
 // weights' integers in integer dot products; inputs after the last whole block stay float32.
 constexpr int64_t X16_BLOCK = 64;
 
-// The gemv of INT4 weights takes x in blocks of X8_BLOCK inputs (what 64 bytes of a row hold) as two
-// int8 parts a and b per input, with a float32 scale per 32 inputs (X8_GROUP): x ~= (256 a + b) * scale
-// / 256, |a| <= 127 (the 32 inputs' largest |x| is 127 * scale), within 1.6e-5 of that largest |x|.
-// Unsigned nibbles times signed bytes, 4 products summed a lane (vpdpbusd; vpmaddubsw + vpmaddwd
-// without VNNI): the nibbles need no widening. Inputs after the last whole block stay float32.
-constexpr int64_t X8_BLOCK = 128;
-constexpr int64_t X8_GROUP = 32;
-constexpr int64_t X8_LANE = 8;  // inputs per int32 lane of the dot products: 4 bytes, two nibbles each
+// INT4 weights as the kernels read them: each row's inputs in units of INT4_UNIT (16 bytes: input 2j of
+// the unit in the low nibble of byte j, 2j + 1 in the high one), the units in blocks of
+// INT4_BLOCK_UNITS (the row's last block may hold fewer, U), each block's bytes interleaved four at a
+// time: byte 4c + i of its unit u (chunk c in 0..3) at 4 U c + 4 u + i (model/cpu_matmul.py's
+// `interleave_int4` lays them out so at load). A vector of W lanes then holds chunk c of W units, one a
+// lane, and the gemv sums each unit's 32 products in its lane over the 4 chunks before scaling it once.
+// Groups must be whole units dividing a whole block (32, 64, ..., 512 inputs).
+constexpr int64_t INT4_UNIT = 32;
+constexpr int64_t INT4_BLOCK_UNITS = 16;
+
+// The gemv of INT4 weights takes x as int8 per unit, with a float32 scale each (x ~= x8 * scale, |x8|
+// <= 127: within 0.4% of the unit's largest |x|, as llama.cpp's Q8 activations): unsigned nibbles times
+// signed bytes, 4 products summed a lane (vpdpbusd; vpmaddubsw + vpmaddwd without VNNI), the nibbles
+// not widened. (x as two int8 parts took twice the dot products: 20-30% slower from memory.)
+constexpr int64_t X8_BLOCK_BYTES = 4 * 2 * INT4_BLOCK_UNITS * 4;  // x8 of a block: 4 chunks, low and high
 
 // What the kernels want of x besides x, prepared once per call (matmul.cc).
 struct Prepared {
   const float* group_sums;  // INT4 gemv [M, K / group]: x summed over each group, as x8 stands for it
   const int16_t* x16;       // INT8 gemv [M, K]: the whole blocks of x as int16
   const float* x16_scale;   // [M, K / X16_BLOCK]
-  const int8_t* x8;         // INT4 gemv [M, K / X8_BLOCK, 4, 64]: per whole block, a of its 64 even inputs (the
-                            // low nibbles' order), a of its odd ones (the high nibbles'), then b of each
-  const float* x8_scale;    // [M, K / X8_LANE] (whole blocks): each lane's scale / 256
-  const int32_t* lane_group;  // [K / X8_LANE] (whole blocks): each lane's weight group, less its block's first
+  const int8_t* x8;         // INT4 gemv [M, blocks, 4 chunks, 2, INT4_BLOCK_UNITS, 4]: per block and chunk c, x8 of
+                            // the inputs its low nibbles meet (unit u's 8c, 8c + 2, 8c + 4, 8c + 6 in lane u), then
+                            // of those its high ones meet (8c + 1, ...); 0 past the row's last unit
+  const float* x8_scale;    // [M, blocks * INT4_BLOCK_UNITS]: each unit's scale (0 past the last unit)
+  const int32_t* lane_group;  // [INT4_BLOCK_UNITS]: each unit's weight group, less its block's first
   const uint16_t* x_bf16;   // BF16 gemv [M, 2, K]: x as a bfloat16 and the bfloat16 of what it leaves (their sum
                             // within 2^-16 of x), for the CPUs with bfloat16 dot products (AVX512-BF16)
   const float* tiles;       // SIMD gemm [M / tile_rows][K][tile_rows]: x in tiles of rows, zero-padded (INT4: each 32

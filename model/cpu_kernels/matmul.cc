@@ -23,11 +23,18 @@ static inline uint16_t float_to_bf16(float f) {  // rounded to the nearest, ties
   return uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
+// Where byte j (0..15) of unit u lies in an INT4 row of K inputs (kernels.h: blocks of interleaved units).
+static int64_t int4_byte(int64_t K, int64_t u, int64_t j) {
+  const int64_t first = u / INT4_BLOCK_UNITS * INT4_BLOCK_UNITS, U = std::min(INT4_BLOCK_UNITS, K / INT4_UNIT - first);
+  return first * (INT4_UNIT / 2) + j / 4 * 4 * U + (u - first) * 4 + j % 4;
+}
+
 // The integer value of weight (n, k): INT8 q (its scale applied to the whole row), INT4 q in [0, 15].
 static int32_t weight_integer(const Weights& w, int64_t n, int64_t k) {
   if (w.type == WeightType::INT8) return ((const int8_t*)w.data)[n * w.K + k];
-  const uint8_t byte = ((const uint8_t*)w.data)[n * (w.K / 2) + k / 2];
-  return k % 2 ? byte >> 4 : byte & 15;
+  const int64_t i = k % INT4_UNIT;
+  const uint8_t byte = ((const uint8_t*)w.data)[n * (w.K / 2) + int4_byte(w.K, k / INT4_UNIT, i / 2)];
+  return i % 2 ? byte >> 4 : byte & 15;
 }
 
 // The scalar reference: what every SIMD kernel must compute, one weight at a time.
@@ -54,23 +61,22 @@ static void matmul_reference(const Weights& w, const float* x, const Prepared&, 
     }
 }
 
-// The int4 gemv's x (Prepared::x8) at input k of row m, within its whole blocks: 256 a + b, to be
-// multiplied by x8_scale.
+// The int4 gemv's x (Prepared::x8) at input k of row m, to be multiplied by its unit's x8_scale.
 static int32_t x8_integer(const Prepared& prepared, int64_t K, int64_t m, int64_t k) {
-  const int8_t* block = prepared.x8 + (m * (K / X8_BLOCK) + k / X8_BLOCK) * 4 * 64;
-  const int64_t i = k % X8_BLOCK, at = i % 2 * 64 + i / 2;  // even inputs first
-  return 256 * block[at] + block[2 * 64 + at];
+  const int64_t u = k / INT4_UNIT, i = k % INT4_UNIT, blocks = (K / INT4_UNIT + INT4_BLOCK_UNITS - 1) / INT4_BLOCK_UNITS;
+  const int8_t* chunk = prepared.x8 + (m * blocks + u / INT4_BLOCK_UNITS) * X8_BLOCK_BYTES + i / 8 * (X8_BLOCK_BYTES / 4);
+  return chunk[i % 2 * (X8_BLOCK_BYTES / 8) + u % INT4_BLOCK_UNITS * 4 + i % 8 / 2];
 }
 
-// The gemv of INT8 / INT4 weights (what the SIMD gemv computes): per 32 inputs of the whole blocks, the
-// integer dot product with x16 (INT8) or x8 (INT4), times x's scale there (INT4: and the group's scale);
-// the inputs after the whole blocks in float32; INT8 times the row's scale, INT4 plus its offsets times
-// x's group sums.
+// The gemv of INT8 / INT4 weights (what the SIMD gemv computes): per 32 inputs of the whole blocks (INT4:
+// of each unit), the integer dot product with x16 (INT8) or x8 (INT4), times x's scale there (INT4: and
+// the group's scale); INT8's inputs after the whole blocks in float32; INT8 times the row's scale, INT4
+// plus its offsets times x's group sums.
 static void gemv_reference_int(const Weights& w, const float* x, const Prepared& prepared, int64_t, int64_t m0,
                                int64_t m1, int64_t n0, int64_t n1, float* y) {
   const bool int4 = w.type == WeightType::INT4;
-  const int64_t K = w.K, block = int4 ? X8_BLOCK : X16_BLOCK, whole = K / block * block;
-  const int64_t G = int4 ? K / w.group : 0;
+  const int64_t K = w.K, whole = int4 ? K : K / X16_BLOCK * X16_BLOCK;
+  const int64_t G = int4 ? K / w.group : 0, scales = (K / INT4_UNIT + INT4_BLOCK_UNITS - 1) / INT4_BLOCK_UNITS * INT4_BLOCK_UNITS;
   for (int64_t m = m0; m < m1; m++)
     for (int64_t n = n0; n < n1; n++) {
       float s = 0;
@@ -78,14 +84,16 @@ static void gemv_reference_int(const Weights& w, const float* x, const Prepared&
         int32_t dot = 0;
         for (int64_t k = k0; k < k0 + 32; k++)
           dot += weight_integer(w, n, k) * (int4 ? x8_integer(prepared, K, m, k) : prepared.x16[m * K + k]);
-        s += int4 ? dot * (w.scale[n * G + k0 / w.group] * prepared.x8_scale[m * (whole / X8_LANE) + k0 / X8_LANE])
+        s += int4 ? dot * (w.scale[n * G + k0 / w.group] * prepared.x8_scale[m * scales + k0 / INT4_UNIT])
                   : dot * prepared.x16_scale[m * (K / X16_BLOCK) + k0 / X16_BLOCK];
       }
-      for (int64_t k = whole; k < K; k++)
-        s += x[m * K + k] * (G ? weight_integer(w, n, k) * w.scale[n * G + k / w.group] : weight_integer(w, n, k));
-      if (G)
+      if (int4) {
         for (int64_t g = 0; g < G; g++) s += w.offset[n * G + g] * prepared.group_sums[m * G + g];
-      y[m * w.N + n] = G ? s : s * w.scale[n];
+        y[m * w.N + n] = s;
+      } else {
+        for (int64_t k = whole; k < K; k++) s += x[m * K + k] * weight_integer(w, n, k);
+        y[m * w.N + n] = s * w.scale[n];
+      }
     }
 }
 
@@ -261,22 +269,16 @@ VECTORIZED static void to_x16(const float* x, float to_int, int16_t* out) {
   for (int64_t i = 0; i < X16_BLOCK; i++) out[i] = int16_t(std::nearbyint(x[i] * to_int));
 }
 
-// X8_GROUP inputs as x8's two parts (kernels.h): a = x * to_int rounded, b = what it leaves in 256ths
-// rounded (a + 1 and b = -128 where that is 128; |a| < 127 then), the even inputs' a to a[0..15], the
-// odd ones' to a[64..79], and their b 128 on. Returns the sum of their 256 a + b.
-VECTORIZED static int32_t to_x8(const float* x, float to_int, int8_t* a) {
-  int32_t whole[X8_GROUP], rest[X8_GROUP], sum = 0;
-  for (int i = 0; i < X8_GROUP; i++) {
-    const float t = x[i] * to_int, rounded = std::nearbyint(t);
-    const int32_t r = int32_t(std::nearbyint((t - rounded) * 256)), carry = (r + 128) >> 8;  // r = 128: 1
-    whole[i] = int32_t(rounded) + carry;
-    rest[i] = r - 256 * carry;
-    sum += 256 * int32_t(rounded) + r;
+// A unit's INT4_UNIT inputs times to_int, rounded, into x8 (kernels.h: `chunks` at the unit's lane of
+// its block's first chunk); returns their sum.
+VECTORIZED static int32_t to_x8(const float* x, float to_int, int8_t* chunks) {
+  int32_t rounded[INT4_UNIT], sum = 0;
+  for (int i = 0; i < INT4_UNIT; i++) {
+    rounded[i] = int32_t(std::nearbyint(x[i] * to_int));
+    sum += rounded[i];
   }
-  for (int i = 0; i < X8_GROUP; i++) {
-    a[i % 2 * 64 + i / 2] = int8_t(whole[i]);
-    a[128 + i % 2 * 64 + i / 2] = int8_t(rest[i]);
-  }
+  for (int i = 0; i < INT4_UNIT; i++)
+    chunks[i / 8 * (X8_BLOCK_BYTES / 4) + i % 2 * (X8_BLOCK_BYTES / 8) + i % 8 / 2] = int8_t(rounded[i]);
   return sum;
 }
 
@@ -316,24 +318,21 @@ static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, in
       }
   }
   if (gemv && w.type == WeightType::INT4) {  // x8, and the group sums of x as multiplied
-    const int64_t G = K / w.group, x8_whole = K / X8_BLOCK * X8_BLOCK, lanes = x8_whole / X8_LANE;
+    const int64_t G = K / w.group, units = K / INT4_UNIT, blocks = (units + INT4_BLOCK_UNITS - 1) / INT4_BLOCK_UNITS;
     p.sums.assign(M * G, 0.0f);
-    p.x8.resize(M * x8_whole * 2);
-    p.x8_scale.resize(M * lanes);
-    p.lane_group.resize(lanes);
-    for (int64_t l = 0; l < lanes; l++)
-      p.lane_group[l] = l * X8_LANE / w.group - l * X8_LANE / X8_BLOCK * X8_BLOCK / w.group;
-    for (int64_t m = 0; m < M; m++) {
-      for (int64_t k0 = 0; k0 < x8_whole; k0 += X8_GROUP) {
-        const float* group = xs + m * K + k0;
-        const float largest = largest_abs(group, X8_GROUP), to_int = largest > 0 ? 127.0f / largest : 0.0f;
-        const float scale = largest / 127.0f / 256;
-        std::fill_n(p.x8_scale.data() + m * lanes + k0 / X8_LANE, X8_GROUP / X8_LANE, scale);
-        int8_t* block = p.x8.data() + (m * (K / X8_BLOCK) + k0 / X8_BLOCK) * 4 * 64;
-        p.sums[m * G + k0 / w.group] += to_x8(group, to_int, block + k0 % X8_BLOCK / 2) * scale;
+    p.x8.assign(M * blocks * X8_BLOCK_BYTES, 0);
+    p.x8_scale.assign(M * blocks * INT4_BLOCK_UNITS, 0.0f);
+    p.lane_group.resize(INT4_BLOCK_UNITS);
+    for (int64_t l = 0; l < INT4_BLOCK_UNITS; l++) p.lane_group[l] = int32_t(l * INT4_UNIT / w.group);
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t u = 0; u < units; u++) {
+        const float* unit = xs + m * K + u * INT4_UNIT;
+        const float largest = largest_abs(unit, INT4_UNIT), to_int = largest > 0 ? 127.0f / largest : 0.0f;
+        const float scale = largest / 127.0f;
+        p.x8_scale[m * blocks * INT4_BLOCK_UNITS + u] = scale;
+        int8_t* lane = p.x8.data() + (m * blocks + u / INT4_BLOCK_UNITS) * X8_BLOCK_BYTES + u % INT4_BLOCK_UNITS * 4;
+        p.sums[m * G + u * INT4_UNIT / w.group] += to_x8(unit, to_int, lane) * scale;
       }
-      for (int64_t k = x8_whole; k < K; k++) p.sums[m * G + k / w.group] += xs[m * K + k];
-    }
   }
   const int64_t tile = kernels.tile_rows;
   if (!gemv && tile) {  // x in tiles of rows, input-major; INT4: each 32 inputs with the 16 even ones first,
@@ -421,8 +420,8 @@ static ffi::Error next_weights(const ffi::RemainingArgs& args, size_t& i, int64_
     case ffi::DataType::U8: w.type = WeightType::INT4, w.K = 2 * w.K, w.group = group, params = 2; break;
     default: return ffi::Error::InvalidArgument("mixtral cpu kernels: weights must be f32, bf16, s8 or u8 (int4)");
   }
-  if (w.type == WeightType::INT4 && (group <= 0 || group % 32 || w.K % group))
-    return ffi::Error::InvalidArgument("int4 weights: groups must be a multiple of 32 dividing K");
+  if (w.type == WeightType::INT4 && (group <= 0 || group % INT4_UNIT || INT4_UNIT * INT4_BLOCK_UNITS % group || w.K % group))
+    return ffi::Error::InvalidArgument("int4 weights: groups must be 32, 64, ..., 512 inputs, dividing K");
   const int64_t per_matrix = w.type == WeightType::INT8 ? N : w.type == WeightType::INT4 ? N * (w.K / w.group) : 0;
   const float* param[2] = {nullptr, nullptr};
   for (int j = 0; j < params; j++) {
