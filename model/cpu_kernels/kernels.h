@@ -50,7 +50,8 @@ constexpr int64_t INT4_BLOCK_UNITS = 16;
 // The gemv of INT4 weights takes x as int8 per unit, with a float32 scale each (x ~= x8 * scale, |x8|
 // <= 127: within 0.4% of the unit's largest |x|, as llama.cpp's Q8 activations): unsigned nibbles times
 // signed bytes, 4 products summed a lane (vpdpbusd; vpmaddubsw + vpmaddwd without VNNI), the nibbles
-// not widened. (x as two int8 parts took twice the dot products: 20-30% slower from memory.)
+// not widened. (x as two int8 parts, within 1.6e-5, took twice the dot products: 1.7x slower from cache,
+// 10-20% from memory.)
 constexpr int64_t X8_BLOCK_BYTES = 4 * 2 * INT4_BLOCK_UNITS * 4;  // x8 of a block: 4 chunks, low and high
 
 // What the kernels want of x besides x, prepared once per call (matmul.cc).
