@@ -25,7 +25,7 @@ REPLY_TOKENS = 48
 
 
 def main() -> int:
-    _, reference_ckpt = prepare("demo", "float32")
+    _, reference_ckpt = prepare("demo", "float32", None)
     hf_dir = CACHE / "demo" / "exported"
     tok = model.load_tokenizer(reference_ckpt)
     mesh = model.make_mesh((1, 1))
