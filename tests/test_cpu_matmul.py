@@ -112,7 +112,8 @@ def test_each_kernel_matches_numpy(kind):
             n_in = n_in // GROUP * GROUP if kind == "int4" else n_in
             w, kernel, params = weight(kind, n_in, n_out)
             x = np.random.default_rng(1).standard_normal((rows, n_in)).astype(np.float32)
-            # bfloat16 weights: also x that is bfloat16 already (a bfloat16 model's), one dot product per input
+            # bfloat16 weights: also x that is bfloat16 already (a bfloat16 model's): one dot product per input
+            # (gemv), x in tiles of bfloat16 pairs where K is even (gemm), on CPUs with bfloat16 dot products
             xs = [x, x.astype(ml_dtypes.bfloat16).astype(np.float32)] if kind == "bfloat16" else [x]
             matmul = jax.jit(partial(cpu_matmul.matmul, group=GROUP))
             for isa, x in itertools.product(isas(), xs):

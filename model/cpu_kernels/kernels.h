@@ -68,6 +68,8 @@ struct Prepared {
                             // within 2^-16 of x), for the CPUs with bfloat16 dot products (AVX512-BF16)
   const float* tiles;       // SIMD gemm [M / tile_rows][K][tile_rows]: x in tiles of rows, zero-padded (INT4: each 32
                             // inputs reordered, the 16 even ones first, as its weights dequantize)
+  const uint16_t* tiles_bf16;  // BF16 gemm with bfloat16 dot products, where x is bfloat16 already (null elsewhere):
+                               // [M / tile_rows][K / 2][tile_rows][2], x in tiles of rows, its inputs in pairs
   bool x_is_bf16;           // x_bf16's second parts are all 0 (x is bfloat16 already)
 };
 

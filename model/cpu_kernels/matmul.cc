@@ -243,16 +243,16 @@ struct PreparedX {
   std::vector<int16_t> x16;
   std::vector<int8_t> x8;
   std::vector<int32_t> lane_group;
-  std::vector<uint16_t> x_bf16;
-  bool x_is_bf16 = false;
+  std::vector<uint16_t> x_bf16, tiles_bf16;
+  bool x_is_bf16 = false, bf16_tiles = false;
 
   Prepared view() const {
     return {sums.data(), x16.data(), x16_scale.data(), x8.data(), x8_scale.data(), lane_group.data(),
-            x_bf16.data(), tiles.data(), x_is_bf16};
+            x_bf16.data(), tiles.data(), bf16_tiles ? tiles_bf16.data() : nullptr, x_is_bf16};
   }
   size_t held() const {
     return bytes(sums) + bytes(tiles) + bytes(x16_scale) + bytes(x8_scale) + bytes(x16) + bytes(x8) +
-           bytes(lane_group) + bytes(x_bf16);
+           bytes(lane_group) + bytes(x_bf16) + bytes(tiles_bf16);
   }
 };
 
@@ -280,6 +280,17 @@ VECTORIZED static int32_t to_x8(const float* x, float to_int, int8_t* chunks) {
   for (int i = 0; i < INT4_UNIT; i++)
     chunks[i / 8 * (X8_BLOCK_BYTES / 4) + i % 2 * (X8_BLOCK_BYTES / 8) + i % 8 / 2] = int8_t(rounded[i]);
   return sum;
+}
+
+// Whether each of n values is a bfloat16 (its low 16 bits 0).
+VECTORIZED static bool is_bf16(const float* x, int64_t n) {
+  uint32_t low = 0;
+  for (int64_t i = 0; i < n; i++) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, 4);
+    low |= bits & 0xFFFF;
+  }
+  return low == 0;
 }
 
 // n inputs as bfloat16 (to high[0, n)) and the bfloat16 of what each leaves (to high[n, 2n)); returns
@@ -335,8 +346,26 @@ static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, in
       }
   }
   const int64_t tile = kernels.tile_rows;
-  if (!gemv && tile) {  // x in tiles of rows, input-major; INT4: each 32 inputs with the 16 even ones first,
-                        // the order its dequantized weights come in (low nibbles, then high ones)
+  // BF16 weights times x that is bfloat16 already (a bfloat16 model's activations, not the experts' hidden
+  // ones), on CPUs with bfloat16 dot products: x in tiles of bfloat16 pairs, for vdpbf16ps
+  p.bf16_tiles = !gemv && tile && w.type == WeightType::BF16 && bf16_dot && K % 2 == 0 && is_bf16(xs, M * K);
+  if (p.bf16_tiles) {
+    p.tiles_bf16.resize((M + tile - 1) / tile * tile * K);
+    parallel_for(pool, (M + tile - 1) / tile, [&](int64_t t) {
+      uint16_t* out = p.tiles_bf16.data() + t * tile * K;
+      const int64_t rows = std::min(tile, M - t * tile);
+      const float* in = xs + t * tile * K;
+      for (int64_t k = 0; k < K; k += 2) {
+        uint16_t* pairs = out + k * tile;
+        for (int64_t r = 0; r < rows; r++) {
+          pairs[2 * r] = float_to_bf16(in[r * K + k]);
+          pairs[2 * r + 1] = float_to_bf16(in[r * K + k + 1]);
+        }
+        std::fill(pairs + 2 * rows, pairs + 2 * tile, uint16_t(0));
+      }
+    });
+  } else if (!gemv && tile) {  // x in tiles of rows, input-major; INT4: each 32 inputs with the 16 even ones
+                               // first, the order its dequantized weights come in (low nibbles, then high ones)
     const bool int4 = w.type == WeightType::INT4;
     p.tiles.resize((M + tile - 1) / tile * tile * w.K);
     parallel_for(pool, (M + tile - 1) / tile, [&](int64_t t) {
