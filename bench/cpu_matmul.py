@@ -47,6 +47,8 @@ def main(argv=None) -> None:
         row = [dtype]
         for rows in (1, args.rows):
             x = jnp.asarray(np.random.default_rng(9).standard_normal((rows, n_in), np.float32))
+            if dtype == "bfloat16":  # as a bfloat16 model's activations are
+                x = x.astype(jnp.bfloat16).astype(jnp.float32)
             xla = jax.jit(lambda x, ws: sum(quantize.matmul(x, k, p, mode, GROUP) for k, p in ws))
             ours = jax.jit(lambda x, ws: sum(cpu_matmul.matmul(x, k, p, GROUP) for k, p in ws))
             for fn, ws in ((xla, [p[0] for p in pairs]), (ours, [p[1] for p in pairs])):
