@@ -129,10 +129,12 @@ def test_each_kernel_matches_numpy(kind):
         cpu_matmul.set_isa(original)
 
 
-def test_int4_rows_are_interleaved_as_kernels_h_says():
+def test_int4_rows_are_interleaved_as_kernels_h_says(monkeypatch):
     """Byte j of unit u (16 bytes, 32 inputs) at 4 U c + 4 u' + j % 4 of its block (c = j // 4, u' its
-    place in the block, U the block's units: 16, or fewer in a row's last block)."""
-    for shape in [(3, 48), (2, 5, 256), (4, 272), (3, 528)]:
+    place in the block, U the block's units: 16, or fewer in a row's last block); rows laid out by
+    several threads, a few at a time, the same."""
+    for shape, part_bytes in itertools.product([(3, 48), (2, 5, 256), (4, 272), (3, 528)], [cpu_matmul.INTERLEAVE_BYTES, 600]):
+        monkeypatch.setattr(cpu_matmul, "INTERLEAVE_BYTES", part_bytes)
         packed = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
         units = shape[-1] // 16
         want = np.empty_like(packed)
