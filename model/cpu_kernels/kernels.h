@@ -47,12 +47,28 @@ constexpr int64_t X16_BLOCK = 64;
 constexpr int64_t INT4_UNIT = 32;
 constexpr int64_t INT4_BLOCK_UNITS = 16;
 
+// Blocks of a row of K inputs, and the units of the block starting at unit `first` (U above).
+static inline int64_t int4_blocks(int64_t K) { return (K / INT4_UNIT + INT4_BLOCK_UNITS - 1) / INT4_BLOCK_UNITS; }
+static inline int64_t int4_block_units(int64_t K, int64_t first) {
+  return K / INT4_UNIT - first < INT4_BLOCK_UNITS ? K / INT4_UNIT - first : INT4_BLOCK_UNITS;
+}
+
+// Where byte j (0..15) of unit u lies in an INT4 row of K inputs.
+static inline int64_t int4_byte(int64_t K, int64_t u, int64_t j) {
+  const int64_t first = u / INT4_BLOCK_UNITS * INT4_BLOCK_UNITS;
+  return first * (INT4_UNIT / 2) + j / 4 * 4 * int4_block_units(K, first) + (u - first) * 4 + j % 4;
+}
+
 // The gemv of INT4 weights takes x as int8 per unit, with a float32 scale each (x ~= x8 * scale, |x8|
 // <= 127: within 0.4% of the unit's largest |x|, as llama.cpp's Q8 activations): unsigned nibbles times
 // signed bytes, 4 products summed a lane (vpdpbusd; vpmaddubsw + vpmaddwd without VNNI), the nibbles
 // not widened. (x as two int8 parts, within 1.6e-5, took twice the dot products: 1.7x slower from cache,
 // 10-20% from memory.)
 constexpr int64_t X8_BLOCK_BYTES = 4 * 2 * INT4_BLOCK_UNITS * 4;  // x8 of a block: 4 chunks, low and high
+
+// Where input i (0..31) of a unit lies in x8 (Prepared::x8), from the unit's first byte (its lane of its
+// block's first chunk): chunk i / 8, the low nibbles' (even i) or the high ones' (odd i) part, byte i % 8 / 2.
+static inline int64_t x8_at(int64_t i) { return i / 8 * (X8_BLOCK_BYTES / 4) + i % 2 * (X8_BLOCK_BYTES / 8) + i % 8 / 2; }
 
 // What the kernels want of x besides x, prepared once per call (matmul.cc).
 struct Prepared {
@@ -70,7 +86,7 @@ struct Prepared {
                             // inputs reordered, the 16 even ones first, as its weights dequantize)
   const uint16_t* tiles_bf16;  // BF16 gemm with bfloat16 dot products, where x is bfloat16 already (null elsewhere):
                                // [M / tile_rows][K / 2][tile_rows][2], x in tiles of rows, its inputs in pairs
-  bool x_is_bf16;           // x_bf16's second parts are all 0 (x is bfloat16 already)
+  bool x_is_bf16;           // x is bfloat16 already (x_bf16's second parts are all 0)
 };
 
 // y rows [m0, m1) x columns [n0, n1) of y [M, N].

@@ -23,12 +23,6 @@ static inline uint16_t float_to_bf16(float f) {  // rounded to the nearest, ties
   return uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
-// Where byte j (0..15) of unit u lies in an INT4 row of K inputs (kernels.h: blocks of interleaved units).
-static int64_t int4_byte(int64_t K, int64_t u, int64_t j) {
-  const int64_t first = u / INT4_BLOCK_UNITS * INT4_BLOCK_UNITS, U = std::min(INT4_BLOCK_UNITS, K / INT4_UNIT - first);
-  return first * (INT4_UNIT / 2) + j / 4 * 4 * U + (u - first) * 4 + j % 4;
-}
-
 // The integer value of weight (n, k): INT8 q (its scale applied to the whole row), INT4 q in [0, 15].
 static int32_t weight_integer(const Weights& w, int64_t n, int64_t k) {
   if (w.type == WeightType::INT8) return ((const int8_t*)w.data)[n * w.K + k];
@@ -63,9 +57,9 @@ static void matmul_reference(const Weights& w, const float* x, const Prepared&, 
 
 // The int4 gemv's x (Prepared::x8) at input k of row m, to be multiplied by its unit's x8_scale.
 static int32_t x8_integer(const Prepared& prepared, int64_t K, int64_t m, int64_t k) {
-  const int64_t u = k / INT4_UNIT, i = k % INT4_UNIT, blocks = (K / INT4_UNIT + INT4_BLOCK_UNITS - 1) / INT4_BLOCK_UNITS;
-  const int8_t* chunk = prepared.x8 + (m * blocks + u / INT4_BLOCK_UNITS) * X8_BLOCK_BYTES + i / 8 * (X8_BLOCK_BYTES / 4);
-  return chunk[i % 2 * (X8_BLOCK_BYTES / 8) + u % INT4_BLOCK_UNITS * 4 + i % 8 / 2];
+  const int64_t u = k / INT4_UNIT;
+  return prepared.x8[(m * int4_blocks(K) + u / INT4_BLOCK_UNITS) * X8_BLOCK_BYTES + u % INT4_BLOCK_UNITS * 4 +
+                     x8_at(k % INT4_UNIT)];
 }
 
 // The gemv of INT8 / INT4 weights (what the SIMD gemv computes): per 32 inputs of the whole blocks (INT4:
@@ -76,7 +70,7 @@ static void gemv_reference_int(const Weights& w, const float* x, const Prepared&
                                int64_t m1, int64_t n0, int64_t n1, float* y) {
   const bool int4 = w.type == WeightType::INT4;
   const int64_t K = w.K, whole = int4 ? K : K / X16_BLOCK * X16_BLOCK;
-  const int64_t G = int4 ? K / w.group : 0, scales = (K / INT4_UNIT + INT4_BLOCK_UNITS - 1) / INT4_BLOCK_UNITS * INT4_BLOCK_UNITS;
+  const int64_t G = int4 ? K / w.group : 0, scales = int4_blocks(K) * INT4_BLOCK_UNITS;
   for (int64_t m = m0; m < m1; m++)
     for (int64_t n = n0; n < n1; n++) {
       float s = 0;
@@ -277,8 +271,7 @@ VECTORIZED static int32_t to_x8(const float* x, float to_int, int8_t* chunks) {
     rounded[i] = int32_t(std::nearbyint(x[i] * to_int));
     sum += rounded[i];
   }
-  for (int i = 0; i < INT4_UNIT; i++)
-    chunks[i / 8 * (X8_BLOCK_BYTES / 4) + i % 2 * (X8_BLOCK_BYTES / 8) + i % 8 / 2] = int8_t(rounded[i]);
+  for (int i = 0; i < INT4_UNIT; i++) chunks[x8_at(i)] = int8_t(rounded[i]);
   return sum;
 }
 
@@ -293,16 +286,30 @@ VECTORIZED static bool is_bf16(const float* x, int64_t n) {
   return low == 0;
 }
 
-// n inputs as bfloat16 (to high[0, n)) and the bfloat16 of what each leaves (to high[n, 2n)); returns
-// those second parts or-ed together (0: x is bfloat16 already).
-VECTORIZED static uint16_t to_bf16_parts(const float* x, int64_t n, uint16_t* high) {
-  uint16_t any_rest = 0;
+// n inputs as bfloat16 (to high[0, n)) and the bfloat16 of what each leaves (to high[n, 2n)).
+VECTORIZED static void to_bf16_parts(const float* x, int64_t n, uint16_t* high) {
   for (int64_t i = 0; i < n; i++) {
     high[i] = float_to_bf16(x[i]);
     high[n + i] = float_to_bf16(x[i] - bf16_to_float(high[i]));
-    any_rest |= high[n + i];
   }
-  return any_rest;
+}
+
+// x [M, K] in tiles of `tile` rows, input-major, zero-padded (the gemm's): input k of a tile's row r at
+// place(k) + r * stride of the tile, as convert makes it. Written in order of k; the tile's rows of x stay
+// in L1 meanwhile.
+template <class T, class Place, class Convert>
+static void pack_tiles(ffi::ThreadPool& pool, const float* xs, int64_t M, int64_t K, int64_t tile, std::vector<T>& tiles,
+                       int64_t stride, Place place, Convert convert) {
+  tiles.resize((M + tile - 1) / tile * tile * K);
+  parallel_for(pool, (M + tile - 1) / tile, [&](int64_t t) {
+    T* out = tiles.data() + t * tile * K;
+    const int64_t rows = std::min(tile, M - t * tile);
+    const float* in = xs + t * tile * K;
+    for (int64_t k = 0; k < K; k++) {
+      T* column = out + place(k);
+      for (int64_t r = 0; r < tile; r++) column[r * stride] = r < rows ? convert(in[r * K + k]) : T{};
+    }
+  });
 }
 
 // Prepares x [M, w.K] for `w`'s gemv (M <= GEMV_MAX_ROWS) or gemm kernels.
@@ -310,11 +317,11 @@ static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, in
                     bool bf16_dot, PreparedX& p) {
   const bool gemv = M <= GEMV_MAX_ROWS;
   const int64_t K = w.K;
-  if (gemv && w.type == WeightType::BF16 && bf16_dot) {  // the only kernels that read it
+  const bool bf16 = w.type == WeightType::BF16 && bf16_dot;  // bfloat16 dot products (the kernels that ask)
+  p.x_is_bf16 = bf16 && is_bf16(xs, M * K);
+  if (gemv && bf16) {  // the only kernels that read it
     p.x_bf16.resize(M * 2 * K);
-    uint16_t any_rest = 0;
-    for (int64_t m = 0; m < M; m++) any_rest |= to_bf16_parts(xs + m * K, K, p.x_bf16.data() + 2 * m * K);
-    p.x_is_bf16 = any_rest == 0;
+    for (int64_t m = 0; m < M; m++) to_bf16_parts(xs + m * K, K, p.x_bf16.data() + 2 * m * K);
   }
   if (gemv && w.type == WeightType::INT8) {
     const int64_t B = K / X16_BLOCK;
@@ -329,7 +336,7 @@ static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, in
       }
   }
   if (gemv && w.type == WeightType::INT4) {  // x8, and the group sums of x as multiplied
-    const int64_t G = K / w.group, units = K / INT4_UNIT, blocks = (units + INT4_BLOCK_UNITS - 1) / INT4_BLOCK_UNITS;
+    const int64_t G = K / w.group, units = K / INT4_UNIT, blocks = int4_blocks(K);
     p.sums.assign(M * G, 0.0f);
     p.x8.assign(M * blocks * X8_BLOCK_BYTES, 0);
     p.x8_scale.assign(M * blocks * INT4_BLOCK_UNITS, 0.0f);
@@ -348,36 +355,14 @@ static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, in
   const int64_t tile = kernels.tile_rows;
   // BF16 weights times x that is bfloat16 already (a bfloat16 model's activations, not the experts' hidden
   // ones), on CPUs with bfloat16 dot products: x in tiles of bfloat16 pairs, for vdpbf16ps
-  p.bf16_tiles = !gemv && tile && w.type == WeightType::BF16 && bf16_dot && K % 2 == 0 && is_bf16(xs, M * K);
+  p.bf16_tiles = !gemv && tile && p.x_is_bf16 && K % 2 == 0;
   if (p.bf16_tiles) {
-    p.tiles_bf16.resize((M + tile - 1) / tile * tile * K);
-    parallel_for(pool, (M + tile - 1) / tile, [&](int64_t t) {
-      uint16_t* out = p.tiles_bf16.data() + t * tile * K;
-      const int64_t rows = std::min(tile, M - t * tile);
-      const float* in = xs + t * tile * K;
-      for (int64_t k = 0; k < K; k += 2) {
-        uint16_t* pairs = out + k * tile;
-        for (int64_t r = 0; r < rows; r++) {
-          pairs[2 * r] = float_to_bf16(in[r * K + k]);
-          pairs[2 * r + 1] = float_to_bf16(in[r * K + k + 1]);
-        }
-        std::fill(pairs + 2 * rows, pairs + 2 * tile, uint16_t(0));
-      }
-    });
-  } else if (!gemv && tile) {  // x in tiles of rows, input-major; INT4: each 32 inputs with the 16 even ones
-                               // first, the order its dequantized weights come in (low nibbles, then high ones)
+    pack_tiles(pool, xs, M, K, tile, p.tiles_bf16, 2, [&](int64_t k) { return k / 2 * 2 * tile + k % 2; }, float_to_bf16);
+  } else if (!gemv && tile) {  // INT4: each 32 inputs with the 16 even ones first, the order its dequantized
+                               // weights come in (low nibbles, then high ones)
     const bool int4 = w.type == WeightType::INT4;
-    p.tiles.resize((M + tile - 1) / tile * tile * w.K);
-    parallel_for(pool, (M + tile - 1) / tile, [&](int64_t t) {
-      float* out = p.tiles.data() + t * tile * w.K;
-      const int64_t rows = std::min(tile, M - t * tile);
-      const float* in = xs + t * tile * w.K;
-      for (int64_t k = 0; k < w.K; k++) {  // written in order; the tile's rows of x stay in L1 meanwhile
-        float* column = out + (int4 ? k / 32 * 32 + k % 32 / 2 + k % 2 * 16 : k) * tile;
-        for (int64_t r = 0; r < rows; r++) column[r] = in[r * w.K + k];
-        std::fill(column + rows, column + tile, 0.0f);
-      }
-    });
+    pack_tiles(pool, xs, M, K, tile, p.tiles, 1, [&](int64_t k) { return (int4 ? k / 32 * 32 + k % 32 / 2 + k % 2 * 16 : k) * tile; },
+               [](float v) { return v; });
   }
 }
 
