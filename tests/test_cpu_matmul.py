@@ -152,7 +152,7 @@ def test_int4_groups_of_several_units(group):
         for rows, n_in, n_out in [(1, 1536, 19), (3, 1024 + group, 8), (9, 512 + group, 5)]:
             w = np.random.default_rng(n_in).standard_normal((n_in, n_out), np.float32)
             q, params = quantize.quantize(w, "int4", group)
-            kernel, kernel_params = map(jax.tree.map, (jnp.asarray,) * 2, cpu_matmul.layout(q, params, "int4"))
+            kernel, kernel_params = jax.tree.map(jnp.asarray, cpu_matmul.layout(q, params, "int4"))
             x = np.random.default_rng(1).standard_normal((rows, n_in)).astype(np.float32)
             for isa in isas():
                 cpu_matmul.set_isa(isa)
