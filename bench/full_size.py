@@ -93,9 +93,10 @@ class RandomWeights:
             return self.dense(name, spec, rows), ()
         shape = self._shape(name, rows)
         param_spec, param_shape = quantize.param_spec(spec, mode), quantize.param_shape(shape, mode, group)
+        param_dtype = quantize.PARAM_DTYPES[mode]
         if mode == "int8":
-            return self._draw("int8", shape, jnp.int8, spec), (self._draw("scale", param_shape, jnp.float32, param_spec),)
-        scale = self._draw("scale", param_shape, jnp.float32, param_spec)
+            return self._draw("int8", shape, jnp.int8, spec), (self._draw("scale", param_shape, param_dtype, param_spec),)
+        scale = self._draw("scale", param_shape, param_dtype, param_spec)
         offset = -8 * scale  # values 0..15 centred on 0
         return self._draw("uint4", shape, jnp.uint4, spec), (scale, offset)
 

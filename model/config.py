@@ -85,9 +85,9 @@ class MixtralConfig:
         if self.quantization is None:
             return (linear + other) * itemsize
         bits = 8 if self.quantization == "int8" else 4
-        # float32 parameters: int8 a scale per output (roughly: per hidden_size inputs), int4 a scale and an
-        # offset per group
-        scales = linear // self.hidden_size * 4 if self.quantization == "int8" else linear // self.quant_group_size * 8
+        # int8 a float32 scale per output (roughly: per hidden_size inputs), int4 a float16 scale and offset
+        # per group
+        scales = linear // self.hidden_size * 4 if self.quantization == "int8" else linear // self.quant_group_size * 4
         return other * itemsize + linear * bits // 8 + scales
 
     def weight_bytes(self) -> int:

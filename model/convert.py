@@ -110,15 +110,15 @@ def _plan(source: _Source, config: MixtralConfig) -> list[tuple[TensorSpec, Prod
         def value_parts():
             for part in read_parts():
                 q, part_params = quantize.quantize(part, mode, group)
-                for collected, p in zip(params, part_params):
-                    collected.append(laid_out(p))
+                for collected, p in zip(params, part_params):  # (as the TensorSpec below says)
+                    collected.append(laid_out(p.astype(quantize.PARAM_DTYPES[mode], copy=False)))
                 yield laid_out(q)
 
         values_dtype, values_shape = quantize.stored_values(info.shape, mode)
         plan.append((TensorSpec(name, values_dtype, stored(values_shape)), value_parts))
         param_shape = stored(quantize.param_shape(info.shape, mode, group))
         for param, collected in zip(names, params):  # written right after the values that fill them
-            plan.append((TensorSpec(f"{name}.{param}", np.dtype(np.float32), param_shape), lambda parts=collected: parts))
+            plan.append((TensorSpec(f"{name}.{param}", quantize.PARAM_DTYPES[mode], param_shape), lambda parts=collected: parts))
 
     for layer, info in checkpoint_weights(c):
         if info.stacked_experts:

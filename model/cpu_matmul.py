@@ -6,7 +6,7 @@ The kernels want each weight as [out, in] rows (`layout` does it once, at load):
     float32 / bfloat16  [..., out, in]
     int8                int8 [..., out, in], scale float32 [..., out]
     int4                uint8 [..., out, in/2] (input 2j in the low nibble of byte j, 2j + 1 in the high
-                        one), each row's bytes interleaved (`interleave_int4`); scale, offset float32
+                        one), each row's bytes interleaved (`interleave_int4`); scale, offset float16
                         [..., out, in/group]
 (but for int4's interleave, the layouts of the GPU kernels for quantized weights, model/expert_gemv.py).
 `matmul(x, kernel, params, group)` multiplies float activations by such a weight, inside jit and
@@ -36,6 +36,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from . import quantize
 
 LIBRARY = "_cpu_kernels"  # model/_cpu_kernels<EXTENSION_SUFFIX>, built by setup.py
 MATMUL_TARGET = "mixtral_matmul"  # x times one weight of any type (its dtype says which)
@@ -155,7 +157,7 @@ def matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], group
     n_out = kernel.shape[-2]
     rows = x.reshape(-1, n_in).astype(jnp.float32)
     y = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((rows.shape[0], n_out), jnp.float32))(
-        rows, kernel, *(p.astype(jnp.float32) for p in params), group=np.int64(group))
+        rows, *_operands(kernel, params), group=np.int64(group))
     return y.reshape(*lead, n_out)
 
 
@@ -167,7 +169,13 @@ def moe(x: jax.Array, routing: jax.Array, stacks: list[tuple], group: int) -> ja
     -> float32 [N, D]: sum over e of routing[:, e] * w2_e(silu(w1_e x) * w3_e x), x as `matmul` takes it."""
     if not available():
         raise RuntimeError(unavailable_reason())
-    operands = [a for stack in stacks for kernel, params in stack
-                for a in (kernel, *(p.astype(jnp.float32) for p in params))]
+    operands = [a for stack in stacks for kernel, params in stack for a in _operands(kernel, params)]
     return jax.ffi.ffi_call(MOE_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
         x.astype(jnp.float32), routing.astype(jnp.float32), *operands, group=np.int64(group))
+
+
+def _operands(kernel: jax.Array, params: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """A weight's arrays as the kernels take them: int8's scale float32, int4's scale and offset float16
+    (as loaded, the casts are none)."""
+    mode = "int8" if kernel.dtype == jnp.int8 else "int4"
+    return (kernel, *(p.astype(quantize.PARAM_DTYPES[mode]) for p in params))

@@ -121,7 +121,8 @@ def _int4_kernel(experts_ref, x_even_ref, x_odd_ref, x_group_ref, w_ref, scale_r
         low, high = (w & 0xF).astype(jnp.float32), (w >> 4).astype(jnp.float32)
         xq = low * x_even_ref[slot, pairs][None, :] + high * x_odd_ref[slot, pairs][None, :]
         xq = jnp.sum(xq.reshape(bo, groups, group // 2), axis=2)  # [block_out, groups]: sum(x * q) per group
-        return acc + xq * scale_ref[expert, outs, gs] + offset_ref[expert, outs, gs] * x_group_ref[slot, gs][None, :]
+        scale, offset = scale_ref[expert, outs, gs].astype(jnp.float32), offset_ref[expert, outs, gs].astype(jnp.float32)
+        return acc + xq * scale + offset * x_group_ref[slot, gs][None, :]
 
     acc = jax.lax.fori_loop(0, n_in // tiling.block_in, step, jnp.zeros((bo, groups), jnp.float32))
     out_ref[slot, outs] = jnp.sum(acc, axis=1)

@@ -76,8 +76,8 @@ def _kernel(tile_expert_ref, *refs, kind: str, tiling: Tiling, n_in: int, group:
             def step(i, acc):
                 pairs, gs = pl.ds(i * half, half), pl.ds(i * groups, groups)
                 w = w_ref[expert, outs, pairs]  # uint8 [block_out, block_in / 2]
-                scale = scale_ref[expert, outs, gs][:, :, None]  # [block_out, groups, 1]
-                offset = offset_ref[expert, outs, gs][:, :, None]
+                scale = scale_ref[expert, outs, gs].astype(jnp.float32)[:, :, None]  # [block_out, groups, 1]
+                offset = offset_ref[expert, outs, gs].astype(jnp.float32)[:, :, None]
 
                 def widen(q):  # nibbles [block_out, block_in / 2] -> weights in the activations' dtype
                     q = q.astype(jnp.float32).reshape(tiling.block_out, groups, group // 2)

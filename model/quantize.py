@@ -1,10 +1,12 @@
 """Weight-only quantization of linear weights `w[..., in, out]` (y = x @ w).
 
 - int8: one scale per output channel, `w ~= q * scale[..., None, :]`, q in [-127, 127].
-- int4: per group of `group` consecutive input rows, a scale and an offset (the group's minimum),
+- int4: per group of `group` consecutive input rows, a float16 scale and offset (the group's minimum),
   `w ~= q * scale + offset`, q in [0, 15] (asymmetric, like llama.cpp's Q4_1: a group whose values are
-  all positive still gets 16 levels). On disk two values share a byte (`uint8 [..., in/2, out]`, even
+  all positive still gets 16 levels; float16 parameters as Q4_1's, 4 bytes a group of 32 where float32's
+  took 8: a sixth of int4's bytes). On disk two values share a byte (`uint8 [..., in/2, out]`, even
   row in the low nibble); in device memory the array is `jnp.uint4`, which XLA packs two per byte.
+  Checkpoints converted before kept float32 parameters: they load cast to float16 (checkpoint.py).
 
 A quantized weight keeps its name for the values and adds one tensor per parameter
 (`<name>.scale`, `<name>.offset`), in `PARAMS[mode]` order. Which weights are quantized: the
@@ -19,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 PARAMS = {"int8": ("scale",), "int4": ("scale", "offset")}  # the tensors beside a quantized weight
+PARAM_DTYPES = {"int8": np.dtype(np.float32), "int4": np.dtype(np.float16)}  # and their dtype
 UNPACKED_INT4 = np.dtype(ml_dtypes.uint4)  # what `unpack_int4` gives
 
 
@@ -31,7 +34,7 @@ def stored_values(shape: tuple[int, ...], mode: str) -> tuple[np.dtype, tuple[in
 
 
 def param_shape(shape: tuple[int, ...], mode: str, group: int) -> tuple[int, ...]:
-    """Shape of each quantization parameter (float32) of a weight [..., in, out]."""
+    """Shape of each quantization parameter (PARAM_DTYPES) of a weight [..., in, out]."""
     *lead, n_in, n_out = shape
     return (*lead, n_out) if mode == "int8" else (*lead, n_in // group, n_out)
 
@@ -48,9 +51,13 @@ def quantize(w: np.ndarray, mode: str, group: int) -> tuple[np.ndarray, tuple[np
         raise ValueError(f"int4: the input dim {n_in} is not a multiple of the group size {group}")
     grouped = w.reshape(*lead, n_in // group, group, n_out)
     low, high = grouped.min(axis=-2), grouped.max(axis=-2)
-    scale = np.where(high > low, (high - low) / 15.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint((grouped - low[..., None, :]) / scale[..., None, :]), 0, 15).astype(np.uint8)
-    return pack_int4(q.reshape(*lead, n_in, n_out)), (scale, low.astype(np.float32))
+    # the parameters as stored (float16), then each value's level against them
+    scale = np.where(high > low, (high - low) / 15.0, 1.0).astype(np.float16)
+    scale = np.where(scale == 0, np.float16(1), scale)  # a range too small for a float16 step
+    offset = low.astype(np.float16)
+    steps = (grouped - offset[..., None, :].astype(np.float32)) / scale[..., None, :].astype(np.float32)
+    q = np.clip(np.rint(steps), 0, 15).astype(np.uint8)
+    return pack_int4(q.reshape(*lead, n_in, n_out)), (scale, offset)
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
@@ -72,7 +79,7 @@ def dequantize_numpy(q: np.ndarray, params: tuple[np.ndarray, ...], mode: str, g
     if mode == "int8":
         (scale,) = params
         return q.astype(np.float32) * scale[..., None, :]
-    scale, offset = params
+    scale, offset = (p.astype(np.float32) for p in params)
     values = unpack_int4(q).astype(np.float32)
     *lead, n_in, n_out = values.shape
     grouped = values.reshape(*lead, n_in // group, group, n_out) * scale[..., None, :] + offset[..., None, :]

@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import model
@@ -198,14 +199,18 @@ def test_ensure_demo_rebuilds_a_damaged_demo(data_dir, damage, said):
 
 
 @pytest.mark.slow
-def test_a_demo_whose_tensors_are_not_on_64_byte_boundaries_is_rebuilt_once(data_dir, demo_files, monkeypatch):
-    """A demo built by an earlier release (tensors 8-byte aligned: each load read them) is rebuilt once, so
-    that it loads in place."""
-    from model import safetensors_io
+@pytest.mark.parametrize("earlier", ["tensors 8-byte aligned", "int4 scales in float32"])
+def test_a_demo_that_loads_through_copies_is_rebuilt_once(data_dir, demo_files, monkeypatch, earlier):
+    """A demo built by an earlier release (tensors 8-byte aligned, or int4's scales and offsets float32:
+    each load read or cast them) is rebuilt once, so that it loads in place."""
+    from model import quantize, safetensors_io
 
     ckpt = data_dir / "models" / DEMO_NAME
     with monkeypatch.context() as earlier_release:
-        earlier_release.setattr(safetensors_io, "ALIGNMENT", 8)
+        if earlier == "tensors 8-byte aligned":
+            earlier_release.setattr(safetensors_io, "ALIGNMENT", 8)
+        else:
+            earlier_release.setitem(quantize.PARAM_DTYPES, "int4", np.dtype(np.float32))
         model.convert_hf(demo_files.hf_dir, ckpt, quantize=demo_quantization(), upcycle_experts=UPCYCLE_EXPERTS,
                          overwrite=True)
     assert not model.maps_in_place(ckpt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -95,6 +96,37 @@ def test_the_lm_head_is_quantized_and_older_checkpoints_keep_theirs(tiny_hf, tin
         assert loaded.lm_head.quantization is None and loaded.layers[0].attn.wq.quantization == "int8"
         logits = np.asarray(loaded(IDS))
         assert np.abs(logits - reference).max() / np.abs(reference).max() < 0.02
+
+
+def test_int4_checkpoints_with_float32_parameters_still_load(tiny_hf, tmp_path):
+    """int4's scales and offsets are float16 (a sixth of int4's bytes); checkpoints converted before kept
+    them in float32. Such a one (made here from a new one: the same values, widened) loads with them cast
+    to float16, on the CPU kernels and on XLA's path: the same logits as the new one, exactly."""
+    from model.manifest import sha256_file
+    from model.safetensors_io import TensorFiles, TensorSpec, write_sharded
+
+    new = model.convert_hf(tiny_hf, tmp_path / "new", quantize="int4")
+    files = TensorFiles(new)
+    assert files.dtype("layers.0.w1.scale") == files.dtype("layers.0.w1.offset") == np.float16
+    old = tmp_path / "old"
+    shutil.copytree(new, old)
+    for f in old.glob("model*.safetensors*"):
+        f.unlink()
+    widened = lambda a: a.astype(np.float32) if a.dtype == np.float16 else a  # noqa: E731
+    plan = [(TensorSpec(name, widened(files.read(name)).dtype, files.shape(name)),
+             lambda name=name: [widened(files.read(name))]) for name in files.names()]
+    hashes = write_sharded(old, plan, metadata={"format": "mixtral-chat"})
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["files"] = {name: info for name, info in manifest["files"].items() if not name.startswith("model")}
+    manifest["files"].update({name: {"bytes": (old / name).stat().st_size, "sha256": digest} for name, digest in hashes.items()})
+    for name in {f.name for f in old.glob("model*.safetensors.index.json")} - set(hashes):
+        manifest["files"][name] = {"bytes": (old / name).stat().st_size, "sha256": sha256_file(old / name)}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert TensorFiles(old).dtype("layers.0.w1.scale") == np.float32
+    for cpu_kernels in (True, False):
+        loaded = {ckpt: model.load(ckpt, model.make_mesh((1, 1)), cpu_kernels=cpu_kernels) for ckpt in (new, old)}
+        assert loaded[old].layers[0].attn.wq.qparams[0].dtype == np.float16
+        np.testing.assert_array_equal(np.asarray(loaded[old](IDS)), np.asarray(loaded[new](IDS)))
 
 
 def test_programs_of_a_model_on_our_kernels_have_no_ynnpack_fusions(tiny_hf, tiny_ckpt, tmp_path):

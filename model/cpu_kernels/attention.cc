@@ -29,19 +29,6 @@ enum class Held { F32 = 0, BF16 = 1, F16 = 2 };
 
 constexpr int64_t SLOTS_CHUNK = 512;  // slots whose scores add up together (R x 512 floats, in L1)
 
-static inline float f16_to_float(uint16_t h) {  // IEEE half -> float, subnormals, infinities and NaNs too
-  const uint32_t magnitude = uint32_t(h & 0x7FFF) << 13, exponent = magnitude & (0x1F << 23);
-  uint32_t bits = magnitude + ((127 - 15) << 23);
-  if (exponent == (0x1Fu << 23)) bits += (128 - 16) << 23;  // infinity, NaN
-  float f;
-  std::memcpy(&f, &bits, 4);
-  if (exponent == 0) f -= 6.103515625e-05f;  // subnormal: (2^-14 + m 2^-24) - 2^-14 = m 2^-24
-  std::memcpy(&bits, &f, 4);
-  bits |= uint32_t(h & 0x8000) << 16;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 // n 16-bit floats of the cache from `from` (as `held` says) as float32.
 static inline void widen(const void* from, Held held, int64_t n, float* out) {
   if (held == Held::BF16) {

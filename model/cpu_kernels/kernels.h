@@ -5,7 +5,7 @@
 //   INT8  int8 [N, K], one float32 scale per output row:            W[n, k] = q * scale[n]
 //   INT4  uint8 [N, K/2], two inputs per byte (input 2j in the low nibble of byte j, 2j + 1 in the high),
 //         groups of `group` inputs (a multiple of 32), W[n, k] = q * scale[n, g] + offset[n, g],
-//         float32 scale and offset [N, K/group]. (The layout of the GPU kernels, model/expert_gemv.py.)
+//         float16 scale and offset [N, K/group]. (The layout of the GPU kernels, model/expert_gemv.py.)
 // Every weight type has a scalar reference (matmul.cc) and SIMD kernels (simd.inc) compiled once per
 // instruction set; which set runs is chosen at run time from what the CPU reports.
 #pragma once
@@ -24,11 +24,26 @@ static inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
+// A float16 (as uint16) as float32, exactly: subnormals, infinities and NaNs too.
+static inline float f16_to_float(uint16_t h) {
+  const uint32_t magnitude = uint32_t(h & 0x7FFF) << 13, exponent = magnitude & (0x1F << 23);
+  uint32_t bits = magnitude + ((127 - 15) << 23);
+  if (exponent == (0x1Fu << 23)) bits += (128 - 16) << 23;  // infinity, NaN
+  float f;
+  std::memcpy(&f, &bits, 4);
+  if (exponent == 0) f -= 6.103515625e-05f;  // subnormal: (2^-14 + m 2^-24) - 2^-14 = m 2^-24
+  std::memcpy(&bits, &f, 4);
+  bits |= uint32_t(h & 0x8000) << 16;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
 struct Weights {
   WeightType type;
   const void* data;
-  const float* scale;   // INT8 [N], INT4 [N, K / group]; else null
-  const float* offset;  // INT4 [N, K / group]; else null
+  const float* scale;            // INT8 [N]; else null
+  const uint16_t* group_scale;   // INT4 [N, K / group], float16; else null
+  const uint16_t* group_offset;  // INT4 [N, K / group], float16; else null
   int64_t N, K, group;
 };
 

@@ -39,7 +39,7 @@ static float weight(const Weights& w, int64_t n, int64_t k) {
     case WeightType::INT8: return weight_integer(w, n, k) * w.scale[n];
     case WeightType::INT4: {
       const int64_t g = n * (w.K / w.group) + k / w.group;
-      return weight_integer(w, n, k) * w.scale[g] + w.offset[g];
+      return weight_integer(w, n, k) * f16_to_float(w.group_scale[g]) + f16_to_float(w.group_offset[g]);
     }
   }
   return 0;
@@ -78,11 +78,11 @@ static void gemv_reference_int(const Weights& w, const float* x, const Prepared&
         int32_t dot = 0;
         for (int64_t k = k0; k < k0 + 32; k++)
           dot += weight_integer(w, n, k) * (int4 ? x8_integer(prepared, K, m, k) : prepared.x16[m * K + k]);
-        s += int4 ? dot * (w.scale[n * G + k0 / w.group] * prepared.x8_scale[m * scales + k0 / INT4_UNIT])
+        s += int4 ? dot * (f16_to_float(w.group_scale[n * G + k0 / w.group]) * prepared.x8_scale[m * scales + k0 / INT4_UNIT])
                   : dot * prepared.x16_scale[m * (K / X16_BLOCK) + k0 / X16_BLOCK];
       }
       if (int4) {
-        for (int64_t g = 0; g < G; g++) s += w.offset[n * G + g] * prepared.group_sums[m * G + g];
+        for (int64_t g = 0; g < G; g++) s += f16_to_float(w.group_offset[n * G + g]) * prepared.group_sums[m * G + g];
         y[m * w.N + n] = s;
       } else {
         for (int64_t k = whole; k < K; k++) s += x[m * K + k] * weight_integer(w, n, k);
@@ -103,9 +103,9 @@ static void gemv_reference(const Weights& w, const float* x, const Prepared& pre
 #include <immintrin.h>
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #ifdef __clang__
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #endif
 namespace avx2 {
 constexpr int W = 8;
@@ -197,7 +197,7 @@ static bool cpu_has(Isa isa) {
   __builtin_cpu_init();
   switch (isa) {
     case SCALAR: return true;
-    case AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     case AVX512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -416,8 +416,8 @@ static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> 
   return ffi::Error::Success();
 }
 
-// The next weight of a call's remaining arguments, from `i` on: the weight, then its scale (INT8) or
-// scale and offset (INT4), its type from the weight's dtype (F32, BF16, S8, U8: INT4 packed). A weight
+// The next weight of a call's remaining arguments, from `i` on: the weight, then its scale (INT8: f32) or
+// scale and offset (INT4: f16), its type from the weight's dtype (F32, BF16, S8, U8: INT4 packed). A weight
 // [N, K] is one matrix; a stack [E, N, K] (its parameters [E, ...]) E of them, read in place.
 static ffi::Error next_weights(const ffi::RemainingArgs& args, size_t& i, int64_t group, std::vector<Weights>& out) {
   auto weight = args.get<ffi::AnyBuffer>(i++);
@@ -425,7 +425,7 @@ static ffi::Error next_weights(const ffi::RemainingArgs& args, size_t& i, int64_
   const auto d = weight->dimensions();
   if (d.size() != 2 && d.size() != 3) return ffi::Error::InvalidArgument("mixtral cpu kernels: a weight must be [N, K] or [E, N, K]");
   const int64_t E = d.size() == 3 ? d[0] : 1, N = d[d.size() - 2];
-  Weights w = {WeightType::F32, nullptr, nullptr, nullptr, N, d[d.size() - 1], 0};
+  Weights w = {WeightType::F32, nullptr, nullptr, nullptr, nullptr, N, d[d.size() - 1], 0};
   int params = 0;
   switch (weight->element_type()) {
     case ffi::DataType::F32: break;
@@ -437,18 +437,20 @@ static ffi::Error next_weights(const ffi::RemainingArgs& args, size_t& i, int64_
   if (w.type == WeightType::INT4 && (group <= 0 || group % INT4_UNIT || INT4_UNIT * INT4_BLOCK_UNITS % group || w.K % group))
     return ffi::Error::InvalidArgument("int4 weights: groups must be 32, 64, ..., 512 inputs, dividing K");
   const int64_t per_matrix = w.type == WeightType::INT8 ? N : w.type == WeightType::INT4 ? N * (w.K / w.group) : 0;
-  const float* param[2] = {nullptr, nullptr};
+  const auto param_type = w.type == WeightType::INT8 ? ffi::DataType::F32 : ffi::DataType::F16;
+  const void* param[2] = {nullptr, nullptr};
   for (int j = 0; j < params; j++) {
     auto p = args.get<ffi::AnyBuffer>(i++);
     if (!p) return p.error();
-    if (p->element_type() != ffi::DataType::F32 || p->element_count() != size_t(E * per_matrix))
-      return ffi::Error::InvalidArgument("mixtral cpu kernels: scales must be f32 [N] (int8) or [N, K / group] (int4), per matrix");
-    param[j] = (const float*)p->untyped_data();
+    if (p->element_type() != param_type || p->element_count() != size_t(E * per_matrix))
+      return ffi::Error::InvalidArgument("mixtral cpu kernels: scales must be f32 [N] (int8), scales and offsets f16 [N, K / group] (int4), per matrix");
+    param[j] = p->untyped_data();
   }
   for (int64_t e = 0; e < E; e++) {
     w.data = (const uint8_t*)weight->untyped_data() + e * (weight->size_bytes() / E);
-    w.scale = param[0] ? param[0] + e * per_matrix : nullptr;
-    w.offset = param[1] ? param[1] + e * per_matrix : nullptr;
+    if (w.type == WeightType::INT8) w.scale = (const float*)param[0] + e * per_matrix;
+    if (w.type == WeightType::INT4)
+      w.group_scale = (const uint16_t*)param[0] + e * per_matrix, w.group_offset = (const uint16_t*)param[1] + e * per_matrix;
     out.push_back(w);
   }
   return ffi::Error::Success();
@@ -603,7 +605,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_moe, moe,
                               BIND_MATMUL.Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().Attr<int64_t>("group")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// The instruction set the kernels use: 0 scalar reference, 1 AVX2 + FMA, 2 AVX-512, 3 AVX-512 + VNNI,
+// The instruction set the kernels use: 0 scalar reference, 1 AVX2 + FMA (+ F16C), 2 AVX-512, 3 AVX-512 + VNNI,
 // 4 AVX-512 + VNNI + BF16.
 extern "C" int mixtral_cpu_isa() { return current_isa.load(); }
 
