@@ -203,7 +203,8 @@ def silu(v):
 def test_the_fused_experts_match_numpy(kind):
     """moe: the SwiGLU experts a token chose, weighted and summed, in one call (gemv: a few tokens;
     gemm: more, and more than one block of the gemm's rows); experts no token chose are not read (a NaN
-    weight there would show). Experts 0 and 1 come alone, 2 and 3 as one stack."""
+    weight there would show). Experts 0 and 1 come alone, 2 and 3 as one stack. Of bfloat16 weights, the
+    hidden activations are bfloat16 (so w2 takes bfloat16 x's paths)."""
     D, I = (96, 160) if kind == "int4" else (99, 70)
     experts, dense = [], []
     for e in range(4):
@@ -233,6 +234,8 @@ def test_the_fused_experts_match_numpy(kind):
             w1, w3, w2 = dense[e]
             taken = as_the_kernel_takes_it(x, kind, cpu_matmul.isa())
             h = silu(taken @ w1) * (taken @ w3)
+            if kind == "bfloat16":  # a bfloat16 model's hidden activations are bfloat16
+                h = h.astype(np.float32).astype(ml_dtypes.bfloat16)
             want += routing[:, e:e + 1] * (as_the_kernel_takes_it(h.astype(np.float32), kind, cpu_matmul.isa()) @ w2)
         assert got.shape == (rows, D) and np.isfinite(got).all()
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max() * np.sqrt(want.size))

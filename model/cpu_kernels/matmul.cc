@@ -353,8 +353,8 @@ static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, in
       }
   }
   const int64_t tile = kernels.tile_rows;
-  // BF16 weights times x that is bfloat16 already (a bfloat16 model's activations, not the experts' hidden
-  // ones), on CPUs with bfloat16 dot products: x in tiles of bfloat16 pairs, for vdpbf16ps
+  // BF16 weights times x that is bfloat16 already (a bfloat16 model's activations, the experts' hidden ones
+  // too: moe), on CPUs with bfloat16 dot products: x in tiles of bfloat16 pairs, for vdpbf16ps
   p.bf16_tiles = !gemv && tile && p.x_is_bf16 && K % 2 == 0;
   if (p.bf16_tiles) {
     pack_tiles(pool, xs, M, K, tile, p.tiles_bf16, 2, [&](int64_t k) { return k / 2 * 2 * tile + k % 2; }, float_to_bf16);
@@ -460,6 +460,7 @@ static inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
 // The SwiGLU experts of a MoE layer, in one call:
 //   y[m] = sum over experts e of routing[m, e] * w2_e(silu(w1_e x[m]) * w3_e x[m])
+// (BF16 weights: silu(w1_e x[m]) * w3_e x[m] rounded to bfloat16)
 // run for the experts some token chose (routing weight not 0), each on the tokens that chose it, all of
 // them at once: each expert's weights are read once a call (in prefill, a loop over tiles of an expert's
 // tokens read them once a tile). Two passes over the threads: w1 and w3 of every chosen expert, block by
@@ -545,6 +546,9 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     c->up.resize(rows * I);
     c->out.resize(rows * D);
   }
+  // A bfloat16 model's hidden activations are bfloat16, as its other activations (and as XLA's path and
+  // transformers have them): w2 then takes one bfloat16 dot product per pair of inputs where the CPU has them
+  const bool hidden_bf16 = w[2].type == WeightType::BF16;
   // the first pass's tasks: (chosen expert, block of its rows), each in chunks of w1's and w3's outputs
   std::vector<std::pair<Chosen*, int64_t>> blocks;
   for (Chosen* c : chosen)
@@ -558,7 +562,10 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     multiply(kernels, w[3 * c->expert], c->x, in, rows, m0, m1, n0, n1, c->gate.data());
     multiply(kernels, w[3 * c->expert + 1], c->x, in, rows, m0, m1, n0, n1, c->up.data());
     for (int64_t r = m0; r < m1; r++)
-      for (int64_t n = n0; n < n1; n++) c->gate[r * I + n] = silu(c->gate[r * I + n]) * c->up[r * I + n];
+      for (int64_t n = n0; n < n1; n++) {
+        const float h = silu(c->gate[r * I + n]) * c->up[r * I + n];
+        c->gate[r * I + n] = hidden_bf16 ? bf16_to_float(float_to_bf16(h)) : h;
+      }
   });
 
   for (Chosen* c : chosen) prepare(pool, w[3 * c->expert + 2], c->gate.data(), c->tokens.size(), kernels, bf16_dot, c->h_in);
