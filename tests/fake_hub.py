@@ -447,6 +447,18 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
+def partial_download_bytes(blobs: Path) -> list[int]:
+    """The sizes of the partial downloads (`*.incomplete`) in an HF cache's blobs folder now; one that is
+    finished (renamed) between the listing and its size is not counted."""
+    sizes = []
+    for partial in blobs.glob("*.incomplete"):
+        try:
+            sizes.append(partial.stat().st_size)
+        except FileNotFoundError:
+            pass
+    return sizes
+
+
 # ---- the repo it serves ------------------------------------------------------------------------------------
 TINY_MIXTRAL_REPO_ID = "tiny-org/tiny-mixtral"
 DECOY_FILES = ("consolidated.00.pt", "pytorch_model.bin", "README.md", "original/params.json")

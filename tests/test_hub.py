@@ -15,7 +15,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from fake_hub import BIG_SHARD, DECOY_FILES, TINY_MIXTRAL_REPO_ID, FakeHub
+from fake_hub import BIG_SHARD, DECOY_FILES, TINY_MIXTRAL_REPO_ID, FakeHub, partial_download_bytes
 from huggingface_hub import constants as hf_constants
 
 from chat_app.hub import (
@@ -269,7 +269,7 @@ def test_a_killed_process_leaves_a_partial_file_that_the_next_run_continues(hub,
     """)
     child = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     try:
-        while not [p for p in blobs_dir(cache_dir).glob("*.incomplete") if p.stat().st_size >= 200_000]:
+        while max(partial_download_bytes(blobs_dir(cache_dir)), default=0) < 200_000:
             assert child.poll() is None, "the download ended before it could be killed"
             time.sleep(0.02)
     finally:
