@@ -110,8 +110,8 @@ def _plan(source: _Source, config: MixtralConfig) -> list[tuple[TensorSpec, Prod
         def value_parts():
             for part in read_parts():
                 q, part_params = quantize.quantize(part, mode, group)
-                for collected, p in zip(params, part_params):  # (as the TensorSpec below says)
-                    collected.append(laid_out(p.astype(quantize.PARAM_DTYPES[mode], copy=False)))
+                for collected, p in zip(params, part_params):
+                    collected.append(laid_out(p))
                 yield laid_out(q)
 
         values_dtype, values_shape = quantize.stored_values(info.shape, mode)

@@ -40,21 +40,22 @@ def param_shape(shape: tuple[int, ...], mode: str, group: int) -> tuple[int, ...
 
 
 def quantize(w: np.ndarray, mode: str, group: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-    """w [..., in, out] float -> (values as stored on disk, parameters in PARAMS[mode] order)."""
+    """w [..., in, out] float -> (values as stored on disk, parameters in PARAMS[mode] order and PARAM_DTYPES)."""
     w = w.astype(np.float32)
     if mode == "int8":
         scale = np.abs(w).max(axis=-2) / 127.0
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+        scale = np.where(scale == 0, 1.0, scale).astype(PARAM_DTYPES["int8"])
         return np.clip(np.rint(w / scale[..., None, :]), -127, 127).astype(np.int8), (scale,)
     *lead, n_in, n_out = w.shape
     if n_in % group:
         raise ValueError(f"int4: the input dim {n_in} is not a multiple of the group size {group}")
     grouped = w.reshape(*lead, n_in // group, group, n_out)
     low, high = grouped.min(axis=-2), grouped.max(axis=-2)
-    # the parameters as stored (float16), then each value's level against them
-    scale = np.where(high > low, (high - low) / 15.0, 1.0).astype(np.float16)
-    scale = np.where(scale == 0, np.float16(1), scale)  # a range too small for a float16 step
-    offset = low.astype(np.float16)
+    # the parameters as stored (PARAM_DTYPES: float16), then each value's level against them
+    dtype = PARAM_DTYPES["int4"]
+    scale = np.where(high > low, (high - low) / 15.0, 1.0).astype(dtype)
+    scale = np.where(scale == 0, 1.0, scale).astype(dtype)  # a range too small for a float16 step
+    offset = low.astype(dtype)
     steps = (grouped - offset[..., None, :].astype(np.float32)) / scale[..., None, :].astype(np.float32)
     q = np.clip(np.rint(steps), 0, 15).astype(np.uint8)
     return pack_int4(q.reshape(*lead, n_in, n_out)), (scale, offset)
