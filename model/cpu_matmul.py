@@ -32,6 +32,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,7 @@ import numpy as np
 from . import quantize
 
 LIBRARY = "_cpu_kernels"  # model/_cpu_kernels<EXTENSION_SUFFIX>, built by setup.py
-MATMUL_TARGET = "mixtral_matmul"  # x times one weight of any type (its dtype says which)
+MATMUL_TARGET = "mixtral_matmul"  # x times weights of any one type (their dtype says which)
 MOE_TARGET = "mixtral_moe"  # a MoE layer's experts, in one call
 ATTENTION_TARGET = "mixtral_attention"  # decode attention over the KV cache (cpu_attention.py)
 ISAS = ("scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16")  # mixtral_cpu_isa()'s values
@@ -151,14 +152,21 @@ def interleave_int4(packed: np.ndarray) -> np.ndarray:
 def matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], group: int) -> jax.Array:
     """x [..., in] @ the weight (kernel in the kernels' layout, its dtype saying the type; params: int8
     scale, int4 scale and offset; int4 groups of `group` inputs) -> float32 [..., out]."""
+    return matmuls(x, [(kernel, params)], group)[0]
+
+
+def matmuls(x: jax.Array, weights: Sequence[tuple[jax.Array, tuple[jax.Array, ...]]], group: int) -> list[jax.Array]:
+    """x [..., in] @ each of several weights of one type (`matmul`'s (kernel, params)) in one kernel call:
+    x is prepared once and all their outputs are shared among the threads at once (the attention's q, k
+    and v). -> float32 [..., out_j] for each."""
     if not available():
         raise RuntimeError(unavailable_reason())
     *lead, n_in = x.shape
-    n_out = kernel.shape[-2]
     rows = x.reshape(-1, n_in).astype(jnp.float32)
-    y = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((rows.shape[0], n_out), jnp.float32))(
-        rows, *_operands(kernel, params), group=np.int64(group))
-    return y.reshape(*lead, n_out)
+    results = [jax.ShapeDtypeStruct((rows.shape[0], kernel.shape[-2]), jnp.float32) for kernel, _ in weights]
+    ys = jax.ffi.ffi_call(MATMUL_TARGET, results)(
+        rows, *(a for kernel, params in weights for a in _operands(kernel, params)), group=np.int64(group))
+    return [y.reshape(*lead, y.shape[-1]) for y in ys]
 
 
 def moe(x: jax.Array, routing: jax.Array, stacks: list[tuple], group: int) -> jax.Array:

@@ -20,7 +20,7 @@ from .config import MixtralConfig
 from .cpu_attention import MAX_QUERIES, CpuAttention
 from .gpu_linear import GpuKernels
 from .kv_cache import KVCache, loaded, stored
-from .linear import CpuKernels, Linear, Weights, use_cpu_kernels
+from .linear import CpuKernels, Linear, Weights, project, use_cpu_kernels
 from .moe import MoE
 from .sharding import cache_spec, check_mesh_fits, weight_specs
 from .weight_table import swap_last
@@ -147,9 +147,10 @@ class Attention(nnx.Module, pytree=False):
         c = self.config
         B, T, _ = x.shape
         G = c.num_heads // c.num_kv_heads
-        q = apply_rotary(self.wq(x).reshape(B, T, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rotary(self.wk(x).reshape(B, T, c.num_kv_heads, c.head_dim), cos, sin)
-        v = self.wv(x).reshape(B, T, c.num_kv_heads, c.head_dim)
+        q, k, v = project(x, [self.wq, self.wk, self.wv])
+        q = apply_rotary(q.reshape(B, T, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rotary(k.reshape(B, T, c.num_kv_heads, c.head_dim), cos, sin)
+        v = v.reshape(B, T, c.num_kv_heads, c.head_dim)
         k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, stored(k.transpose(0, 2, 3, 1), c.dtype), q_slots[0], axis=3)
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, stored(v.transpose(0, 2, 1, 3), c.dtype), q_slots[0], axis=2)
         q = q.reshape(B, T, c.num_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4) * (c.head_dim ** -0.5)

@@ -129,6 +129,43 @@ def test_each_kernel_matches_numpy(kind):
         cpu_matmul.set_isa(original)
 
 
+@pytest.mark.parametrize("kind", TYPES)
+def test_several_weights_in_one_call_match_numpy(kind):
+    """x times several weights of one type in one call (the attention's q, k and v): each result as
+    that weight's alone, for the gemv and the gemm, on every instruction set."""
+    original = cpu_matmul.isa()
+    n_in = 96 if kind == "int4" else 99
+    weights = [weight(kind, n_in, n_out, seed=n_out) for n_out in (70, 5, 37)]
+    try:
+        for rows, isa in itertools.product([1, 3, 29, 200], isas()):
+            cpu_matmul.set_isa(isa)
+            x = np.random.default_rng(rows).standard_normal((rows, n_in)).astype(np.float32)
+            ys = jax.jit(partial(cpu_matmul.matmuls, group=GROUP))(x, [(kernel, params) for _, kernel, params in weights])
+            assert [y.shape for y in ys] == [(rows, 70), (rows, 5), (rows, 37)]
+            for y, (w, _, _) in zip(ys, weights):
+                close(y, as_the_kernel_takes_it(x, kind, isa) @ w)
+    finally:
+        cpu_matmul.set_isa(original)
+
+
+@pytest.mark.parametrize("split", ["out", "in"])
+def test_several_weights_in_one_call_inside_shard_map_on_8_devices(split):
+    """`linear.cpu_matmuls`: each device multiplies its shard of x by its shards of all the weights in one
+    call; outputs split, or inputs split and summed."""
+    from model.linear import cpu_matmuls
+
+    mesh = make_mesh((1, 8))
+    axis = mesh.axis_names[1]
+    spec = (None, axis) if split == "out" else (axis, None)  # the checkpoint layout's [in, out]
+    weights = [weight("int4", 8 * 64, 8 * n_out, seed=n_out, in_shards=8 if split == "in" else 1) for n_out in (6, 2)]
+    x = np.random.default_rng(4).standard_normal((3, 8 * 64)).astype(np.float32)
+    ys = jax.jit(lambda x, matrices: cpu_matmuls(x, [(CpuKernels(mesh, spec), m) for m in matrices], "int4", GROUP))(
+        x, [(kernel, params) for _, kernel, params in weights])
+    for y, (w, _, _) in zip(ys, weights):
+        taken = np.concatenate([as_the_kernel_takes_it(part, "int4", cpu_matmul.isa()) for part in np.split(x, 8, axis=1)], axis=1)
+        close(y, taken @ w)
+
+
 def test_int4_rows_are_interleaved_as_kernels_h_says(monkeypatch):
     """Byte j of unit u (16 bytes, 32 inputs) at 4 U c + 4 u' + j % 4 of its block (c = j // 4, u' its
     place in the block, U the block's units: 16, or fewer in a row's last block); rows laid out by

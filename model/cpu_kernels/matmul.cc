@@ -388,32 +388,30 @@ static void multiply(const Kernels& kernels, const Weights& w, const float* x, c
   (M <= GEMV_MAX_ROWS ? kernels.gemv : kernels.gemm)(w, x, prepared, M, m0, m1, n0, n1, y);
 }
 
-static ffi::Error matmul(ffi::ThreadPool pool, Weights w, ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  const auto x_dims = x.dimensions(), y_dims = y->dimensions();
-  if (x_dims.size() != 2 || y_dims.size() != 2 || x_dims[1] != w.K || y_dims[0] != x_dims[0] || y_dims[1] != w.N)
-    return ffi::Error::InvalidArgument("mixtral cpu matmul: expected x [M, K], weights [N, K], y [M, N]");
-  const int64_t M = x_dims[0];
-  const float* xs = x.typed_data();
-  float* ys = y->typed_data();
+// y_j [M, N_j] = x [M, K] @ W_j^T for weights W_j [N_j, K] of one type (the attention's q, k and v in one
+// call): x prepared once, and the chunks of every weight run in one pass over the threads.
+static void matmul(ffi::ThreadPool& pool, const std::vector<Weights>& ws, const float* xs, int64_t M,
+                   const std::vector<float*>& ys) {
   const Isa isa = Isa(current_isa.load(std::memory_order_relaxed));
   const Kernels& kernels = KERNELS[isa];
   thread_local PreparedX prepared_x;
-  prepare(pool, w, xs, M, kernels, isa == AVX512_BF16, prepared_x);
+  prepare(pool, ws[0], xs, M, kernels, isa == AVX512_BF16, prepared_x);
   const Prepared prepared = prepared_x.view();
-  if (M <= GEMV_MAX_ROWS) {
-    const int64_t rows = gemv_chunk(pool, w.N);
-    parallel_for(pool, (w.N + rows - 1) / rows, [&](int64_t i) {
-      kernels.gemv(w, xs, prepared, M, 0, M, i * rows, std::min(w.N, (i + 1) * rows), ys);
-    });
-  } else {
-    const int64_t col_blocks = (w.N + GEMM_COLS - 1) / GEMM_COLS;
-    parallel_for(pool, row_blocks(M) * col_blocks, [&](int64_t i) {
-      const int64_t m0 = i / col_blocks * GEMM_ROWS, n0 = i % col_blocks * GEMM_COLS;
-      kernels.gemm(w, xs, prepared, M, m0, std::min(M, m0 + GEMM_ROWS), n0, std::min(w.N, n0 + GEMM_COLS), ys);
-    });
-  }
+  int64_t outputs = 0;
+  for (const Weights& w : ws) outputs += w.N;
+  // each weight's outputs in chunks of `cols`: chunk c of the pass is weight j's chunk c - first[j]
+  const int64_t cols = M <= GEMV_MAX_ROWS ? gemv_chunk(pool, outputs) : GEMM_COLS;
+  std::vector<int64_t> first = {0};
+  for (const Weights& w : ws) first.push_back(first.back() + (w.N + cols - 1) / cols);
+  const int64_t chunks = first.back();
+  parallel_for(pool, row_blocks(M) * chunks, [&](int64_t i) {
+    const int64_t m0 = i / chunks * GEMM_ROWS, c = i % chunks;
+    const size_t j = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
+    const Weights& w = ws[j];
+    const int64_t n0 = (c - first[j]) * cols;
+    multiply(kernels, w, xs, prepared, M, m0, std::min(M, m0 + GEMM_ROWS), n0, std::min(w.N, n0 + cols), ys[j]);
+  });
   if (prepared_x.held() > KEPT_BYTES) prepared_x = PreparedX();
-  return ffi::Error::Success();
 }
 
 // The next weight of a call's remaining arguments, from `i` on: the weight, then its scale (INT8: f32) or
@@ -589,15 +587,30 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
-// y [M, N] = x [M, K] @ W^T for one weight of any type, given after x with its parameters (next_weights).
-static ffi::Error matmul_any(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weight, int64_t group,
-                             ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  std::vector<Weights> w;
-  size_t i = 0;
-  if (auto error = next_weights(weight, i, group, w); error.failure()) return error;
-  if (i != weight.size() || w.size() != 1 || weight.get<ffi::AnyBuffer>(0)->dimensions().size() != 2)
-    return ffi::Error::InvalidArgument("mixtral cpu matmul: one weight [N, K] and its parameters");
-  return matmul(pool, w[0], x, y);
+// y_j [M, N_j] = x [M, K] @ W_j^T for weights of one type and K (`matmul`), each given after x with its
+// parameters (next_weights), y_j the j-th result.
+static ffi::Error matmul_any(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, int64_t group,
+                             ffi::RemainingRets results) {
+  std::vector<Weights> ws;
+  for (size_t i = 0; i < weights.size();) {
+    if (weights.get<ffi::AnyBuffer>(i)->dimensions().size() != 2)
+      return ffi::Error::InvalidArgument("mixtral cpu matmul: weights must be [N, K]");
+    if (auto error = next_weights(weights, i, group, ws); error.failure()) return error;
+  }
+  const auto x_dims = x.dimensions();
+  if (ws.empty() || ws.size() != results.size() || x_dims.size() != 2)
+    return ffi::Error::InvalidArgument("mixtral cpu matmul: x [M, K], then weights, one result each");
+  std::vector<float*> ys;
+  for (size_t j = 0; j < ws.size(); j++) {
+    auto y = results.get<ffi::Buffer<ffi::F32>>(j);
+    if (!y) return y.error();
+    const auto y_dims = (*y)->dimensions();
+    if (ws[j].type != ws[0].type || ws[j].K != x_dims[1] || y_dims.size() != 2 || y_dims[0] != x_dims[0] || y_dims[1] != ws[j].N)
+      return ffi::Error::InvalidArgument("mixtral cpu matmul: expected x [M, K], weights [N_j, K] of one type, y_j [M, N_j]");
+    ys.push_back((*y)->typed_data());
+  }
+  matmul(pool, ws, x.typed_data(), x_dims[0], ys);
+  return ffi::Error::Success();
 }
 
 }  // namespace mixtral_cpu
@@ -607,7 +620,7 @@ using namespace mixtral_cpu;
 #define BIND_MATMUL ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul, matmul_any,
-                              BIND_MATMUL.RemainingArgs().Attr<int64_t>("group").Ret<ffi::Buffer<ffi::F32>>());
+                              BIND_MATMUL.RemainingArgs().Attr<int64_t>("group").RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_moe, moe,
                               BIND_MATMUL.Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().Attr<int64_t>("group")
                                   .Ret<ffi::Buffer<ffi::F32>>());
