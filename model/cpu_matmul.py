@@ -10,13 +10,13 @@ The kernels want each weight as [out, in] rows (`layout` does it once, at load):
                         [..., out, in/group]
 (but for int4's interleave, the layouts of the GPU kernels for quantized weights, model/expert_gemv.py).
 `matmul(x, kernel, params, group)` multiplies float activations by such a weight, inside jit and
-inside shard_map (each device calls the kernel on its own shard). Times many rows (prefill) every weight
-type computes what the dequantized float32 weight would; times a few rows (decode) int8 / int4 weights
-take x rounded for integer dot products (int8: to int16 per block of X16_BLOCK inputs, within 1.5e-5 of
-the largest value there; int4: to int8 per INT4_UNIT inputs, within 0.4% of it, as llama.cpp's Q8
-activations), and bfloat16
-ones, on CPUs with AVX512-BF16, x split into two bfloat16 parts (within 2^-16): several times fewer
-instructions per weight.
+inside shard_map (each device calls the kernel on its own shard). int8 / int4 weights take x rounded for
+integer dot products: times many rows (prefill) to int16 per INT4_UNIT inputs (within 1.5e-5 of the
+largest value there: 1.5x float32's multiply-adds a second on AVX512-VNNI); times a few rows (decode)
+int8 to int16 per block of X16_BLOCK inputs, int4 to int8 per INT4_UNIT inputs (within 0.4% of the
+largest, as llama.cpp's Q8 activations). Float32 and bfloat16 weights compute what the float32 weight
+would (but bfloat16 times a few rows, on CPUs with AVX512-BF16: x split into two bfloat16 parts, within
+2^-16): several times fewer instructions per weight.
 
 The kernels come as a shared library built by `pip install` (setup.py; a C++ compiler is needed). If it is
 missing or fails to load, `available()` is False, the model stays on XLA's matmuls, and `warn_once` says

@@ -59,13 +59,17 @@ def weight(kind: str, n_in: int, n_out: int, seed: int = 0, in_shards: int = 1):
 
 
 def as_the_kernel_takes_it(x: np.ndarray, kind: str, isa: str) -> np.ndarray:
-    """x [rows, in] as the kernels multiply it (float64). The gemv (a few rows): int8 rounds each whole
-    block of X16_BLOCK inputs to int16 with one scale, int4 each INT4_UNIT inputs to int8 (as matmul.cc
-    does, in float32); bfloat16 on a CPU with bfloat16 dot products splits
-    each whole 32 inputs into two bfloat16 parts. Else x itself."""
+    """x [rows, in] as the kernels multiply it (float64), each block of inputs rounded with one scale (as
+    matmul.cc does, in float32). The gemm (many rows): int8 and int4 round each INT4_UNIT inputs to int16
+    (the last ones padded with zeros). The gemv (a few): int8 each whole block of X16_BLOCK inputs to
+    int16, int4 each INT4_UNIT to int8; bfloat16 on a CPU with bfloat16 dot products splits each whole 32
+    inputs into two bfloat16 parts. Else x itself."""
     x = x.astype(np.float32)
     out = x.astype(np.float64)
     if x.shape[0] > cpu_matmul.GEMV_MAX_ROWS:
+        if kind in ("int8", "int4"):
+            padded = np.pad(x, ((0, 0), (0, -x.shape[1] % cpu_matmul.INT4_UNIT)))
+            out[:] = _rounded(padded, cpu_matmul.INT4_UNIT, 32767)[:, :x.shape[1]]
         return out
     if kind == "bfloat16" and isa == "avx512_bf16":
         whole = x.shape[1] // 32 * 32
@@ -229,7 +233,7 @@ def test_inside_shard_map_on_8_devices(kind, split):
 
     y = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(x_spec, w_spec, param_specs), out_specs=y_spec))(
         x, kernel, params)
-    close(y, x.astype(np.float64) @ w)
+    close(y, as_the_kernel_takes_it(x, kind, cpu_matmul.isa()) @ w)  # (int4's units do not straddle shards)
 
 
 def silu(v):

@@ -85,6 +85,17 @@ constexpr int64_t X8_BLOCK_BYTES = 4 * 2 * INT4_BLOCK_UNITS * 4;  // x8 of a blo
 // block's first chunk): chunk i / 8, the low nibbles' (even i) or the high ones' (odd i) part, byte i % 8 / 2.
 static inline int64_t x8_at(int64_t i) { return i / 8 * (X8_BLOCK_BYTES / 4) + i % 2 * (X8_BLOCK_BYTES / 8) + i % 8 / 2; }
 
+// The gemms of INT8 and INT4 weights take x as int16 per unit of INT4_UNIT inputs (the last one padded
+// with zeros), with a float32 scale each (x ~= x16 * scale, |x16| <= 32767: within 1.5e-5 of the unit's
+// largest |x|), and multiply it by the weights' integers widened to int16 (vpdpwssd: twice the multiply-
+// adds of an FMA). x as int8 (4 multiply-adds a lane) took the demo's int4 greedy replies off float32's
+// from the first token: its activations' outliers.
+static inline int64_t int_units(int64_t K) { return (K + INT4_UNIT - 1) / INT4_UNIT; }
+
+// Where input i (0..31) of a unit goes in the gemms' int16 tiles: INT4 the 16 even inputs first, then the
+// odd ones, the order its unit's low and high nibbles come in; INT8 in order.
+static inline int64_t int_tile_order(int64_t i, bool int4) { return int4 ? i % 2 * 16 + i / 2 : i; }
+
 // What the kernels want of x besides x, prepared once per call (matmul.cc).
 struct Prepared {
   const float* group_sums;  // INT4 gemv [M, K / group]: x summed over each group, as x8 stands for it
@@ -97,10 +108,14 @@ struct Prepared {
   const int32_t* lane_group;  // [INT4_BLOCK_UNITS]: each unit's weight group, less its block's first
   const uint16_t* x_bf16;   // BF16 gemv [M, 2, K]: x as a bfloat16 and the bfloat16 of what it leaves (their sum
                             // within 2^-16 of x), for the CPUs with bfloat16 dot products (AVX512-BF16)
-  const float* tiles;       // SIMD gemm [M / tile_rows][K][tile_rows]: x in tiles of rows, zero-padded (INT4: each 32
-                            // inputs reordered, the 16 even ones first, as its weights dequantize)
+  const float* tiles;       // SIMD gemm but INT4's [M / tile_rows][K][tile_rows]: x in tiles of rows, zero-padded
   const uint16_t* tiles_bf16;  // BF16 gemm with bfloat16 dot products, where x is bfloat16 already (null elsewhere):
                                // [M / tile_rows][K / 2][tile_rows][2], x in tiles of rows, its inputs in pairs
+  const int16_t* tiles_x16;  // INT8 / INT4 gemm [M / tile_rows][units * 16][tile_rows][2] (units: int_units(K)): x16, in
+                             // tiles of rows, 2 inputs a row at a time, each unit's inputs in int_tile_order;
+                             // rows past M and inputs past K zero (the scalar reference: tiles of one row)
+  const float* tile_x16_scale;  // [M / tile_rows][units][tile_rows]: each unit's scale
+  const float* tile_sums;   // INT4 [M / tile_rows][K / group][tile_rows]: x summed over each group, as x16 stands for it
   bool x_is_bf16;           // x is bfloat16 already (x_bf16's second parts are all 0)
 };
 

@@ -98,6 +98,34 @@ static void gemv_reference(const Weights& w, const float* x, const Prepared& pre
   matmul_reference(w, x, prepared, M, m0, m1, n0, n1, y);
 }
 
+// The INT8 / INT4 gemm (what the SIMD one computes): per unit, the integer dot product of the weights with
+// x16 (Prepared::tiles_x16, in tiles of one row here), times x's scale there and the weights' (INT8: the
+// row's; INT4: the group's); INT4 plus the offsets times x's group sums.
+static void gemm_reference_int(const Weights& w, const Prepared& prepared, int64_t m0, int64_t m1, int64_t n0,
+                               int64_t n1, float* y) {
+  const bool int4 = w.type == WeightType::INT4;
+  const int64_t K = w.K, G = int4 ? K / w.group : 0, units = int_units(K);
+  for (int64_t m = m0; m < m1; m++)
+    for (int64_t n = n0; n < n1; n++) {
+      float s = 0;
+      for (int64_t u = 0; u < units; u++) {
+        int32_t dot = 0;
+        for (int64_t k = u * INT4_UNIT; k < std::min(K, (u + 1) * INT4_UNIT); k++)
+          dot += weight_integer(w, n, k) * prepared.tiles_x16[(m * units + u) * INT4_UNIT + int_tile_order(k % INT4_UNIT, int4)];
+        const float scale = int4 ? f16_to_float(w.group_scale[n * G + u * INT4_UNIT / w.group]) : w.scale[n];
+        s += dot * (scale * prepared.tile_x16_scale[m * units + u]);
+      }
+      for (int64_t g = 0; g < G; g++) s += f16_to_float(w.group_offset[n * G + g]) * prepared.tile_sums[m * G + g];
+      y[m * w.N + n] = s;
+    }
+}
+
+static void gemm_reference(const Weights& w, const float* x, const Prepared& prepared, int64_t M, int64_t m0,
+                           int64_t m1, int64_t n0, int64_t n1, float* y) {
+  if (w.type == WeightType::INT8 || w.type == WeightType::INT4) return gemm_reference_int(w, prepared, m0, m1, n0, n1, y);
+  matmul_reference(w, x, prepared, M, m0, m1, n0, n1, y);
+}
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MIXTRAL_X86 1
 #include <immintrin.h>
@@ -183,7 +211,7 @@ struct Kernels {
   int64_t tile_rows;
 };
 static const Kernels KERNELS[] = {
-    {gemv_reference, matmul_reference, 0},
+    {gemv_reference, gemm_reference, 0},
 #ifdef MIXTRAL_X86
     {avx2::gemv, avx2::gemm_any, avx2::TILE_ROWS},
     {avx512::gemv, avx512::gemm_any, avx512::TILE_ROWS},
@@ -233,8 +261,8 @@ static size_t bytes(const std::vector<T>& v) { return v.capacity() * sizeof(T); 
 // x as the kernels of one weight type want it besides x (kernels.h's Prepared), with its buffers (the
 // kernels read only what their weight type needs).
 struct PreparedX {
-  std::vector<float> sums, tiles, x16_scale, x8_scale;
-  std::vector<int16_t> x16;
+  std::vector<float> sums, tiles, x16_scale, x8_scale, tile_x16_scale, tile_sums;
+  std::vector<int16_t> x16, tiles_x16;
   std::vector<int8_t> x8;
   std::vector<int32_t> lane_group;
   std::vector<uint16_t> x_bf16, tiles_bf16;
@@ -242,11 +270,13 @@ struct PreparedX {
 
   Prepared view() const {
     return {sums.data(), x16.data(), x16_scale.data(), x8.data(), x8_scale.data(), lane_group.data(),
-            x_bf16.data(), tiles.data(), bf16_tiles ? tiles_bf16.data() : nullptr, x_is_bf16};
+            x_bf16.data(), tiles.data(), bf16_tiles ? tiles_bf16.data() : nullptr, tiles_x16.data(),
+            tile_x16_scale.data(), tile_sums.data(), x_is_bf16};
   }
   size_t held() const {
     return bytes(sums) + bytes(tiles) + bytes(x16_scale) + bytes(x8_scale) + bytes(x16) + bytes(x8) +
-           bytes(lane_group) + bytes(x_bf16) + bytes(tiles_bf16);
+           bytes(lane_group) + bytes(x_bf16) + bytes(tiles_bf16) + bytes(tiles_x16) + bytes(tile_x16_scale) +
+           bytes(tile_sums);
   }
 };
 
@@ -263,15 +293,16 @@ VECTORIZED static void to_x16(const float* x, float to_int, int16_t* out) {
   for (int64_t i = 0; i < X16_BLOCK; i++) out[i] = int16_t(std::nearbyint(x[i] * to_int));
 }
 
-// A unit's INT4_UNIT inputs times to_int, rounded, into x8 (kernels.h: `chunks` at the unit's lane of
-// its block's first chunk); returns their sum.
-VECTORIZED static int32_t to_x8(const float* x, float to_int, int8_t* chunks) {
+// A unit's INT4_UNIT inputs times to_int, rounded, to out[at(i)] (T: int8, the gemv's x8, kernels.h: `out`
+// at the unit's lane of its block's first chunk; int16, a unit of the gemm's tiles); returns their sum.
+template <class T, class At>
+VECTORIZED static int32_t round_unit(const float* x, float to_int, T* out, At at) {
   int32_t rounded[INT4_UNIT], sum = 0;
   for (int i = 0; i < INT4_UNIT; i++) {
     rounded[i] = int32_t(std::nearbyint(x[i] * to_int));
     sum += rounded[i];
   }
-  for (int i = 0; i < INT4_UNIT; i++) chunks[x8_at(i)] = int8_t(rounded[i]);
+  for (int i = 0; i < INT4_UNIT; i++) out[at(i)] = T(rounded[i]);
   return sum;
 }
 
@@ -312,6 +343,34 @@ static void pack_tiles(ffi::ThreadPool& pool, const float* xs, int64_t M, int64_
   });
 }
 
+// x [M, K] rounded to int16 per unit, in the int8 / int4 gemms' tiles (kernels.h: Prepared::tiles_x16,
+// tile_x16_scale; INT4 (group > 0) tile_sums; rows past M and inputs past K zero).
+static void pack_x16_tiles(ffi::ThreadPool& pool, const float* xs, int64_t M, int64_t K, int64_t group, int64_t tile,
+                           PreparedX& p) {
+  const int64_t tiles = (M + tile - 1) / tile, units = int_units(K), G = group ? K / group : 0;
+  p.tiles_x16.assign(tiles * tile * units * INT4_UNIT, 0);
+  p.tile_x16_scale.assign(tiles * tile * units, 0.0f);
+  p.tile_sums.assign(tiles * tile * G, 0.0f);
+  parallel_for(pool, tiles, [&](int64_t t) {
+    for (int64_t m = t * tile; m < std::min(M, (t + 1) * tile); m++) {
+      const int64_t r = m - t * tile;
+      for (int64_t u = 0; u < units; u++) {
+        float unit[INT4_UNIT] = {};  // (the last one padded with zeros)
+        std::memcpy(unit, xs + m * K + u * INT4_UNIT, std::min(INT4_UNIT, K - u * INT4_UNIT) * sizeof(float));
+        const float largest = largest_abs(unit, INT4_UNIT), to_int = largest > 0 ? 32767.0f / largest : 0.0f;
+        const float scale = largest / 32767.0f;
+        int16_t* out = p.tiles_x16.data() + (t * units + u) * INT4_UNIT * tile + r * 2;
+        const int32_t sum = round_unit(unit, to_int, out, [tile, group](int64_t i) {
+          const int64_t at = int_tile_order(i, group > 0);
+          return at / 2 * 2 * tile + at % 2;
+        });
+        p.tile_x16_scale[(t * units + u) * tile + r] = scale;
+        if (G) p.tile_sums[(t * G + u * INT4_UNIT / group) * tile + r] += sum * scale;
+      }
+    }
+  });
+}
+
 // Prepares x [M, w.K] for `w`'s gemv (M <= GEMV_MAX_ROWS) or gemm kernels.
 static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, int64_t M, const Kernels& kernels,
                     bool bf16_dot, PreparedX& p) {
@@ -335,6 +394,7 @@ static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, in
         to_x16(block, to_int, p.x16.data() + m * K + b * X16_BLOCK);
       }
   }
+  const int64_t tile = kernels.tile_rows;
   if (gemv && w.type == WeightType::INT4) {  // x8, and the group sums of x as multiplied
     const int64_t G = K / w.group, units = K / INT4_UNIT, blocks = int4_blocks(K);
     p.sums.assign(M * G, 0.0f);
@@ -349,20 +409,19 @@ static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, in
         const float scale = largest / 127.0f;
         p.x8_scale[m * blocks * INT4_BLOCK_UNITS + u] = scale;
         int8_t* lane = p.x8.data() + (m * blocks + u / INT4_BLOCK_UNITS) * X8_BLOCK_BYTES + u % INT4_BLOCK_UNITS * 4;
-        p.sums[m * G + u * INT4_UNIT / w.group] += to_x8(unit, to_int, lane) * scale;
+        p.sums[m * G + u * INT4_UNIT / w.group] += round_unit(unit, to_int, lane, [](int64_t i) { return x8_at(i); }) * scale;
       }
   }
-  const int64_t tile = kernels.tile_rows;
   // BF16 weights times x that is bfloat16 already (a bfloat16 model's activations, the experts' hidden ones
   // too: moe), on CPUs with bfloat16 dot products: x in tiles of bfloat16 pairs, for vdpbf16ps
   p.bf16_tiles = !gemv && tile && p.x_is_bf16 && K % 2 == 0;
   if (p.bf16_tiles) {
     pack_tiles(pool, xs, M, K, tile, p.tiles_bf16, 2, [&](int64_t k) { return k / 2 * 2 * tile + k % 2; }, float_to_bf16);
-  } else if (!gemv && tile) {  // INT4: each 32 inputs with the 16 even ones first, the order its dequantized
-                               // weights come in (low nibbles, then high ones)
-    const bool int4 = w.type == WeightType::INT4;
-    pack_tiles(pool, xs, M, K, tile, p.tiles, 1, [&](int64_t k) { return (int4 ? k / 32 * 32 + k % 32 / 2 + k % 2 * 16 : k) * tile; },
-               [](float v) { return v; });
+  } else if (!gemv && (w.type == WeightType::INT8 || w.type == WeightType::INT4)) {  // (the scalar reference reads
+                                                                                     // tiles of one row)
+    pack_x16_tiles(pool, xs, M, K, w.type == WeightType::INT4 ? w.group : 0, std::max<int64_t>(tile, 1), p);
+  } else if (!gemv && tile) {
+    pack_tiles(pool, xs, M, K, tile, p.tiles, 1, [&](int64_t k) { return k * tile; }, [](float v) { return v; });
   }
 }
 
