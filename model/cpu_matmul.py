@@ -101,15 +101,6 @@ def supports(mode: str | None, group: int) -> bool:
     return mode != "int4" or (group % INT4_UNIT == 0 and INT4_UNIT * INT4_BLOCK_UNITS % group == 0)
 
 
-def multiplies(dtype, rows: int = 1) -> bool:
-    """Whether a model on the kernels multiplies `rows` activation rows by weights of this dtype through
-    them. Float32 weights times a few rows (decode) stay on XLA's matmuls, which stream them at memory
-    speed already, without the cost of a call (`linear.out_major_matmul` has the figures); times more
-    rows (prefill) our gemm is faster (mini-mixtral's 512-token prefill 326-339 tok/s, against 263-273
-    on XLA's, alternating runs)."""
-    return jnp.dtype(dtype) != jnp.float32 or rows > GEMV_MAX_ROWS
-
-
 def layout(kernel: np.ndarray, params: tuple[np.ndarray, ...], mode: str | None) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     """A weight as stored in a checkpoint (kernel [..., in, out], int4 packed along `in`; params: int8 scale
     [..., out], int4 scale and offset [..., in/group, out]) -> the kernels' layout (module docstring)."""

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import cpu_matmul
 from .config import MixtralConfig
 from .engine_api import SamplingParams
 from .executables import ExecutableCache, layout_digest
@@ -130,8 +129,7 @@ class Generator:
     def _start(self, config: MixtralConfig, mesh: Mesh, cpu_kernels: bool, params: list[jax.Array],
                executables: ExecutableCache | None) -> None:
         self.config, self.mesh, self.params = config, mesh, params
-        weights_on_kernels = cpu_kernels and any(cpu_matmul.multiplies(a.dtype) for a in params)
-        xla_options = NO_YNN_FUSIONS if weights_on_kernels else ()
+        xla_options = NO_YNN_FUSIONS if cpu_kernels else ()
         self.prefill_program = _program(_prefill_step, ("cache",), xla_options)
         self.decode_program = _program(_decode_step, ("cache", "seen"), xla_options)
         self._replicated = NamedSharding(mesh, P())

@@ -76,19 +76,11 @@ def _relayout(fn, sharding: NamedSharding):
     return jax.jit(fn, out_shardings=sharding)
 
 
-def out_major_matmul(x: jax.Array, kernel: jax.Array, params: tuple[jax.Array, ...], group: int) -> jax.Array:
-    """x [..., in] @ an out-major weight on one device -> float32 [..., out] (`out_major_matmuls`)."""
-    return out_major_matmuls(x, [(kernel, params)], group)[0]
-
-
 def out_major_matmuls(x: jax.Array, weights: Sequence[Matrix], group: int) -> list[jax.Array]:
     """x [..., in] @ each of several out-major weights of one type on one device, through one call of the
-    CPU kernels -> float32 [..., out_j]; float32 weights times a few rows through XLA's matmuls instead:
-    they stream them at memory speed already, without the cost of a call (in the same runs, decode of a
-    float32 demo 15.6-18.7 tok/s on XLA, 8.2-13.2 through ours; mini-mixtral 24.3-24.7 against
-    14.3-21.5). `cpu_matmul.multiplies`."""
-    if not cpu_matmul.multiplies(weights[0][0].dtype, math.prod(x.shape[:-1])):
-        return [jnp.einsum("...i,oi->...o", x, kernel, preferred_element_type=jnp.float32) for kernel, _ in weights]
+    CPU kernels -> float32 [..., out_j]. Float32 weights too: in decode our gemv streams them faster than
+    XLA's matmul (alternating in one process, mini-mixtral 27.2 against 24.4 tok/s, the demo 31.0 against
+    27.1; level where memory is slow), in prefill our gemm (326-339 tok/s against 263-273)."""
     return cpu_matmul.matmuls(x, weights, group)
 
 

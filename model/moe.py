@@ -5,9 +5,9 @@ and summed in float32. Shapes: N tokens (batch x time), D hidden, I intermediate
 k experts per token, A devices on the mesh's expert axis, M on its model axis.
 
 Experts are stored in groups of `group_size` stacked experts ([group_size, D, I] for w1/w3), split over
-the expert axis (`ExpertLayout`): where XLA:CPU's matmuls multiply them (no CPU kernels, or float32
-decode) a group is A experts, one per device (XLA:CPU multiplies by a slice of a stacked array ~10x below
-memory speed, by a whole array at memory speed); where kernels read them in place (the CPU's fused call,
+the expert axis (`ExpertLayout`): where XLA:CPU's matmuls multiply them (no CPU kernels) a group is A
+experts, one per device (XLA:CPU multiplies by a slice of a stacked array ~10x below memory speed, by a
+whole array at memory speed); where kernels read them in place (the CPU's fused call,
 `branchless` on a GPU) one group of all E, on a GPU its last two dims swapped where the expert_gemv
 kernel reads that layout faster. (Each stored array is an input of every program: a decode step of
 int4 mini-mixtral took 701, 0.4 ms a token to hand over, with a group per expert.)
@@ -16,9 +16,9 @@ One function per strategy, each with its own routing value and its own `shard_ma
 its own experts; a psum adds the devices' partial sums):
 - `decode_in_place`: batch-1 decode on a GPU; the expert_gemv kernel reads the chosen experts' weights
   in place (no cond: a GPU cond waits for the host).
-- `fused_experts`: on the CPU kernels, quantized or bfloat16 experts, or float32 ones for more than a
-  few tokens (`cpu_matmul.multiplies`): one kernel call takes every expert of the device and runs each a
-  token chose on the tokens that chose it, all of them at once (each expert's weights read once a call).
+- `fused_experts`: on the CPU kernels (every weight type): one kernel call takes every expert of the
+  device and runs each a token chose on the tokens that chose it, all of them at once (each expert's
+  weights read once a call).
 - `few_tokens_cond`: up to MOE_TILE tokens on the CPU, on XLA's matmuls; each expert under a cond,
   skipped unless a token chose it, run on all the tokens with the others weighted 0 (batch-1 decode
   reads just k experts).
@@ -29,7 +29,7 @@ its own experts; a psum adds the devices' partial sums):
   grouped_matmul kernel, every expert in one static grid (no loop, no host round trip).
 On a GPU quantized experts are stored out-major ([.., out, in]; int4 packed two per byte along the
 inputs, its scales and offsets [.., out, in/group]), as both kernels read them; on a CPU with the native
-kernels (cpu_matmul.py) every expert is, and the CPU strategies multiply through those kernels.
+kernels (cpu_matmul.py) every expert is, for `fused_experts`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from . import cpu_matmul, expert_gemv, gpu_linear, grouped_matmul, quantize
 from .config import MixtralConfig
 from .grouped_matmul import GroupedRows
-from .linear import Linear, Matrix, Weights, out_major, out_major_matmul, out_major_specs
+from .linear import Linear, Matrix, Weights, out_major, out_major_specs
 from .sharding import EXPERT, MODEL
 
 MOE_TILE = 64  # tokens per expert matmul in prefill; up to this many tokens take the cond path
@@ -123,8 +123,6 @@ class ExpertLayout:
     def ffn(self, x: jax.Array, w1: Matrix, w3: Matrix, w2: Matrix) -> jax.Array:
         """One expert's SwiGLU on x [n, D] -> float32 [n, D]; kernels [D, I] (or stored out-major)."""
         def matmul(h, matrix):
-            if self.cpu_kernels:
-                return out_major_matmul(h, *matrix, self.quant_group).astype(h.dtype)
             kernel, params = expert_gemv.as_matmul_operands(*matrix) if self.out_major else matrix
             return quantize.matmul(h, kernel, params, self.quantization, self.quant_group)
 
@@ -247,8 +245,7 @@ class MoE(nnx.Module, pytree=False):
         # the kernels' dtype for the weights (int4: packed two per byte)
         kernel_dtype = gpu_linear.kernel_dtype(config.quantization, config.dtype)
         # one group of every expert where kernels read them in place: the GPU's, and the CPU's fused call
-        # where it runs them at any number of tokens (not float32 decode, which XLA's matmuls run)
-        in_place = branchless or (cpu_kernels and cpu_matmul.multiplies(kernel_dtype, 1))
+        in_place = branchless or cpu_kernels
         group_size = config.num_experts if in_place else mesh.shape[EXPERT]
         self.layout = ExpertLayout(
             mesh=mesh, num_experts=config.num_experts, group_size=group_size,
@@ -268,9 +265,6 @@ class MoE(nnx.Module, pytree=False):
 
         self.w1, self.w3, self.w2 = stored("w1"), stored("w3"), stored("w2")
 
-    def fused(self, tokens: int) -> bool:
-        """Whether `fused_experts` runs the experts for this many tokens (else XLA's matmuls)."""
-        return self.layout.cpu_kernels and cpu_matmul.multiplies(self.w1[0].arrays()[0].dtype, tokens)
 
     def _expert_dims(self) -> list[tuple[int, int]]:
         """(in, out) of w1/w3 and of w2 on one device."""
@@ -294,7 +288,7 @@ class MoE(nnx.Module, pytree=False):
         xs = x.reshape(N, D)
         top_w, top_e = route(xs @ self.router[...], jnp.tile(live, B), c.experts_per_token)
         matrices = tuple([lin.arrays() for lin in linears] for linears in (self.w1, self.w3, self.w2))
-        fused = self.fused(N)
+        fused = self.layout.cpu_kernels
         if N == 1 and self.in_place_decode:
             out = decode_in_place(self.layout, xs, ChosenExperts(top_e[0], top_w[0]), *matrices)
         elif self.grouped_prefill:
