@@ -76,14 +76,6 @@ def _relayout(fn, sharding: NamedSharding):
     return jax.jit(fn, out_shardings=sharding)
 
 
-def out_major_matmuls(x: jax.Array, weights: Sequence[Matrix], group: int) -> list[jax.Array]:
-    """x [..., in] @ each of several out-major weights of one type on one device, through one call of the
-    CPU kernels -> float32 [..., out_j]. Float32 weights too: in decode our gemv streams them faster than
-    XLA's matmul (alternating in one process, mini-mixtral 27.2 against 24.4 tok/s, the demo 31.0 against
-    27.1; level where memory is slow), in prefill our gemm (326-339 tok/s against 263-273)."""
-    return cpu_matmul.matmuls(x, weights, group)
-
-
 @dataclasses.dataclass(frozen=True)
 class CpuKernels:
     """Where an out-major weight lives, for the CPU kernels: static, hashable (an NNX static attribute)."""
@@ -104,13 +96,15 @@ def cpu_matmuls(x: jax.Array, weights: Sequence[tuple[CpuKernels, Matrix]], quan
                 group: int) -> list[jax.Array]:
     """x [..., in] @ each out-major weight -> float32 [..., out_j], in one kernel call on each device
     (its shard of x times its shards of the weights; shards of the inputs summed). The weights share one
-    type and one split of their inputs (`spec[-2]`)."""
+    type and one split of their inputs (`spec[-2]`). Float32 weights too: in decode our gemv streams them
+    faster than XLA's matmul (alternating in one process, mini-mixtral 27.2 against 24.4 tok/s, the demo
+    31.0 against 27.1; level where memory is slow), in prefill our gemm (326-339 tok/s against 263-273)."""
     mesh, split_in = weights[0][0].mesh, weights[0][0].spec[-2]
     lead = (None,) * (x.ndim - 1)
     in_split = split_in is not None and math.prod(mesh.shape[a] for a in jax.tree.leaves(split_in)) > 1
 
     def local(x, matrices):
-        ys = out_major_matmuls(x, matrices, group)
+        ys = cpu_matmul.matmuls(x, matrices, group)
         return [jax.lax.psum(y, split_in) for y in ys] if in_split else ys
 
     return jax.shard_map(local, mesh=mesh,
@@ -186,12 +180,10 @@ def project(x: jax.Array, linears: Sequence[Linear]) -> list[jax.Array]:
     all of them multiply there alike (the attention's q, k and v: x prepared once, one pass over the
     threads instead of three: mini-mixtral's int4 decode 8% faster, alternating in one process), else one
     by one."""
-    first = linears[0]
     kernels = [linear.kernels for linear in linears]
-    if (isinstance(first.kernels, CpuKernels) and all(isinstance(k, CpuKernels) for k in kernels)
-            and len({(k.mesh, k.spec[-2], linear.quantization, linear.kernel.dtype)
-                     for k, linear in zip(kernels, linears)}) == 1):
-        ys = cpu_matmuls(x, [(k, linear.arrays()) for k, linear in zip(kernels, linears)], first.quantization,
-                         first.group)
+    if all(isinstance(k, CpuKernels) for k in kernels) and len(
+            {(k.mesh, k.spec[-2], linear.quantization, linear.kernel.dtype) for k, linear in zip(kernels, linears)}) == 1:
+        ys = cpu_matmuls(x, [(k, linear.arrays()) for k, linear in zip(kernels, linears)], linears[0].quantization,
+                         linears[0].group)
         return [y.astype(x.dtype) for y in ys]
     return [linear(x) for linear in linears]
