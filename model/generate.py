@@ -89,8 +89,8 @@ def _decode_step(model_def: ModelDef, params, cache: KVCache, token, seen, seed,
 
 # XLA:CPU's YNNPACK dot fusions run XLA's float32 matmuls fast, but a program sets each of them up on its
 # first run (~0.2 s of the int4 demo's first turn, for the attention's dots alone). Where our kernels
-# multiply by every weight (quantized or bfloat16 weights on a CPU) they bring no speed (bench: prefill and
-# decode as fast or faster without): those models' programs are compiled without them.
+# multiply by every weight (any model on a CPU with them) they bring no speed (bench: prefill and decode as
+# fast or faster without): those models' programs are compiled without them.
 NO_YNN_FUSIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
 
 

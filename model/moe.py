@@ -265,7 +265,6 @@ class MoE(nnx.Module, pytree=False):
 
         self.w1, self.w3, self.w2 = stored("w1"), stored("w3"), stored("w2")
 
-
     def _expert_dims(self) -> list[tuple[int, int]]:
         """(in, out) of w1/w3 and of w2 on one device."""
         c, layout = self.config, self.layout

@@ -108,7 +108,7 @@ struct Prepared {
   const int32_t* lane_group;  // [INT4_BLOCK_UNITS]: each unit's weight group, less its block's first
   const uint16_t* x_bf16;   // BF16 gemv [M, 2, K]: x as a bfloat16 and the bfloat16 of what it leaves (their sum
                             // within 2^-16 of x), for the CPUs with bfloat16 dot products (AVX512-BF16)
-  const float* tiles;       // SIMD gemm but INT4's [M / tile_rows][K][tile_rows]: x in tiles of rows, zero-padded
+  const float* tiles;       // F32 / BF16 SIMD gemm [M / tile_rows][K][tile_rows]: x in tiles of rows, zero-padded
   const uint16_t* tiles_bf16;  // BF16 gemm with bfloat16 dot products, where x is bfloat16 already (null elsewhere):
                                // [M / tile_rows][K / 2][tile_rows][2], x in tiles of rows, its inputs in pairs
   const int16_t* tiles_x16;  // INT8 / INT4 gemm [M / tile_rows][units * 16][tile_rows][2] (units: int_units(K)): x16, in

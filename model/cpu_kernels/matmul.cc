@@ -394,7 +394,6 @@ static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, in
         to_x16(block, to_int, p.x16.data() + m * K + b * X16_BLOCK);
       }
   }
-  const int64_t tile = kernels.tile_rows;
   if (gemv && w.type == WeightType::INT4) {  // x8, and the group sums of x as multiplied
     const int64_t G = K / w.group, units = K / INT4_UNIT, blocks = int4_blocks(K);
     p.sums.assign(M * G, 0.0f);
@@ -412,6 +411,7 @@ static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, in
         p.sums[m * G + u * INT4_UNIT / w.group] += round_unit(unit, to_int, lane, [](int64_t i) { return x8_at(i); }) * scale;
       }
   }
+  const int64_t tile = kernels.tile_rows;
   // BF16 weights times x that is bfloat16 already (a bfloat16 model's activations, the experts' hidden ones
   // too: moe), on CPUs with bfloat16 dot products: x in tiles of bfloat16 pairs, for vdpbf16ps
   p.bf16_tiles = !gemv && tile && p.x_is_bf16 && K % 2 == 0;
