@@ -16,9 +16,9 @@ One function per strategy, each with its own routing value and its own `shard_ma
 its own experts; a psum adds the devices' partial sums):
 - `decode_in_place`: batch-1 decode on a GPU; the expert_gemv kernel reads the chosen experts' weights
   in place (no cond: a GPU cond waits for the host).
-- `fused_experts`: on the CPU kernels (every weight type): one kernel call takes every expert of the
-  device and runs each a token chose on the tokens that chose it, all of them at once (each expert's
-  weights read once a call).
+- `fused_experts`: on the CPU kernels (every weight type): one kernel call takes the router's logits and
+  every expert of the device, routes the tokens as `route` does and runs each expert a token chose on
+  the tokens that chose it, all of them at once (each expert's weights read once a call).
 - `few_tokens_cond`: up to MOE_TILE tokens on the CPU, on XLA's matmuls; each expert under a cond,
   skipped unless a token chose it, run on all the tokens with the others weighted 0 (batch-1 decode
   reads just k experts).
@@ -55,6 +55,12 @@ class ChosenExperts(NamedTuple):
     """`decode_in_place`'s routing: the one token's experts."""
     experts: jax.Array  # int32 [k]
     weights: jax.Array  # float32 [k]
+
+
+class RouterLogits(NamedTuple):
+    """`fused_experts`' routing, which the kernel makes itself (as `route`)."""
+    logits: jax.Array  # float32 [N, E]
+    live: jax.Array  # bool [N]: real tokens (bucket padding chooses no expert)
 
 
 class TokenWeights(NamedTuple):
@@ -94,6 +100,7 @@ class ExpertLayout:
     ffn_split: bool  # is the intermediate dim split over the model axis?
     quantization: str | None
     quant_group: int
+    experts_per_token: int
     specs: tuple[tuple, tuple, tuple]  # w1, w3, w2 partition specs of the on-disk [E, in, out] layout
 
     @property
@@ -114,9 +121,10 @@ class ExpertLayout:
                 return [out_major_specs(spec, self.quantization)] * self.num_groups
             return [(P(*spec), tuple(P(*quantize.param_spec(spec, self.quantization)) for _ in names))] * self.num_groups
 
-        sum_axes = (EXPERT, MODEL) if self.ffn_split else (EXPERT,)
+        # (a psum over axes of one device is still an all-reduce op in XLA:CPU's program: skipped)
+        sum_axes = tuple(a for a in ((EXPERT, MODEL) if self.ffn_split else (EXPERT,)) if self.mesh.shape[a] > 1)
         return jax.shard_map(
-            lambda *args: jax.lax.psum(local(*args), sum_axes), mesh=self.mesh,
+            lambda *args: jax.lax.psum(local(*args), sum_axes) if sum_axes else local(*args), mesh=self.mesh,
             in_specs=(P(), routing_specs) + tuple(matrix_specs(spec) for spec in self.specs),
             out_specs=P(), check_vma=False)
 
@@ -179,14 +187,18 @@ def few_tokens_cond(layout: ExpertLayout, xs: jax.Array, routing: TokenWeights, 
     return layout.shard_map(local, TokenWeights(P(), P()))(xs, routing, w1, w3, w2)
 
 
-def fused_experts(layout: ExpertLayout, xs: jax.Array, routing: TokenWeights, w1, w3, w2) -> jax.Array:
-    """xs [N, D] on the CPU kernels: all of a device's experts in one call, which runs those a token
-    chose. -> float32 [N, D]."""
-    def local(xs, routing, w1, w3, w2):
-        weights = jnp.stack([routing.weights[:, expert] for expert in layout.local_expert_ids()], axis=1)  # [N, local experts]
-        return cpu_matmul.moe(xs, weights, list(zip(w1, w3, w2)), layout.quant_group)
+def fused_experts(layout: ExpertLayout, xs: jax.Array, routing: RouterLogits, w1, w3, w2) -> jax.Array:
+    """xs [N, D] on the CPU kernels: all of a device's experts (one group of all E: the device's are
+    experts first .. first + per_device - 1) in one call, which routes the tokens and runs the experts a
+    token chose. -> float32 [N, D]."""
+    assert layout.num_groups == 1
 
-    return layout.shard_map(local, TokenWeights(P(), P()))(xs, routing, w1, w3, w2)
+    def local(xs, routing, w1, w3, w2):
+        first = jax.lax.axis_index(EXPERT) * layout.per_device
+        return cpu_matmul.moe(xs, routing.logits, routing.live, jnp.full((1,), first, jnp.int32),
+                              list(zip(w1, w3, w2)), layout.quant_group, layout.experts_per_token)
+
+    return layout.shard_map(local, RouterLogits(P(), P()))(xs, routing, w1, w3, w2)
 
 
 def sorted_tiles(layout: ExpertLayout, xs: jax.Array, routing: SortedAssignments, w1, w3, w2) -> jax.Array:
@@ -251,7 +263,7 @@ class MoE(nnx.Module, pytree=False):
             mesh=mesh, num_experts=config.num_experts, group_size=group_size,
             out_major=cpu_kernels or (branchless and expert_gemv.stores_out_major(kernel_dtype)), cpu_kernels=cpu_kernels,
             ffn_split=specs["w1"][-1] is not None, quantization=config.quantization,
-            quant_group=config.quant_group_size, specs=(specs["w1"], specs["w3"], specs["w2"]))
+            quant_group=config.quant_group_size, experts_per_token=config.experts_per_token, specs=(specs["w1"], specs["w3"], specs["w2"]))
         group = config.quant_group_size
         self.in_place_decode = branchless and all(
             expert_gemv.supported(n_in, n_out, kernel_dtype, group) for n_in, n_out in self._expert_dims())
@@ -283,24 +295,28 @@ class MoE(nnx.Module, pytree=False):
         """x [B, T, D]; live [T] marks real tokens (bucket padding is not routed). -> [B, T, D]."""
         c = self.config
         B, T, D = x.shape
-        N, E = B * T, c.num_experts
-        xs = x.reshape(N, D)
-        top_w, top_e = route(xs @ self.router[...], jnp.tile(live, B), c.experts_per_token)
+        xs = x.reshape(B * T, D)
+        logits, live = xs @ self.router[...], jnp.tile(live, B)
         matrices = tuple([lin.arrays() for lin in linears] for linears in (self.w1, self.w3, self.w2))
-        fused = self.layout.cpu_kernels
-        if N == 1 and self.in_place_decode:
-            out = decode_in_place(self.layout, xs, ChosenExperts(top_e[0], top_w[0]), *matrices)
-        elif self.grouped_prefill:
-            block_rows = grouped_matmul.block_rows_for(N * c.experts_per_token)
-            out = grouped_rows(self.layout, xs, GroupedRows.of(top_w, top_e, E, block_rows), *matrices)
-        elif N <= MOE_TILE or fused:
-            weights = jnp.zeros((N, E + 1), jnp.float32).at[jnp.arange(N)[:, None], top_e].add(top_w)[:, :E]
-            routing = TokenWeights(weights, expert_counts(top_e, E))
-            out = (fused_experts if fused else few_tokens_cond)(self.layout, xs, routing, *matrices)
+        if self.layout.cpu_kernels:  # the kernel routes the tokens itself
+            out = fused_experts(self.layout, xs, RouterLogits(logits, live), *matrices)
         else:
-            counts = expert_counts(top_e, E)
-            order = jnp.argsort(top_e.reshape(-1), stable=True)
-            routing = SortedAssignments((order // c.experts_per_token).astype(jnp.int32), top_w.reshape(-1)[order],
-                                        jnp.cumsum(counts) - counts, counts)
-            out = sorted_tiles(self.layout, xs, routing, *matrices)
+            out = self._routed_experts(xs, *route(logits, live, c.experts_per_token), matrices)
         return out.astype(x.dtype).reshape(B, T, D)
+
+    def _routed_experts(self, xs: jax.Array, top_w: jax.Array, top_e: jax.Array, matrices) -> jax.Array:
+        """xs [N, D] through the experts `route` chose, on a GPU or XLA:CPU's matmuls. -> float32 [N, D]."""
+        N, E, k = xs.shape[0], self.config.num_experts, self.config.experts_per_token
+        if N == 1 and self.in_place_decode:
+            return decode_in_place(self.layout, xs, ChosenExperts(top_e[0], top_w[0]), *matrices)
+        if self.grouped_prefill:
+            return grouped_rows(self.layout, xs, GroupedRows.of(top_w, top_e, E, grouped_matmul.block_rows_for(N * k)),
+                                *matrices)
+        if N <= MOE_TILE:
+            weights = jnp.zeros((N, E + 1), jnp.float32).at[jnp.arange(N)[:, None], top_e].add(top_w)[:, :E]
+            return few_tokens_cond(self.layout, xs, TokenWeights(weights, expert_counts(top_e, E)), *matrices)
+        counts = expert_counts(top_e, E)
+        order = jnp.argsort(top_e.reshape(-1), stable=True)
+        routing = SortedAssignments((order // k).astype(jnp.int32), top_w.reshape(-1)[order], jnp.cumsum(counts) - counts,
+                                    counts)
+        return sorted_tiles(self.layout, xs, routing, *matrices)

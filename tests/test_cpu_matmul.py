@@ -240,12 +240,26 @@ def silu(v):
     return v / (1 + np.exp(-v))
 
 
+def numpy_routing(logits: np.ndarray, live: np.ndarray, k: int) -> np.ndarray:
+    """moe.route's choice as weights [N, E] (0: not chosen): softmax, the k largest (ties: the lower
+    expert), renormalised; tokens not live choose none."""
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    chosen = np.take_along_axis(probs, top, -1)
+    weights = np.zeros_like(probs)
+    np.put_along_axis(weights, top, chosen / chosen.sum(-1, keepdims=True), -1)
+    return weights * live[:, None]
+
+
 @pytest.mark.parametrize("kind", TYPES)
 def test_the_fused_experts_match_numpy(kind):
-    """moe: the SwiGLU experts a token chose, weighted and summed, in one call (gemv: a few tokens;
-    gemm: more, and more than one block of the gemm's rows); experts no token chose are not read (a NaN
-    weight there would show). Experts 0 and 1 come alone, 2 and 3 as one stack. Of bfloat16 weights, the
-    hidden activations are bfloat16 (so w2 takes bfloat16 x's paths)."""
+    """moe: the tokens routed from the router's logits (top 2 of 6 experts), and the SwiGLU experts a
+    token chose among the call's 4 (global experts 1-4, as one device's), weighted and summed, in one
+    call (gemv: a few tokens; gemm: more, and more than one block of the gemm's rows); experts no token
+    chose are not read (a NaN weight there would show); a token not live chooses none. Experts 0 and 1
+    come alone, 2 and 3 as one stack. Of bfloat16 weights, the hidden activations are bfloat16 (so w2
+    takes bfloat16 x's paths)."""
     D, I = (96, 160) if kind == "int4" else (99, 70)
     experts, dense = [], []
     for e in range(4):
@@ -262,14 +276,18 @@ def test_the_fused_experts_match_numpy(kind):
                 tuple(jnp.stack(p) for p in zip(*(params for _, params in matrices))))
 
     stacks = [experts[0], experts[1], [stacked(*mats) for mats in zip(experts[2], experts[3])]]
-    moe = jax.jit(partial(cpu_matmul.moe, group=GROUP))
+    first = np.array([1], np.int32)  # the call's experts: global 1-4 of 6
+    moe = jax.jit(partial(cpu_matmul.moe, group=GROUP, k=2))
     for rows in (1, 3, 37, 400):
         rng = np.random.default_rng(rows)
         x = rng.standard_normal((rows, D)).astype(np.float32)
-        routing = rng.uniform(0.1, 1, (rows, 4)).astype(np.float32)
-        routing[:, 2] = 0  # no token chose expert 2
-        routing[0, 1] = 0  # expert 1: not the first token
-        got = np.asarray(moe(x, routing, stacks))
+        logits = rng.standard_normal((rows, 6)).astype(np.float32)
+        logits[:, 1 + 2] = -30  # no token chose expert 2
+        logits[0, 1 + 1] = -30  # expert 1: not the first token
+        live = np.arange(rows) != rows // 2 if rows > 1 else np.ones(1, bool)
+        routing = numpy_routing(logits, live, 2)[:, 1:5]
+        assert (routing > 0).any() and (rows < 37 or (routing[:, [0, 1, 3]] > 0).any(axis=0).all())  # (experts run)
+        got = np.asarray(moe(x, logits, live, first, stacks))
         want = np.zeros((rows, D))
         for e in (0, 1, 3):
             w1, w3, w2 = dense[e]
@@ -279,6 +297,8 @@ def test_the_fused_experts_match_numpy(kind):
                 h = h.astype(np.float32).astype(ml_dtypes.bfloat16)
             want += routing[:, e:e + 1] * (as_the_kernel_takes_it(h.astype(np.float32), kind, cpu_matmul.isa()) @ w2)
         assert got.shape == (rows, D) and np.isfinite(got).all()
+        if rows > 1:
+            assert not got[rows // 2].any()
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max() * np.sqrt(want.size))
 
 

@@ -515,22 +515,51 @@ static ffi::Error next_weights(const ffi::RemainingArgs& args, size_t& i, int64_
 
 static inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
-// The SwiGLU experts of a MoE layer, in one call:
-//   y[m] = sum over experts e of routing[m, e] * w2_e(silu(w1_e x[m]) * w3_e x[m])
+// Each live token's routing (moe.py's `route`): the softmax of its router logits [E_all], its k largest
+// probabilities (ties: the lower expert first) renormalised to sum 1; as weights [M, E] of the experts
+// first .. first + E - 1, those of this call (0: not chosen). A token not live (bucket padding) chooses none.
+static void route(const float* logits, const bool* live, int64_t M, int64_t E_all, int64_t k, int64_t first,
+                  int64_t E, float* weights) {
+  std::vector<float> probs(E_all);
+  std::vector<int64_t> order(E_all);
+  std::fill(weights, weights + M * E, 0.0f);
+  for (int64_t m = 0; m < M; m++) {
+    if (!live[m]) continue;
+    const float* l = logits + m * E_all;
+    const float largest = *std::max_element(l, l + E_all);
+    float sum = 0;
+    for (int64_t e = 0; e < E_all; e++) sum += probs[e] = std::exp(l[e] - largest);
+    for (float& p : probs) p /= sum;
+    for (int64_t e = 0; e < E_all; e++) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](int64_t a, int64_t b) { return probs[a] > probs[b] || (probs[a] == probs[b] && a < b); });
+    float chosen = 0;
+    for (int64_t i = 0; i < k; i++) chosen += probs[order[i]];
+    for (int64_t i = 0; i < k; i++)
+      if (order[i] >= first && order[i] < first + E) weights[m * E + order[i] - first] = probs[order[i]] / chosen;
+  }
+}
+
+// The SwiGLU experts of a MoE layer, in one call, routing included (`route`, from the router's logits):
+//   y[m] = sum over experts e of weight[m, e] * w2_e(silu(w1_e x[m]) * w3_e x[m])
 // (BF16 weights: silu(w1_e x[m]) * w3_e x[m] rounded to bfloat16)
-// run for the experts some token chose (routing weight not 0), each on the tokens that chose it, all of
-// them at once: each expert's weights are read once a call (in prefill, a loop over tiles of an expert's
-// tokens read them once a tile). Two passes over the threads: w1 and w3 of every chosen expert, block by
-// block of its rows and chunk by chunk of their outputs, then w2's outputs, chunk by chunk, summed over
-// the experts. One call instead of a cond or a loop and three calls per expert: a program a third
-// smaller to trace and compile. The experts come as stacks (w1, w3, w2 of E' experts each; next_weights),
-// in the order of routing's columns, read in place.
-static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> routing,
-                      ffi::RemainingArgs experts, int64_t group, ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  const auto x_dims = x.dimensions(), r_dims = routing.dimensions();
-  if (x_dims.size() != 2 || r_dims.size() != 2 || r_dims[0] != x_dims[0])
-    return ffi::Error::InvalidArgument("mixtral moe: expected x [M, D] and routing [M, E]");
-  const int64_t M = x_dims[0], D = x_dims[1], E = r_dims[1];
+// run for the experts some token chose, each on the tokens that chose it, all of them at once: each
+// expert's weights are read once a call (in prefill, a loop over tiles of an expert's tokens read them
+// once a tile). Two passes over the threads: w1 and w3 of every chosen expert, block by block of its rows
+// and chunk by chunk of their outputs, then w2's outputs, chunk by chunk, summed over the experts. One
+// call instead of a cond or a loop and three calls per expert: a program a third smaller to trace and
+// compile; and routing here instead of XLA's seven small operations a layer (softmax, top-k, the
+// weights' scatter), ~2% of an int4 decode step. The experts come as stacks (w1, w3, w2 of E' experts
+// each; next_weights): global experts first, first + 1, ... (a device's under shard_map), read in place.
+//   x f32 [M, D], logits f32 [M, E_all], live pred [M], first s32 [1]; attribute k: experts per token
+static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> logits,
+                      ffi::Buffer<ffi::PRED> live, ffi::Buffer<ffi::S32> first, ffi::RemainingArgs experts,
+                      int64_t group, int64_t k, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto x_dims = x.dimensions(), l_dims = logits.dimensions();
+  if (x_dims.size() != 2 || l_dims.size() != 2 || l_dims[0] != x_dims[0] || live.element_count() != size_t(x_dims[0]) ||
+      first.element_count() != 1)
+    return ffi::Error::InvalidArgument("mixtral moe: expected x [M, D], logits [M, E], live [M] and first [1]");
+  const int64_t M = x_dims[0], D = x_dims[1], E_all = l_dims[1];
   std::vector<Weights> w;  // w1, w3, w2 of each expert
   for (size_t i = 0; i < experts.size();) {  // stacks of w1, w3 and w2 of as many experts each
     std::vector<Weights> stacks[3];
@@ -540,7 +569,9 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       return ffi::Error::InvalidArgument("mixtral moe: w1, w3 and w2 must stack as many experts");
     for (size_t e = 0; e < stacks[0].size(); e++) w.insert(w.end(), {stacks[0][e], stacks[1][e], stacks[2][e]});
   }
-  if (int64_t(w.size()) != 3 * E) return ffi::Error::InvalidArgument("mixtral moe: expected w1, w3, w2 of each expert routed");
+  const int64_t E = w.size() / 3, first_expert = first.typed_data()[0];
+  if (E == 0 || first_expert < 0 || first_expert + E > E_all || k < 1 || k > E_all)
+    return ffi::Error::InvalidArgument("mixtral moe: expected 1 <= k <= E and this call's experts among the E routed");
   const int64_t I = w[0].N;
   for (int64_t e = 0; e < E; e++)
     if (w[3 * e].N != I || w[3 * e].K != D || w[3 * e + 1].N != I || w[3 * e + 1].K != D || w[3 * e + 2].N != D ||
@@ -561,7 +592,10 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       return bytes(tokens) + bytes(rows) + bytes(gate) + bytes(up) + bytes(out) + own_in.held() + h_in.held();
     }
   };
-  const float* weight = routing.typed_data();
+  thread_local std::vector<float> weights;  // [M, E]
+  weights.resize(M * E);
+  route(logits.typed_data(), live.typed_data(), M, E_all, k, first_expert, E, weights.data());
+  const float* weight = weights.data();
   const float* xs = x.typed_data();
   thread_local std::vector<Chosen> kept;  // chosen: the first C, grown to the most a call has had
   int64_t C = 0;
@@ -681,7 +715,12 @@ using namespace mixtral_cpu;
 XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_matmul, matmul_any,
                               BIND_MATMUL.RemainingArgs().Attr<int64_t>("group").RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_moe, moe,
-                              BIND_MATMUL.Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().Attr<int64_t>("group")
+                              BIND_MATMUL.Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("k")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 // The instruction set the kernels use: 0 scalar reference, 1 AVX2 + FMA (+ F16C), 2 AVX-512, 3 AVX-512 + VNNI,
