@@ -263,7 +263,8 @@ class MoE(nnx.Module, pytree=False):
             mesh=mesh, num_experts=config.num_experts, group_size=group_size,
             out_major=cpu_kernels or (branchless and expert_gemv.stores_out_major(kernel_dtype)), cpu_kernels=cpu_kernels,
             ffn_split=specs["w1"][-1] is not None, quantization=config.quantization,
-            quant_group=config.quant_group_size, experts_per_token=config.experts_per_token, specs=(specs["w1"], specs["w3"], specs["w2"]))
+            quant_group=config.quant_group_size, experts_per_token=config.experts_per_token,
+            specs=(specs["w1"], specs["w3"], specs["w2"]))
         group = config.quant_group_size
         self.in_place_decode = branchless and all(
             expert_gemv.supported(n_in, n_out, kernel_dtype, group) for n_in, n_out in self._expert_dims())
@@ -317,6 +318,6 @@ class MoE(nnx.Module, pytree=False):
             return few_tokens_cond(self.layout, xs, TokenWeights(weights, expert_counts(top_e, E)), *matrices)
         counts = expert_counts(top_e, E)
         order = jnp.argsort(top_e.reshape(-1), stable=True)
-        routing = SortedAssignments((order // k).astype(jnp.int32), top_w.reshape(-1)[order], jnp.cumsum(counts) - counts,
-                                    counts)
+        routing = SortedAssignments((order // k).astype(jnp.int32), top_w.reshape(-1)[order],
+                                    jnp.cumsum(counts) - counts, counts)
         return sorted_tiles(self.layout, xs, routing, *matrices)
