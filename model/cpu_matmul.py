@@ -164,7 +164,7 @@ def moe(x: jax.Array, logits: jax.Array, live: jax.Array, first: jax.Array, stac
         k: int) -> jax.Array:
     """A MoE layer's SwiGLU experts in one kernel call, routing included: x [N, D], the router's logits
     [N, E] (each live [N] token goes to its top k by softmax, renormalised: moe.route), the experts of
-    this call global experts first, first + 1, ... (first: int32 [1]) as stacks (w1, w3, w2) of E'
+    this call global experts first, first + 1, ... (first: an int32 scalar) as stacks (w1, w3, w2) of E'
     experts each, each a (kernel, params) in the kernels' layout with a leading [E'] (w1, w3 [E', I, D],
     w2 [E', D, I]; read in place). Only experts some token chose run, each on all the tokens that chose it.
     -> float32 [N, D]: sum over this call's experts e of weight[:, e] * w2_e(silu(w1_e x) * w3_e x), x as
@@ -173,7 +173,7 @@ def moe(x: jax.Array, logits: jax.Array, live: jax.Array, first: jax.Array, stac
         raise RuntimeError(unavailable_reason())
     operands = [a for stack in stacks for kernel, params in stack for a in _operands(kernel, params)]
     return jax.ffi.ffi_call(MOE_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
-        x.astype(jnp.float32), logits.astype(jnp.float32), live.astype(jnp.bool_), first.astype(jnp.int32).reshape(1),
+        x.astype(jnp.float32), logits.astype(jnp.float32), live.astype(jnp.bool_), jnp.asarray(first, jnp.int32).reshape(1),
         *operands, group=np.int64(group), k=np.int64(k))
 
 

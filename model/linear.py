@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Protocol, Sequence
 
 import jax
@@ -24,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import cpu_matmul, expert_gemv, quantize
 from .config import MixtralConfig
+from .sharding import sum_over
 from .weight_table import swap_last
 
 # A weight as a Weights source hands it out: (kernel [..., in, out], quantization parameters).
@@ -101,11 +101,9 @@ def cpu_matmuls(x: jax.Array, weights: Sequence[tuple[CpuKernels, Matrix]], quan
     31.0 against 27.1; level where memory is slow), in prefill our gemm (326-339 tok/s against 263-273)."""
     mesh, split_in = weights[0][0].mesh, weights[0][0].spec[-2]
     lead = (None,) * (x.ndim - 1)
-    in_split = split_in is not None and math.prod(mesh.shape[a] for a in jax.tree.leaves(split_in)) > 1
 
     def local(x, matrices):
-        ys = cpu_matmul.matmuls(x, matrices, group)
-        return [jax.lax.psum(y, split_in) for y in ys] if in_split else ys
+        return sum_over(cpu_matmul.matmuls(x, matrices, group), split_in, mesh)
 
     return jax.shard_map(local, mesh=mesh,
                          in_specs=(P(*lead, split_in), [out_major_specs(k.spec, quantization) for k, _ in weights]),

@@ -46,7 +46,7 @@ from . import cpu_matmul, expert_gemv, gpu_linear, grouped_matmul, quantize
 from .config import MixtralConfig
 from .grouped_matmul import GroupedRows
 from .linear import Linear, Matrix, Weights, out_major, out_major_specs
-from .sharding import EXPERT, MODEL
+from .sharding import EXPERT, MODEL, sum_over
 
 MOE_TILE = 64  # tokens per expert matmul in prefill; up to this many tokens take the cond path
 
@@ -121,10 +121,9 @@ class ExpertLayout:
                 return [out_major_specs(spec, self.quantization)] * self.num_groups
             return [(P(*spec), tuple(P(*quantize.param_spec(spec, self.quantization)) for _ in names))] * self.num_groups
 
-        # (a psum over axes of one device is still an all-reduce op in XLA:CPU's program: skipped)
-        sum_axes = tuple(a for a in ((EXPERT, MODEL) if self.ffn_split else (EXPERT,)) if self.mesh.shape[a] > 1)
+        sum_axes = (EXPERT, MODEL) if self.ffn_split else (EXPERT,)
         return jax.shard_map(
-            lambda *args: jax.lax.psum(local(*args), sum_axes) if sum_axes else local(*args), mesh=self.mesh,
+            lambda *args: sum_over(local(*args), sum_axes, self.mesh), mesh=self.mesh,
             in_specs=(P(), routing_specs) + tuple(matrix_specs(spec) for spec in self.specs),
             out_specs=P(), check_vma=False)
 
@@ -195,8 +194,8 @@ def fused_experts(layout: ExpertLayout, xs: jax.Array, routing: RouterLogits, w1
 
     def local(xs, routing, w1, w3, w2):
         first = jax.lax.axis_index(EXPERT) * layout.per_device
-        return cpu_matmul.moe(xs, routing.logits, routing.live, jnp.full((1,), first, jnp.int32),
-                              list(zip(w1, w3, w2)), layout.quant_group, layout.experts_per_token)
+        return cpu_matmul.moe(xs, routing.logits, routing.live, first, list(zip(w1, w3, w2)), layout.quant_group,
+                              layout.experts_per_token)
 
     return layout.shard_map(local, RouterLogits(P(), P()))(xs, routing, w1, w3, w2)
 

@@ -77,6 +77,14 @@ def split_if_divisible(mesh: Mesh | MeshShape, axis: str, count: int) -> str | N
     return axis if count % mesh.shape[axis] == 0 else None
 
 
+def sum_over(x, axes, mesh: Mesh):
+    """Inside shard_map: x (a pytree) summed over the devices along `axes` (a mesh axis name, a tuple of
+    them, or None), skipping axes of one device (XLA:CPU keeps a psum over one device as an all-reduce
+    operation in the program)."""
+    many = tuple(a for a in jax.tree.leaves(axes) if mesh.shape[a] > 1)
+    return jax.lax.psum(x, many) if many else x
+
+
 def sharding(mesh: Mesh, *spec) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 

@@ -276,7 +276,7 @@ def test_the_fused_experts_match_numpy(kind):
                 tuple(jnp.stack(p) for p in zip(*(params for _, params in matrices))))
 
     stacks = [experts[0], experts[1], [stacked(*mats) for mats in zip(experts[2], experts[3])]]
-    first = np.array([1], np.int32)  # the call's experts: global 1-4 of 6
+    first = np.int32(1)  # the call's experts: global 1-4 of 6
     moe = jax.jit(partial(cpu_matmul.moe, group=GROUP, k=2))
     for rows in (1, 3, 37, 400):
         rng = np.random.default_rng(rows)
