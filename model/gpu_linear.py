@@ -17,6 +17,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from . import expert_gemv, grouped_matmul
 from .linear import out_major_specs
+from .sharding import sum_over
 
 
 def kernel_dtype(quantization: str | None, dtype) -> jnp.dtype:
@@ -60,7 +61,7 @@ class GpuKernels:
                 rows = jnp.pad(rows, ((0, padded - n_rows), (0, 0)))
                 out = grouped_matmul.grouped_matmul(rows, jnp.zeros(padded // block, jnp.int32), kernel, *params,
                                                     block_rows=block, interpret=interpret)[:n_rows]
-            return jax.lax.psum(out, in_axis) if in_axis is not None else out
+            return sum_over(out, in_axis, self.mesh)
 
         out = jax.shard_map(local, mesh=self.mesh, in_specs=(P(), *out_major_specs(self.spec, quantization)),
                             out_specs=P(None, out_axis), check_vma=False)(rows, kernel, params)
