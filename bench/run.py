@@ -8,8 +8,10 @@
 llama.cpp runs through llama-cpp-python when it is installed (bench/gguf_peer.py), on the matching type
 (F32, BF16, Q8_0, Q4_1); transformers only unquantized. For each config and
 engine a fresh worker process measures (batch 1, greedy):
-- decode tokens/s (128 tokens after a 32-token prompt; the best of 2-3 runs: this machine's memory
-  speed drifts),
+- decode tokens/s (128 tokens after a 32-token prompt, the best of 2 runs) in ROUNDS rounds, the engines
+  taking turns (this machine's memory speed drifts by up to 1.5x over minutes, so engines measured
+  minutes apart are not comparable): the median round, and ours / each peer as the median of the rounds'
+  ratios,
 - prefill tokens/s of a 512-token prompt,
 - time to first token of a 64-token prompt,
 - compile time of a new conversation (ours: the 64-token prefill bucket and the decode step, cold),
@@ -27,8 +29,10 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +46,7 @@ RESULTS = Path(__file__).parent / "results"
 MINI_MIXTRAL = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=8, num_attention_heads=16,
                     num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000)
 PROMPT, DECODE, PREFILL, TTFT_PROMPT, TURNS = 32, 128, 512, 64, 20
+ROUNDS = 4  # of decode, the engines taking turns
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -90,7 +95,7 @@ def _best(fn, repeats: int = 3) -> float:
     return best
 
 
-def worker_ours(hf_dir: Path, ckpt: Path, turns: bool = True) -> dict:
+def worker_ours(hf_dir: Path, ckpt: Path, turns: bool = True) -> tuple[dict, Callable[[], dict]]:
     import jax
     import numpy as np
 
@@ -126,20 +131,16 @@ def worker_ours(hf_dir: Path, ckpt: Path, turns: bool = True) -> dict:
     ttft = _best(lambda: prefill(TTFT_PROMPT))
     prefill_s = _best(lambda: prefill(PREFILL))
 
-    bandwidth = read_bandwidth()  # this machine's memory speed varies: measured next to the decode
-    state = prefill(PROMPT)
-
-    def decode(steps: int):
-        nonlocal state
-        token, cache, seen = state
-        for _ in range(steps):
+    def decode() -> float:
+        """Seconds of DECODE tokens after a PROMPT-token prompt, the prompt not timed."""
+        token, cache, seen = prefill(PROMPT)
+        start = time.perf_counter()
+        for _ in range(DECODE):
             token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)
         token.block_until_ready()
-        state = token, cache, seen
+        return time.perf_counter() - start
 
-    decode(3)
-    decode_tps = DECODE / _best(lambda: decode(DECODE))  # the conversation goes on: up to 3 x DECODE tokens
-
+    decode()
     # time to first token along a conversation: kept cache vs re-prefilling the history
     ttft_turns = {}
     for mode in ("kept cache", "re-prefill") if turns else ():
@@ -153,26 +154,36 @@ def worker_ours(hf_dir: Path, ckpt: Path, turns: bool = True) -> dict:
             messages.append({"role": "assistant", "content": done.text or "ok"})
         ttft_turns[mode] = {"turn_1_s": firsts[0], "turn_20_s": firsts[-1], "ratio": firsts[-1] / firsts[0],
                             "context_tokens": done.context_used}
-    return {"decode_tok_s": decode_tps, "prefill_tok_s": PREFILL / prefill_s, "ttft_s": ttft,
-            "compile_new_conversation_s": new_conversation_compile_s, "ttft_by_turn": ttft_turns,
-            "bandwidth_bytes_per_s": bandwidth}
+    return {"prefill_tok_s": PREFILL / prefill_s, "ttft_s": ttft, "ttft_by_turn": ttft_turns,
+            "compile_new_conversation_s": new_conversation_compile_s}, lambda: decode_round(decode)
 
 
-def _peer_timings(generate: Callable[[int, int], None], prefill: Callable[[], None]) -> dict:
-    """A peer engine's figures, from `generate(prompt_tokens, new_tokens)` (greedy, fresh each call) and
-    `prefill()` (the PREFILL-token prompt): decode tok/s is the time of DECODE + 1 new tokens minus that
-    of 1, over DECODE."""
+def decode_round(decode: Callable[[], float]) -> dict:
+    """One round of decode: this machine's read bandwidth just before, and tok/s of the best of 2 runs of
+    `decode()` (seconds of DECODE tokens)."""
+    bandwidth = read_bandwidth()
+    return {"decode_tok_s": DECODE / min(decode(), decode()), "bandwidth_bytes_per_s": bandwidth}
+
+
+def _peer_timings(generate: Callable[[int, int], None], prefill: Callable[[], None]) -> tuple[dict, Callable[[], dict]]:
+    """A peer engine's figures and its decode round, from `generate(prompt_tokens, new_tokens)` (greedy,
+    fresh each call) and `prefill()` (the PREFILL-token prompt): a decode takes the time of DECODE + 1 new
+    tokens minus that of 1."""
     generate(PROMPT, 4)  # warm up
     prefill_s = _best(prefill)
     ttft = _best(lambda: generate(TTFT_PROMPT, 1))
-    bandwidth = read_bandwidth()
-    one = _best(lambda: generate(PROMPT, 1), repeats=2)
-    many = _best(lambda: generate(PROMPT, DECODE + 1), repeats=2)
-    return {"decode_tok_s": DECODE / (many - one), "prefill_tok_s": PREFILL / prefill_s, "ttft_s": ttft,
-            "bandwidth_bytes_per_s": bandwidth}
+
+    def decode() -> float:
+        start = time.perf_counter()
+        generate(PROMPT, 1)
+        one = time.perf_counter() - start
+        generate(PROMPT, DECODE + 1)
+        return time.perf_counter() - start - 2 * one
+
+    return {"prefill_tok_s": PREFILL / prefill_s, "ttft_s": ttft}, lambda: decode_round(decode)
 
 
-def worker_hf(hf_dir: Path, ckpt: Path) -> dict:
+def worker_hf(hf_dir: Path, ckpt: Path) -> tuple[dict, Callable[[], dict]]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -192,7 +203,7 @@ def worker_hf(hf_dir: Path, ckpt: Path) -> dict:
     return _peer_timings(generate, prefill)
 
 
-def worker_llama_cpp(hf_dir: Path, ckpt: Path) -> dict:
+def worker_llama_cpp(hf_dir: Path, ckpt: Path) -> tuple[dict, Callable[[], dict]]:
     import numpy as np
     from llama_cpp import Llama
 
@@ -219,38 +230,92 @@ WORKERS = {"ours": worker_ours, "transformers": worker_hf, "llama.cpp": worker_l
 PEERS = ("transformers", "llama.cpp")  # rows after ours, measured against the first
 
 
-def run_worker(kind: str, config: str, dtype: str, quantize: str | None, turns: bool) -> dict:
-    """One measurement in a fresh process (clean memory numbers, no shared caches)."""
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    out = subprocess.run([sys.executable, "-m", "bench.run", "--worker", kind, "--configs", config, "--dtype", dtype,
-                          "--quantize", quantize or "none"] + ([] if turns else ["--no-turns"]),
-                         capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
-    if out.returncode != 0:
-        raise RuntimeError(f"{kind} worker failed on {config}:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class Worker:
+    """One engine in a fresh process (clean memory numbers, no shared caches): its one-off figures when it
+    starts, then a decode round each time it is asked, until closed."""
+
+    def __init__(self, kind: str, config: str, dtype: str, quantize: str | None, turns: bool):
+        self.kind, self.config = kind, config
+        self.log = tempfile.TemporaryFile("w+")  # its stderr: a pipe nobody reads would fill and stall it
+        env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.run", "--worker", kind, "--configs", config, "--dtype", dtype,
+             "--quantize", quantize or "none"] + ([] if turns else ["--no-turns"]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+            cwd=Path(__file__).parents[1])
+        self.result = self._reply()
+        self.result["decode_rounds"] = []
+
+    def _reply(self) -> dict:
+        """The worker's next JSON line (a library may print other lines)."""
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        self.process.wait()
+        self.log.seek(0)
+        raise RuntimeError(f"{self.kind} worker failed on {self.config}:\n{self.log.read()[-3000:]}")
+
+    def decode_round(self) -> None:
+        self.process.stdin.write("decode\n")
+        self.process.stdin.flush()
+        self.result["decode_rounds"].append(self._reply())
+
+    def close(self) -> dict:
+        self.process.stdin.close()
+        self.process.wait()
+        self.log.close()
+        return self.result
+
+
+def measure(config: str, dtype: str, quantize: str | None, turns: bool, engines: list[str],
+            bytes_per_token: int) -> dict:
+    """Each engine's figures on a config: its one-off figures, one engine at a time, then ROUNDS rounds of
+    decode in which the engines take turns (the order reversed every other round). Decode tok/s, read
+    bandwidth and of-ceiling are each the median of the rounds; ours / this engine is the median of the
+    rounds' ratios."""
+    workers = []
+    try:
+        for kind in engines:
+            workers.append(Worker(kind, config, dtype, quantize, turns))
+        for round_ in range(ROUNDS):
+            for worker in workers if round_ % 2 == 0 else workers[::-1]:
+                worker.decode_round()
+    except BaseException:
+        for worker in workers:
+            worker.process.kill()
+        raise
+    results = {worker.kind: worker.close() for worker in workers}
+    ours = [r["decode_tok_s"] for r in results["ours"]["decode_rounds"]]
+    for row in results.values():
+        rounds = row["decode_rounds"]
+        row["decode_tok_s"] = statistics.median(r["decode_tok_s"] for r in rounds)
+        row["bandwidth_bytes_per_s"] = statistics.median(r["bandwidth_bytes_per_s"] for r in rounds)
+        row["of_ceiling"] = statistics.median(r["decode_tok_s"] * bytes_per_token / r["bandwidth_bytes_per_s"]
+                                              for r in rounds)
+        row["ours_over_this"] = statistics.median(mine / r["decode_tok_s"] for mine, r in zip(ours, rounds))
+    return results
 
 
 # --- report ----------------------------------------------------------------------------------------
 
 def table(results: dict) -> str:
     lines = [f"weights {results['weights']} (llama.cpp: {gguf_peer.PEER_TYPES[results['weights']]}); batch 1, greedy; "
-             "the ceiling uses the read bandwidth measured in each worker just before its decode", "",
-             "| config | engine | decode tok/s | x HF | of ceiling | prefill 512 tok/s | TTFT 64 (s) "
+             f"decode: the median of {ROUNDS} rounds taken in turns, ours / this engine the median of the rounds' "
+             "ratios, the ceiling from the read bandwidth measured in each round", "",
+             "| config | engine | decode tok/s | ours / this | of ceiling | prefill 512 tok/s | TTFT 64 (s) "
              "| compile, new conversation (s) | peak RSS (GB) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for config, r in results["configs"].items():
-        hf = r.get("transformers")
         for engine in ("ours", *PEERS):
             if engine not in r:
                 continue
             row = r[engine]
-            row["ceiling_tok_s"] = row["bandwidth_bytes_per_s"] / r["bytes_per_token"]
             compile_s = f"{row['compile_new_conversation_s']:.1f}" if "compile_new_conversation_s" in row else "-"
-            x_hf = f"{row['decode_tok_s'] / hf['decode_tok_s']:.2f}" if hf else "-"
-            lines.append(f"| {config} | {engine} | {row['decode_tok_s']:.1f} | {x_hf} "
-                         f"| {row['decode_tok_s'] / row['ceiling_tok_s']:.2f} | {row['prefill_tok_s']:.0f} "
+            lines.append(f"| {config} | {engine} | {row['decode_tok_s']:.1f} | {row['ours_over_this']:.2f} "
+                         f"| {row['of_ceiling']:.2f} | {row['prefill_tok_s']:.0f} "
                          f"| {row['ttft_s']:.3f} | {compile_s} | {row['peak_rss_bytes'] / 1e9:.2f} |")
-        lines.append(f"| {config} | ceiling | {r['ours']['ceiling_tok_s']:.1f} | | 1.00 | | | | |")
+        ceiling = r["ours"]["bandwidth_bytes_per_s"] / r["bytes_per_token"]
+        lines.append(f"| {config} | ceiling | {ceiling:.1f} | | 1.00 | | | | |")
     lines += ["", "time to first token along a conversation (equal-length turns):", "",
               "| config | turn 1 (s) | turn 20 (s) | turn 20 / turn 1 | re-prefill: turn 20 / turn 1 |", "|---|---|---|---|---|"]
     for config, r in results["configs"].items():
@@ -278,9 +343,12 @@ def main(argv=None) -> int:
 
     if args.worker:
         hf_dir, ckpt = prepare(configs[0], args.dtype, quantize)
-        result = worker_ours(hf_dir, ckpt, args.turns) if args.worker == "ours" else WORKERS[args.worker](hf_dir, ckpt)
+        args_ = (hf_dir, ckpt, args.turns) if args.worker == "ours" else (hf_dir, ckpt)
+        result, decode_round = WORKERS[args.worker](*args_)
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(json.dumps(result))
+        print(json.dumps(result), flush=True)
+        for _ in sys.stdin:  # the parent's decode rounds, until it closes stdin
+            print(json.dumps(decode_round()), flush=True)
         return 0
 
     weights = weights_name(args.dtype, quantize)
@@ -289,8 +357,9 @@ def main(argv=None) -> int:
                and (kind != "transformers" or quantize is None)]
     for config in configs:
         _, ckpt = prepare(config, args.dtype, quantize)
-        results["configs"][config] = {"bytes_per_token": model.verify(ckpt).decode_bytes(PROMPT + DECODE // 2),
-                                      **{kind: run_worker(kind, config, args.dtype, quantize, args.turns) for kind in engines}}
+        bytes_per_token = model.verify(ckpt).decode_bytes(PROMPT + DECODE // 2)
+        results["configs"][config] = {"bytes_per_token": bytes_per_token,
+                                      **measure(config, args.dtype, quantize, args.turns, engines, bytes_per_token)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"latest-{weights}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
