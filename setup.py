@@ -1,5 +1,5 @@
-"""Builds the native CPU matmul and attention kernels (model/cpu_kernels) into model/_cpu_kernels*.so; everything else is
-in pyproject.toml. The kernels include XLA's FFI headers, which ship with jaxlib (`jax.ffi.include_dir()`).
+"""Builds the native CPU kernels (model/cpu_kernels: matmuls, attention, the greedy choice) into
+model/_cpu_kernels*.so; everything else is in pyproject.toml. The kernels include XLA's FFI headers, which ship with jaxlib (`jax.ffi.include_dir()`).
 The build is optional: without a C++ compiler the package installs and runs on XLA's matmuls alone
 (model/cpu_matmul.py says so when a model loads)."""
 
@@ -19,7 +19,8 @@ class BuildWithJaxHeaders(build_ext):
 setup(
     ext_modules=[Extension(
         "model._cpu_kernels",
-        sources=["model/cpu_kernels/matmul.cc", "model/cpu_kernels/attention.cc", "model/cpu_kernels/module.cc"],
+        sources=["model/cpu_kernels/matmul.cc", "model/cpu_kernels/attention.cc", "model/cpu_kernels/greedy.cc",
+                 "model/cpu_kernels/module.cc"],
         depends=["model/cpu_kernels/kernels.h", "model/cpu_kernels/parallel.h", "model/cpu_kernels/simd.inc"],
         language="c++",
         # No -march: matmul.cc compiles its SIMD kernels per instruction set and picks one at run time.

@@ -44,6 +44,7 @@ LIBRARY = "_cpu_kernels"  # model/_cpu_kernels<EXTENSION_SUFFIX>, built by setup
 MATMUL_TARGET = "mixtral_matmul"  # x times weights of any one type (their dtype says which)
 MOE_TARGET = "mixtral_moe"  # a MoE layer's experts, in one call
 ATTENTION_TARGET = "mixtral_attention"  # decode attention over the KV cache (cpu_attention.py)
+GREEDY_TARGET = "mixtral_greedy"  # the greedy choice of a token (sampling.py)
 ISAS = ("scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16")  # mixtral_cpu_isa()'s values
 GEMV_MAX_ROWS = 4  # as in matmul.cc: more rows take the blocked GEMM kernel
 X16_BLOCK = 64  # as in kernels.h: the int8 gemv rounds x to int16 per block of this many inputs
@@ -63,7 +64,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
                       "`pip install .` on a machine with a C++ compiler (g++ or clang++)")
     try:
         lib = ctypes.CDLL(str(path))
-        for target in (MATMUL_TARGET, MOE_TARGET, ATTENTION_TARGET):
+        for target in (MATMUL_TARGET, MOE_TARGET, ATTENTION_TARGET, GREEDY_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     except (OSError, AttributeError) as e:
         return None, f"the native CPU kernels in {path} failed to load ({e}); reinstall with `pip install .`"

@@ -71,18 +71,22 @@ def _step_key(seed: jax.Array, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(seed), step)
 
 
+def _sample(m: Mixtral, logits, seen, key, sampling: SamplingArrays) -> jax.Array:
+    return sample(logits, seen, key, sampling, m.branchless, m.mesh if m.cpu_kernels else None)
+
+
 def _prefill_step(model_def: ModelDef, params, cache: KVCache, tokens, num_new, seen, seed,
                   sampling: SamplingArrays):
     m = model_def.merge(params)
     logits, cache = m.forward(tokens, cache, num_new, last_only=True)
-    return sample(logits, seen, _step_key(seed, 0), sampling, m.branchless), cache
+    return _sample(m, logits, seen, _step_key(seed, 0), sampling), cache
 
 
 def _decode_step(model_def: ModelDef, params, cache: KVCache, token, seen, seed, step,
                  sampling: SamplingArrays):
     m = model_def.merge(params)
     logits, cache = m.forward(token[:, None], cache, 1, last_only=True)
-    next_token = sample(logits, seen, _step_key(seed, step), sampling, m.branchless)
+    next_token = _sample(m, logits, seen, _step_key(seed, step), sampling)
     seen = seen.at[jnp.arange(seen.shape[0]), next_token].set(True)
     return next_token, cache, seen
 
