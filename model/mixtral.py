@@ -151,12 +151,15 @@ class Attention(nnx.Module, pytree=False):
         q = apply_rotary(q.reshape(B, T, c.num_heads, c.head_dim), cos, sin)
         k = apply_rotary(k.reshape(B, T, c.num_kv_heads, c.head_dim), cos, sin)
         v = v.reshape(B, T, c.num_kv_heads, c.head_dim)
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, stored(k.transpose(0, 2, 3, 1), c.dtype), q_slots[0], axis=3)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, stored(v.transpose(0, 2, 1, 3), c.dtype), q_slots[0], axis=2)
         q = q.reshape(B, T, c.num_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4) * (c.head_dim ** -0.5)
-        if self.cpu_attention is not None and T <= MAX_QUERIES:  # decode
-            out = self.cpu_attention(q, k_cache, v_cache, q_slots, start, c.sliding_window, c.dtype)
+        if self.cpu_attention is not None and T <= MAX_QUERIES:  # decode: the kernel writes k and v too
+            out, k_cache, v_cache = self.cpu_attention(q, k, v, k_cache, v_cache, q_slots, start, c.sliding_window,
+                                                       c.dtype)
         else:
+            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, stored(k.transpose(0, 2, 3, 1), c.dtype), q_slots[0],
+                                                          axis=3)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, stored(v.transpose(0, 2, 1, 3), c.dtype), q_slots[0],
+                                                          axis=2)
             out = attend(q, k_cache, v_cache, q_slots, start, block, c.sliding_window, self.branchless, c.dtype)
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, c.num_heads * c.head_dim).astype(x.dtype)
         return self.wo(out), k_cache, v_cache

@@ -1,14 +1,18 @@
 // XLA FFI handler for decode attention over the KV cache (model/cpu_attention.py; XLA's version is
-// model/mixtral.py's `attend`): each batch row's few new queries against the slots they see, read in
-// place. XLA:CPU ran it as a cond per block of the cache, each copying its block of K and V and
-// multiplying them in small dots: ~100 us a layer a token on mini-mixtral, a tenth of an int4 decode step.
+// model/mixtral.py's `attend`): each batch row's few new keys and values written into the cache, then its
+// new queries against the slots they see, read in place. XLA:CPU ran it as a cond per block of the cache,
+// each copying its block of K and V and multiplying them in small dots: ~100 us a layer a token on
+// mini-mixtral, a tenth of an int4 decode step; and its writes of the new keys and values took ~10 us.
 //
 //   q        f32 [B, KV, R, Dh]: the R = G x T queries of each kv head's G heads (row g * T + t), scaled
+//   k_new    [B, KV, T, Dh] new keys, v_new [B, KV, T, Dh] new values, as the cache holds them
 //   k        [B, KV, Dh, S] keys, transposed; v [B, KV, S, Dh] values: float32, or 16-bit floats held as
 //            uint16 (attribute `half`: 1 bfloat16, 2 float16)
 //   q_slots  s32 [T] each query's slot; start s32 [B] each row's first slot
 //   window   a sliding window of this many slots (0: none)
-//   -> f32 [B, KV, R, Dh]
+//   -> f32 [B, KV, R, Dh], and k and v (the same buffers: the call's operands alias them) with the new
+//      keys and values at slots q_slots[0] .. q_slots[0] + T - 1 (clamped into the cache, as XLA's
+//      dynamic_update_slice)
 // Query t of row b sees the slots j with start[b] <= j <= q_slots[t] and q_slots[t] - j < window; a
 // query that sees none gets zeros. One task per (row, kv head) on XLA's thread pool.
 #include <algorithm>
@@ -131,27 +135,51 @@ static void attend_head(const float* q, const uint8_t* k, const uint8_t* v, Held
     for (int64_t d = 0; d < Dh; d++) out[r * Dh + d] = total[r] > 0 ? out[r * Dh + d] / total[r] : 0.0f;
 }
 
-static ffi::Error attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                            ffi::Buffer<ffi::S32> q_slots, ffi::Buffer<ffi::S32> start, int64_t window, int64_t half,
-                            ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
-    return ffi::Error::InvalidArgument("mixtral attention: expected q [B, KV, R, Dh], k [B, KV, Dh, S], v [B, KV, S, Dh]");
+// Writes one kv head's T new keys k_new [T, Dh] into k [Dh, S] (transposed) and values v_new [T, Dh] into
+// v [S, Dh], at slots first .. first + T - 1.
+static void write_new(const uint8_t* k_new, const uint8_t* v_new, int64_t T, int64_t Dh, int64_t S, int64_t first,
+                      int64_t itemsize, uint8_t* k, uint8_t* v) {
+  for (int64_t t = 0; t < T; t++)
+    for (int64_t d = 0; d < Dh; d++)
+      std::memcpy(k + (d * S + first + t) * itemsize, k_new + (t * Dh + d) * itemsize, itemsize);
+  std::memcpy(v + first * Dh * itemsize, v_new, T * Dh * itemsize);
+}
+
+static ffi::Error attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
+                            ffi::AnyBuffer k_in, ffi::AnyBuffer v_in, ffi::Buffer<ffi::S32> q_slots,
+                            ffi::Buffer<ffi::S32> start, int64_t window, int64_t half,
+                            ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Result<ffi::AnyBuffer> k,
+                            ffi::Result<ffi::AnyBuffer> v) {
+  const auto qd = q.dimensions(), kd = k_in.dimensions(), vd = v_in.dimensions(), nd = k_new.dimensions(),
+             vnd = v_new.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || nd.size() != 4 || vnd.size() != 4)
+    return ffi::Error::InvalidArgument(
+        "mixtral attention: expected q [B, KV, R, Dh], k_new and v_new [B, KV, T, Dh], k [B, KV, Dh, S], "
+        "v [B, KV, S, Dh]");
   const int64_t B = qd[0], KV = qd[1], R = qd[2], Dh = qd[3], S = vd[2], T = q_slots.element_count();
   if (kd[0] != B || kd[1] != KV || kd[2] != Dh || kd[3] != S || vd[0] != B || vd[1] != KV || vd[3] != Dh ||
-      start.element_count() != size_t(B) || T == 0 || R % T)
-    return ffi::Error::InvalidArgument("mixtral attention: q, k, v, q_slots and start do not match");
+      nd[0] != B || nd[1] != KV || nd[2] != T || nd[3] != Dh || !std::equal(nd.begin(), nd.end(), vnd.begin()) ||
+      start.element_count() != size_t(B) || T == 0 || T > S || R % T)
+    return ffi::Error::InvalidArgument("mixtral attention: q, k_new, v_new, k, v, q_slots and start do not match");
+  const auto type = k_in.element_type();
   Held held;
-  if (k.element_type() == ffi::DataType::F32 && v.element_type() == ffi::DataType::F32 && half == 0)
+  if (type == ffi::DataType::F32 && half == 0)
     held = Held::F32;
-  else if (k.element_type() == ffi::DataType::U16 && v.element_type() == ffi::DataType::U16 && (half == 1 || half == 2))
+  else if (type == ffi::DataType::U16 && (half == 1 || half == 2))
     held = Held(half);
   else
     return ffi::Error::InvalidArgument("mixtral attention: the cache must be f32, or u16 holding bf16 / f16");
+  if (v_in.element_type() != type || k_new.element_type() != type || v_new.element_type() != type)
+    return ffi::Error::InvalidArgument("mixtral attention: the new keys and values must be held as the cache");
   const int32_t* slots = q_slots.typed_data();
   const int64_t itemsize = held == Held::F32 ? 4 : 2;
+  const int64_t written = std::clamp<int64_t>(slots[0], 0, S - T);
+  uint8_t *keys = (uint8_t*)k->untyped_data(), *values = (uint8_t*)v->untyped_data();
   parallel_for(pool, B * KV, [&](int64_t task) {
     const int64_t b = task / KV;
+    write_new((const uint8_t*)k_new.untyped_data() + task * T * Dh * itemsize,
+              (const uint8_t*)v_new.untyped_data() + task * T * Dh * itemsize, T, Dh, S, written, itemsize,
+              keys + task * Dh * S * itemsize, values + task * S * Dh * itemsize);
     thread_local std::vector<int64_t> first, last;
     thread_local std::vector<float> scores, row;
     first.resize(R), last.resize(R);
@@ -165,9 +193,9 @@ static ffi::Error attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
     hi = std::max(hi, lo);
     scores.resize(R * (hi - lo));
     row.resize(std::max(SLOTS_CHUNK, Dh));
-    attend_head(q.typed_data() + task * R * Dh, (const uint8_t*)k.untyped_data() + task * Dh * S * itemsize,
-                (const uint8_t*)v.untyped_data() + task * S * Dh * itemsize, held, R, Dh, S, first.data(), last.data(),
-                lo, hi, scores.data(), row.data(), out->typed_data() + task * R * Dh);
+    attend_head(q.typed_data() + task * R * Dh, keys + task * Dh * S * itemsize, values + task * S * Dh * itemsize,
+                held, R, Dh, S, first.data(), last.data(), lo, hi, scores.data(), row.data(),
+                out->typed_data() + task * R * Dh);
   });
   return ffi::Error::Success();
 }
@@ -180,8 +208,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(mixtral_attention, mixtral_cpu::attention,
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Attr<int64_t>("window")
                                   .Attr<int64_t>("half")
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>());
