@@ -316,11 +316,12 @@ def table(results: dict) -> str:
                          f"| {row['ttft_s']:.3f} | {compile_s} | {row['peak_rss_bytes'] / 1e9:.2f} |")
         ceiling = r["ours"]["bandwidth_bytes_per_s"] / r["bytes_per_token"]
         lines.append(f"| {config} | ceiling | {ceiling:.1f} | | 1.00 | | | | |")
-    lines += ["", "time to first token along a conversation (equal-length turns):", "",
-              "| config | turn 1 (s) | turn 20 (s) | turn 20 / turn 1 | re-prefill: turn 20 / turn 1 |", "|---|---|---|---|---|"]
-    for config, r in results["configs"].items():
-        if not r["ours"]["ttft_by_turn"]:
-            continue
+    turns = {config: r for config, r in results["configs"].items() if r["ours"]["ttft_by_turn"]}
+    if turns:
+        lines += ["", "time to first token along a conversation (equal-length turns):", "",
+                  "| config | turn 1 (s) | turn 20 (s) | turn 20 / turn 1 | re-prefill: turn 20 / turn 1 |",
+                  "|---|---|---|---|---|"]
+    for config, r in turns.items():
         kept, again = r["ours"]["ttft_by_turn"]["kept cache"], r["ours"]["ttft_by_turn"]["re-prefill"]
         lines.append(f"| {config} | {kept['turn_1_s']:.3f} | {kept['turn_20_s']:.3f} | {kept['ratio']:.2f} "
                      f"| {again['ratio']:.2f} ({again['turn_20_s']:.3f} s) |")
