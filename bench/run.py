@@ -8,10 +8,9 @@
 llama.cpp runs through llama-cpp-python when it is installed (bench/gguf_peer.py), on the matching type
 (F32, BF16, Q8_0, Q4_1); transformers only unquantized. For each config and
 engine a fresh worker process measures (batch 1, greedy):
-- decode tokens/s (128 tokens after a 32-token prompt, the best of 2 runs) in ROUNDS rounds, the engines
-  taking turns (this machine's memory speed drifts by up to 1.5x over minutes, so engines measured
-  minutes apart are not comparable): the median round, and ours / each peer as the median of the rounds'
-  ratios,
+- decode tokens/s (128 tokens after a 32-token prompt) in ROUNDS rounds, the engines taking turns (this
+  machine's memory speed swings by up to 1.5x within seconds, so engines measured apart are not
+  comparable): the median round, and ours / each peer as the median of the rounds' ratios,
 - prefill tokens/s of a 512-token prompt,
 - time to first token of a 64-token prompt,
 - compile time of a new conversation (ours: the 64-token prefill bucket and the decode step, cold),
@@ -46,7 +45,7 @@ RESULTS = Path(__file__).parent / "results"
 MINI_MIXTRAL = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=8, num_attention_heads=16,
                     num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000)
 PROMPT, DECODE, PREFILL, TTFT_PROMPT, TURNS = 32, 128, 512, 64, 20
-ROUNDS = 4  # of decode, the engines taking turns
+ROUNDS = 8  # of decode, the engines taking turns
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -159,10 +158,10 @@ def worker_ours(hf_dir: Path, ckpt: Path, turns: bool = True) -> tuple[dict, Cal
 
 
 def decode_round(decode: Callable[[], float]) -> dict:
-    """One round of decode: this machine's read bandwidth just before, and tok/s of the best of 2 runs of
-    `decode()` (seconds of DECODE tokens)."""
+    """One round of decode: this machine's read bandwidth just before, and tok/s of `decode()` (seconds of
+    DECODE tokens)."""
     bandwidth = read_bandwidth()
-    return {"decode_tok_s": DECODE / min(decode(), decode()), "bandwidth_bytes_per_s": bandwidth}
+    return {"decode_tok_s": DECODE / decode(), "bandwidth_bytes_per_s": bandwidth}
 
 
 def _peer_timings(generate: Callable[[int, int], None], prefill: Callable[[], None]) -> tuple[dict, Callable[[], dict]]:
