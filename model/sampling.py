@@ -70,7 +70,7 @@ def first_largest(logits: jax.Array) -> jax.Array:
 
 def native_greedy(logits: jax.Array, seen: jax.Array, penalty: jax.Array, mesh: Mesh) -> jax.Array:
     """`first_largest(penalize_repeats(logits, seen, penalty))` in one call of our CPU kernel
-    (cpu_kernels/greedy.cc: ~80 us less a token than XLA:CPU's reductions), on every device of `mesh` with
+    (cpu_kernels/greedy.cc: ~3 us a token against XLA:CPU's reductions' ~55), on every device of `mesh` with
     the whole rows. -> int32 [B]."""
     if not cpu_matmul.available():
         raise RuntimeError(cpu_matmul.unavailable_reason())

@@ -1,11 +1,12 @@
 // XLA FFI handler for the greedy choice of decode (model/sampling.py's `greedy`; XLA's version is its
 // `first_largest` of `penalize_repeats`): each row's first largest logit after the repetition penalty.
-// XLA:CPU reduces one lane at a time, a max and then the first index holding it: ~80 us over 32000
-// logits, 1-2% of a quantized decode step; one pass here.
+// XLA:CPU reduces one lane at a time, a max and then the first index holding it: ~55 us over 32000
+// logits (~80 in a decode step's trace), ~1% of a quantized decode step; ~3 us here.
 //
 //   logits   f32 [B, V]; seen pred [B, V] the tokens the penalty applies to; penalty f32 [] (1: off)
 //   -> s32 [B]: the first index of each row's largest penalized logit; V - 1 where a row holds a NaN
-//      (as first_largest: no value equals a NaN largest)
+//      (as first_largest: no value equals a NaN largest). (One difference: a largest of 0 held both as -0
+//      and as +0 is the first +0 here, the first of either there.)
 // Rows run on the calling thread: waking a helper costs more than a row.
 #include <algorithm>
 #include <climits>
