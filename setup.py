@@ -1,7 +1,7 @@
 """Builds the native CPU kernels (model/cpu_kernels: matmuls, attention, the greedy choice) into
-model/_cpu_kernels*.so; everything else is in pyproject.toml. The kernels include XLA's FFI headers, which ship with jaxlib (`jax.ffi.include_dir()`).
-The build is optional: without a C++ compiler the package installs and runs on XLA's matmuls alone
-(model/cpu_matmul.py says so when a model loads)."""
+model/_cpu_kernels*.so; everything else is in pyproject.toml. The kernels include XLA's FFI headers, which
+ship with jaxlib (`jax.ffi.include_dir()`). The build is optional: without a C++ compiler the package
+installs and runs on XLA's matmuls alone (model/cpu_matmul.py says so when a model loads)."""
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext

@@ -19,9 +19,8 @@ import statistics
 import time
 
 import jax
-import numpy as np
 
-from bench.run import DECODE, PROMPT, prepare
+from bench.run import DECODE, Greedy, prepare
 from model import cpu_matmul
 
 TARGETS = ("MATMUL_TARGET", "MOE_TARGET", "ATTENTION_TARGET", "GREEDY_TARGET")  # cpu_matmul's names
@@ -46,34 +45,15 @@ def main(argv=None) -> None:
         target = getattr(cpu_matmul, name)
         jax.ffi.register_ffi_target(target + "_b", jax.ffi.pycapsule(getattr(other, target)), platform="cpu")
 
-    from model.engine import Engine
-    from model.engine_api import SamplingParams
-    from model.sampling import SamplingArrays
-
     quantize = args.weights if args.weights in ("int8", "int4") else None
-    _, ckpt = prepare("mini", "bfloat16" if args.weights == "bfloat16" else "float32", quantize)
-    engine = Engine(ckpt, mesh_shape=(1, 1))
-    gen = engine.generator
-    greedy, seed = SamplingArrays.of(SamplingParams(temperature=0)), gen.seed(0)
-    ids = np.random.default_rng(0).integers(3, engine.config.vocab_size, PROMPT).tolist()
-
-    def decode_tok_s() -> float:
-        cache, seen = gen.new_cache(engine.capacity), gen.seen_mask([])
-        token, cache = gen.prefill(cache, ids, seen, seed, greedy)
-        token.block_until_ready()
-        start = time.perf_counter()
-        for _ in range(DECODE):
-            token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)
-        token.block_until_ready()
-        return DECODE / (time.perf_counter() - start)
-
+    ours = Greedy(prepare("mini", "bfloat16" if args.weights == "bfloat16" else "float32", quantize)[1])
     tok_s = {"A": [], "B": []}
     for round_ in range(args.rounds):
         for build in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
             use(build)
             jax.clear_caches()  # trace again, with this build's targets
-            decode_tok_s()
-            tok_s[build].append(max(decode_tok_s(), decode_tok_s()))
+            ours.decode_seconds()
+            tok_s[build].append(DECODE / min(ours.decode_seconds(), ours.decode_seconds()))
     ratios = [b / a for a, b in zip(tok_s["A"], tok_s["B"])]
     for build, label in (("A", "this tree"), ("B", args.other)):
         print(f"{build} ({label}): median {statistics.median(tok_s[build]):.1f} tok/s, rounds "

@@ -94,52 +94,66 @@ def _best(fn, repeats: int = 3) -> float:
     return best
 
 
+class Greedy:
+    """Our engine on a checkpoint (one device, one row, greedy) and the prefill and decode every figure of
+    ours times (worker_ours, bench/kernels_ab.py), on one random prompt of PREFILL tokens."""
+
+    def __init__(self, ckpt: Path):
+        import numpy as np
+
+        from model.engine import Engine
+        from model.engine_api import SamplingParams
+        from model.sampling import SamplingArrays
+
+        self.engine = Engine(ckpt, mesh_shape=(1, 1))
+        self.gen = self.engine.generator
+        self.sampling, self.seed = SamplingArrays.of(SamplingParams(temperature=0)), self.gen.seed(0)
+        self.ids = np.random.default_rng(0).integers(3, self.engine.config.vocab_size, PREFILL).tolist()
+
+    def prefill(self, n: int):
+        """The first n tokens of the prompt into a fresh cache -> (next token, cache, seen), done."""
+        cache, seen = self.gen.new_cache(self.engine.capacity), self.gen.seen_mask([])
+        token, cache = self.gen.prefill(cache, self.ids[:n], seen, self.seed, self.sampling)
+        token.block_until_ready()
+        return token, cache, seen
+
+    def step(self, token, cache, seen):
+        return self.gen.decode(cache, token, seen, self.seed, 1, self.sampling)
+
+    def decode_seconds(self) -> float:
+        """Seconds of DECODE tokens after a PROMPT-token prompt, the prompt not timed."""
+        token, cache, seen = self.prefill(PROMPT)
+        start = time.perf_counter()
+        for _ in range(DECODE):
+            token, cache, seen = self.step(token, cache, seen)
+        token.block_until_ready()
+        return time.perf_counter() - start
+
+
 def worker_ours(hf_dir: Path, ckpt: Path, turns: bool = True) -> tuple[dict, Callable[[], dict]]:
     import jax
-    import numpy as np
 
     compile_s = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, seconds, **kw: compile_s.append(seconds) if event.startswith("/jax/core/compile/") else None)
-    from model.engine import Engine
     from model.engine_api import SamplingParams
-    from model.sampling import SamplingArrays
 
-    engine = Engine(ckpt, mesh_shape=(1, 1))
-    gen = engine.generator
-    greedy = SamplingArrays.of(SamplingParams(temperature=0))
-    seed = gen.seed(0)
-    ids = np.random.default_rng(0).integers(3, engine.config.vocab_size, PREFILL).tolist()
-
-    def prefill(n):
-        cache, seen = gen.new_cache(engine.capacity), gen.seen_mask([])
-        token, cache = gen.prefill(cache, ids[:n], seen, seed, greedy)
-        token.block_until_ready()
-        return token, cache, seen
+    ours = Greedy(ckpt)
+    engine = ours.engine
 
     # a new conversation: the bucket of its first prompt and the decode step, compiled cold
     compile_s.clear()
-    token, cache, seen = prefill(TTFT_PROMPT)
-    token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)
+    token, _, _ = ours.step(*ours.prefill(TTFT_PROMPT))
     token.block_until_ready()
     new_conversation_compile_s = sum(compile_s)
 
     # every program compiled, as the app's idle preparation leaves them (else a prefill runs in chunks of
     # the largest bucket ready: generate.chunk_buckets)
     engine.warm_up()
-    ttft = _best(lambda: prefill(TTFT_PROMPT))
-    prefill_s = _best(lambda: prefill(PREFILL))
+    ttft = _best(lambda: ours.prefill(TTFT_PROMPT))
+    prefill_s = _best(lambda: ours.prefill(PREFILL))
+    ours.decode_seconds()  # (untimed: the decode rounds come later)
 
-    def decode() -> float:
-        """Seconds of DECODE tokens after a PROMPT-token prompt, the prompt not timed."""
-        token, cache, seen = prefill(PROMPT)
-        start = time.perf_counter()
-        for _ in range(DECODE):
-            token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)
-        token.block_until_ready()
-        return time.perf_counter() - start
-
-    decode()
     # time to first token along a conversation: kept cache vs re-prefilling the history
     ttft_turns = {}
     for mode in ("kept cache", "re-prefill") if turns else ():
@@ -154,7 +168,7 @@ def worker_ours(hf_dir: Path, ckpt: Path, turns: bool = True) -> tuple[dict, Cal
         ttft_turns[mode] = {"turn_1_s": firsts[0], "turn_20_s": firsts[-1], "ratio": firsts[-1] / firsts[0],
                             "context_tokens": done.context_used}
     return {"prefill_tok_s": PREFILL / prefill_s, "ttft_s": ttft, "ttft_by_turn": ttft_turns,
-            "compile_new_conversation_s": new_conversation_compile_s}, lambda: decode_round(decode)
+            "compile_new_conversation_s": new_conversation_compile_s}, lambda: decode_round(ours.decode_seconds)
 
 
 def decode_round(decode: Callable[[], float]) -> dict:
@@ -343,8 +357,8 @@ def main(argv=None) -> int:
 
     if args.worker:
         hf_dir, ckpt = prepare(configs[0], args.dtype, quantize)
-        args_ = (hf_dir, ckpt, args.turns) if args.worker == "ours" else (hf_dir, ckpt)
-        result, decode_round = WORKERS[args.worker](*args_)
+        extra = (args.turns,) if args.worker == "ours" else ()
+        result, decode_round = WORKERS[args.worker](hf_dir, ckpt, *extra)
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(json.dumps(result), flush=True)
         for _ in sys.stdin:  # the parent's decode rounds, until it closes stdin
