@@ -1,14 +1,20 @@
-"""Decode speed of this tree's native CPU kernels against another build of them, in one process.
+"""Speed of this tree's native CPU kernels against another build of them, in one process.
 
-    python -m bench.kernels_ab OTHER.so [--weights int4] [--rounds 10]
+    python -m bench.kernels_ab OTHER.so [--weights int4] [--program decode] [--rounds 16]
 
 Build the other library from another checkout (`python setup.py build_ext --inplace` there, then pass its
 model/_cpu_kernels*.so). Both must take the same FFI arguments: only the C++ differs. The other build's
-handlers are registered under other target names, and the decode step is compiled and timed with each in
-turn, alternating (A B, B A, ...): both see the same swings of this VM's memory speed, which moved
-decode in two processes by up to 6% either way (two processes of the same build: 1.001 and 0.993). In one
-process, an A/A reads 0.98-1.00: this resolves ~1.5%. Each round is the best of two decodes of DECODE
-tokens of mini-mixtral after a PROMPT-token prompt.
+handlers are registered under other target names; the program is compiled once with each build's, and
+the two run in turns, one run each (A B, B A, ...), so that both see the same swings of this VM's memory
+speed (two processes of one build differed by up to 6% either way). Programs, on mini-mixtral's shapes:
+
+  decode       DECODE tokens after a PROMPT-token prompt (tok/s)
+  prefill      PREFILL tokens into an empty cache (tok/s)
+  projections  the attention's q, k, v and o projections of LAYERS layers, chained (GB/s of weights)
+  experts      a MoE layer's two chosen experts, w1 w3 then w2, of LAYERS layers, chained (GB/s)
+
+The chained programs read ~130 MB of random weights, so that they come from memory as decode's do. An A/A
+(this tree's library as OTHER) reads 0.99-1.01 for decode (16 rounds).
 """
 
 from __future__ import annotations
@@ -19,11 +25,16 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from bench.run import DECODE, Greedy, prepare
-from model import cpu_matmul
+from bench.run import DECODE, MINI_MIXTRAL, PREFILL, PROMPT, Greedy, prepare
+from model import cpu_matmul, quantize
 
 TARGETS = ("MATMUL_TARGET", "MOE_TARGET", "ATTENTION_TARGET", "GREEDY_TARGET")  # cpu_matmul's names
+PROGRAMS = ("decode", "prefill", "projections", "experts")
+CHAINED_BYTES = 128 << 20  # of weights, at least, a chained program reads
+GROUP = 32  # int4 inputs per group
 
 
 def use(build: str) -> None:
@@ -32,11 +43,104 @@ def use(build: str) -> None:
         setattr(cpu_matmul, name, getattr(cpu_matmul, name).removesuffix("_b") + ("_b" if build == "B" else ""))
 
 
+def compiled_with(build: str, lower):
+    """lower() (-> jax Lowered) traced with `build`'s targets, compiled."""
+    use(build)
+    jax.clear_caches()  # trace again, with this build's targets
+    return lower().compile()
+
+
+def model_runs(weights: str, program: str):
+    """{build: a function running the program once -> tok/s} for decode and prefill of mini-mixtral."""
+    mode = weights if weights in ("int8", "int4") else None
+    ours = Greedy(prepare("mini", "bfloat16" if weights == "bfloat16" else "float32", mode)[1])
+    gen = ours.gen
+    if program == "decode":
+        token, cache, seen = ours.prefill(PROMPT)
+        args = (token, seen, ours.seed, np.int32(1), ours.sampling)
+        programs = {b: compiled_with(b, lambda: gen.decode_program.lower(gen.model_def, gen.params, cache, *args))
+                    for b in "AB"}
+
+        def run(build: str) -> float:
+            token, cache, seen = ours.prefill(PROMPT)
+            start = time.perf_counter()
+            for step in range(1, DECODE + 1):
+                token, cache, seen = programs[build](gen.params, cache, token, seen, ours.seed, np.int32(step),
+                                                     ours.sampling)
+            token.block_until_ready()
+            return DECODE / (time.perf_counter() - start)
+    else:
+        tokens = jax.device_put(np.asarray([ours.ids[:PREFILL]], np.int32))
+        args = (tokens, np.int32(PREFILL), gen.seen_mask([]), ours.seed, ours.sampling)
+        programs = {b: compiled_with(b, lambda: gen.prefill_program.lower(
+            gen.model_def, gen.params, gen.new_cache(ours.engine.capacity), *args)) for b in "AB"}
+
+        def run(build: str) -> float:
+            cache = gen.new_cache(ours.engine.capacity)
+            start = time.perf_counter()
+            token, _ = programs[build](gen.params, cache, *args)
+            token.block_until_ready()
+            return PREFILL / (time.perf_counter() - start)
+    return {b: (lambda b=b: run(b)) for b in "AB"}
+
+
+def random_weight(rng, shape: tuple[int, ...], weights: str):
+    """Random weights [..., in, out] in the kernels' layout and type: (kernel, params)."""
+    w = rng.standard_normal(shape, np.float32) * 0.02
+    if weights in ("float32", "bfloat16"):
+        return jnp.asarray(cpu_matmul.layout(w.astype(jnp.dtype(weights)), (), None)[0]), ()
+    q, params = quantize.quantize(w, weights, GROUP)
+    kernel, params = cpu_matmul.layout(np.asarray(q), tuple(np.asarray(p) for p in params), weights)
+    return jnp.asarray(kernel), tuple(map(jnp.asarray, params))
+
+
+def chained_runs(weights: str, program: str):
+    """{build: a function running the chain once -> GB/s} for the projections and the experts."""
+    D, I, heads, kv_heads = (MINI_MIXTRAL[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                        "num_key_value_heads"))
+    kv = D // heads * kv_heads
+    rng = np.random.default_rng(0)
+    if program == "projections":
+        def layer():
+            return [random_weight(rng, shape, weights) for shape in ((D, D), (D, kv), (D, kv), (D, D))]
+
+        def chain(x, layers):
+            for wq, wk, wv, wo in layers:
+                q, k, v = cpu_matmul.matmuls(x, [wq, wk, wv], GROUP)
+                x = x + cpu_matmul.matmul(q * jnp.tile(k + v, heads // kv_heads), *wo, GROUP)
+            return x
+    else:
+        def layer():  # the two experts chosen, as a stack of two (w1, w3, w2)
+            return [random_weight(rng, shape, weights) for shape in ((2, D, I), (2, D, I), (2, I, D))]
+
+        logits, live = jnp.zeros((1, 2), jnp.float32), jnp.ones((1,), bool)
+
+        def chain(x, layers):
+            for stack in layers:
+                x = x + cpu_matmul.moe(x, logits, live, 0, [tuple(stack)], GROUP, 2)
+            return x
+    layers = [layer()]
+    per_layer = sum(a.nbytes for a in jax.tree.leaves(layers[0]))
+    layers += [layer() for _ in range(-(-CHAINED_BYTES // per_layer) - 1)]
+    x = jnp.asarray(rng.standard_normal((1, D), np.float32)).astype(jnp.bfloat16).astype(jnp.float32)
+    programs = {b: compiled_with(b, lambda: jax.jit(lambda *a: chain(*a)).lower(x, layers)) for b in "AB"}
+
+    def run(build: str) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            programs[build](x, layers).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+        return per_layer * len(layers) / best / 1e9
+    return {b: (lambda b=b: run(b)) for b in "AB"}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("other", help="the other build's _cpu_kernels*.so")
     parser.add_argument("--weights", default="int4", choices=["float32", "bfloat16", "int8", "int4"])
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--program", default="decode", choices=PROGRAMS)
+    parser.add_argument("--rounds", type=int, default=16)
     args = parser.parse_args(argv)
     if not cpu_matmul.available():
         raise SystemExit(cpu_matmul.unavailable_reason())
@@ -45,20 +149,19 @@ def main(argv=None) -> None:
         target = getattr(cpu_matmul, name)
         jax.ffi.register_ffi_target(target + "_b", jax.ffi.pycapsule(getattr(other, target)), platform="cpu")
 
-    quantize = args.weights if args.weights in ("int8", "int4") else None
-    ours = Greedy(prepare("mini", "bfloat16" if args.weights == "bfloat16" else "float32", quantize)[1])
-    tok_s = {"A": [], "B": []}
+    runs = (model_runs if args.program in ("decode", "prefill") else chained_runs)(args.weights, args.program)
+    unit = "tok/s" if args.program in ("decode", "prefill") else "GB/s"
+    runs["A"](), runs["B"]()  # (first runs: pages faulted in, caches warm)
+    speed = {"A": [], "B": []}
     for round_ in range(args.rounds):
         for build in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
-            use(build)
-            jax.clear_caches()  # trace again, with this build's targets
-            ours.decode_seconds()
-            tok_s[build].append(DECODE / min(ours.decode_seconds(), ours.decode_seconds()))
-    ratios = [b / a for a, b in zip(tok_s["A"], tok_s["B"])]
+            speed[build].append(runs[build]())
+    ratios = [b / a for a, b in zip(speed["A"], speed["B"])]
     for build, label in (("A", "this tree"), ("B", args.other)):
-        print(f"{build} ({label}): median {statistics.median(tok_s[build]):.1f} tok/s, rounds "
-              + " ".join(f"{v:.0f}" for v in tok_s[build]))
-    print(f"B / A: median {statistics.median(ratios):.3f}, mean {statistics.mean(ratios):.3f} ({args.weights} decode)")
+        print(f"{build} ({label}): median {statistics.median(speed[build]):.1f} {unit}, rounds "
+              + " ".join(f"{v:.0f}" for v in speed[build]))
+    print(f"B / A: median {statistics.median(ratios):.3f}, mean {statistics.mean(ratios):.3f} "
+          f"({args.weights} {args.program}; > 1: B faster)")
 
 
 if __name__ == "__main__":

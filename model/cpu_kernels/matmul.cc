@@ -1,6 +1,6 @@
 // XLA FFI handlers for the CPU matmuls of kernels.h, called by model/cpu_matmul.py inside the jitted
 // programs: one weight of any type (the type read from its dtype), or a MoE layer's experts. Each call
-// splits its outputs into chunks run on XLA's intra-op thread pool, the calling thread taking chunks too.
+// splits its outputs into ranges run on XLA's intra-op thread pool, the calling thread taking ranges too.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -245,8 +245,9 @@ static Isa best_isa() {
 static std::atomic<int> current_isa{best_isa()};
 
 constexpr int64_t GEMV_MAX_ROWS = 4;  // more activation rows than this take the gemm kernel
-constexpr int64_t GEMM_ROWS = 192;    // activation rows per gemm chunk (a multiple of every tile_rows)
-constexpr int64_t GEMM_COLS = 96;     // outputs per gemm chunk (a multiple of every NB)
+constexpr int64_t GEMM_ROWS = 192;    // activation rows per gemm block (a multiple of every tile_rows)
+constexpr int64_t GEMM_COLS = 96;     // outputs per gemm piece (a multiple of every NB)
+constexpr int64_t GEMV_GRAIN = 16;    // outputs of the gemv's last, shortest ranges (parallel_outputs)
 
 // The handlers keep their buffers, per calling thread, for the next call (`thread_local`): a prefill's
 // buffers of a few MB would otherwise come as fresh pages every call, faulted in and zeroed by the OS
@@ -425,18 +426,6 @@ static void prepare(ffi::ThreadPool& pool, const Weights& w, const float* xs, in
   }
 }
 
-// Output rows per gemv chunk of `n` rows in all: ~4 chunks per thread, a multiple of 4 rows, at least 16.
-static int64_t gemv_chunk(const ffi::ThreadPool& pool, int64_t n) {
-  return std::max<int64_t>(16, (n / (4 * (pool.num_threads() + 1)) + 3) / 4 * 4);
-}
-
-// Outputs per chunk of a MoE layer's pass over `n` outputs of each chosen expert, M rows (the gemm's
-// chunks half the matmul's: a pass over an expert's 1-4k outputs in ~20-80 chunks keeps both threads busy
-// to the end).
-static int64_t moe_chunk(const ffi::ThreadPool& pool, int64_t M, int64_t n) {
-  return M <= GEMV_MAX_ROWS ? gemv_chunk(pool, n) : GEMM_COLS / 2;
-}
-
 // Blocks of GEMM_ROWS activation rows in M rows: the gemm's (the gemv takes its few rows at once).
 static int64_t row_blocks(int64_t M) { return M <= GEMV_MAX_ROWS ? 1 : (M + GEMM_ROWS - 1) / GEMM_ROWS; }
 
@@ -447,8 +436,27 @@ static void multiply(const Kernels& kernels, const Weights& w, const float* x, c
   (M <= GEMV_MAX_ROWS ? kernels.gemv : kernels.gemm)(w, x, prepared, M, m0, m1, n0, n1, y);
 }
 
+// fn(b, n0, n1) over the outputs [0, N) of each of `blocks` blocks of rows, shared among the threads: for
+// the gemv (M <= GEMV_MAX_ROWS) in parallel_ranges' ranges, cut at the blocks' ends; for the gemm in pieces
+// of `piece` outputs, claimed in turn (the gemm holds a piece's block of y, transposed; in parallel_ranges'
+// ranges of pieces a 512-token prefill took 4-5% longer).
+template <class F>
+static void parallel_outputs(ffi::ThreadPool& pool, int64_t M, int64_t blocks, int64_t N, int64_t piece, const F& fn) {
+  if (M <= GEMV_MAX_ROWS) {
+    parallel_ranges(pool, blocks * N, GEMV_GRAIN, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin / N; b * N < end; b++) fn(b, std::max(begin - b * N, int64_t(0)), std::min(end - b * N, N));
+    });
+  } else {
+    const int64_t pieces = (N + piece - 1) / piece;
+    parallel_for(pool, blocks * pieces, [&](int64_t i) {
+      const int64_t n0 = i % pieces * piece;
+      fn(i / pieces, n0, std::min(N, n0 + piece));
+    });
+  }
+}
+
 // y_j [M, N_j] = x [M, K] @ W_j^T for weights W_j [N_j, K] of one type (the attention's q, k and v in one
-// call): x prepared once, and the chunks of every weight run in one pass over the threads.
+// call): x prepared once, and the outputs of every weight, end to end, shared among the threads at once.
 static void matmul(ffi::ThreadPool& pool, const std::vector<Weights>& ws, const float* xs, int64_t M,
                    const std::vector<float*>& ys) {
   const Isa isa = Isa(current_isa.load(std::memory_order_relaxed));
@@ -458,17 +466,13 @@ static void matmul(ffi::ThreadPool& pool, const std::vector<Weights>& ws, const 
   const Prepared prepared = prepared_x.view();
   int64_t outputs = 0;
   for (const Weights& w : ws) outputs += w.N;
-  // each weight's outputs in chunks of `cols`: chunk c of the pass is weight j's chunk c - first[j]
-  const int64_t cols = M <= GEMV_MAX_ROWS ? gemv_chunk(pool, outputs) : GEMM_COLS;
-  std::vector<int64_t> first = {0};
-  for (const Weights& w : ws) first.push_back(first.back() + (w.N + cols - 1) / cols);
-  const int64_t chunks = first.back();
-  parallel_for(pool, row_blocks(M) * chunks, [&](int64_t i) {
-    const int64_t m0 = i / chunks * GEMM_ROWS, c = i % chunks;
-    const size_t j = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
-    const Weights& w = ws[j];
-    const int64_t n0 = (c - first[j]) * cols;
-    multiply(kernels, w, xs, prepared, M, m0, std::min(M, m0 + GEMM_ROWS), n0, std::min(w.N, n0 + cols), ys[j]);
+  parallel_outputs(pool, M, row_blocks(M), outputs, GEMM_COLS, [&](int64_t b, int64_t n0, int64_t n1) {
+    int64_t first = 0;  // weight j's outputs: [first, first + N_j)
+    for (size_t j = 0; j < ws.size(); first += ws[j].N, j++) {
+      const int64_t lo = std::max(n0, first) - first, hi = std::min(n1, first + ws[j].N) - first;
+      if (lo < hi)
+        multiply(kernels, ws[j], xs, prepared, M, b * GEMM_ROWS, std::min(M, (b + 1) * GEMM_ROWS), lo, hi, ys[j]);
+    }
   });
   if (prepared_x.held() > KEPT_BYTES) prepared_x = PreparedX();
 }
@@ -545,8 +549,8 @@ static void route(const float* logits, const bool* live, int64_t M, int64_t E_al
 // (BF16 weights: silu(w1_e x[m]) * w3_e x[m] rounded to bfloat16)
 // run for the experts some token chose, each on the tokens that chose it, all of them at once: each
 // expert's weights are read once a call (in prefill, a loop over tiles of an expert's tokens read them
-// once a tile). Two passes over the threads: w1 and w3 of every chosen expert, block by block of its rows
-// and chunk by chunk of their outputs, then w2's outputs, chunk by chunk, summed over the experts. One
+// once a tile). Two passes over the threads: w1 and w3 of every chosen expert, block by block of its rows,
+// their outputs in ranges, then w2's outputs in ranges, summed over the experts. One
 // call instead of a cond or a loop and three calls per expert: a program a third smaller to trace and
 // compile; and routing here instead of XLA's seven small operations a layer (softmax, top-k, the
 // weights' scatter), ~2% of an int4 decode step. The experts come as stacks (w1, w3, w2 of E' experts
@@ -619,7 +623,7 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const bool bf16_dot = isa == AVX512_BF16;
   thread_local PreparedX all_in;  // x prepared once for the experts every token chose (in decode, every chosen one)
   bool all_prepared = false;
-  int64_t most = 0;  // tokens of the most chosen expert: the chunking follows its kernel
+  int64_t most = 0;  // tokens of the most chosen expert: the ranges follow its kernel
   for (Chosen* c : chosen) {
     const int64_t rows = c->tokens.size();
     most = std::max(most, rows);
@@ -640,15 +644,14 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   // A bfloat16 model's hidden activations are bfloat16, as its other activations (and as XLA's path and
   // transformers have them): w2 then takes one bfloat16 dot product per pair of inputs where the CPU has them
   const bool hidden_bf16 = w[2].type == WeightType::BF16;
-  // the first pass's tasks: (chosen expert, block of its rows), each in chunks of w1's and w3's outputs
+  // the first pass: w1's and w3's outputs of each (chosen expert, block of its rows); the gemm's pieces half
+  // the matmul's (a pass over an expert's 1-4k outputs in ~20-80 pieces keeps both threads busy to the end)
   std::vector<std::pair<Chosen*, int64_t>> blocks;
   for (Chosen* c : chosen)
     for (int64_t b = 0; b < row_blocks(c->tokens.size()); b++) blocks.emplace_back(c, b * GEMM_ROWS);
-  const int64_t cols = moe_chunk(pool, most, int64_t(chosen.size()) * I), chunks = (I + cols - 1) / cols;
-  parallel_for(pool, int64_t(blocks.size()) * chunks, [&](int64_t i) {
-    auto [c, m0] = blocks[i / chunks];
+  parallel_outputs(pool, most, int64_t(blocks.size()), I, GEMM_COLS / 2, [&](int64_t b, int64_t n0, int64_t n1) {
+    auto [c, m0] = blocks[b];
     const int64_t rows = c->tokens.size(), m1 = std::min(rows, m0 + GEMM_ROWS);
-    const int64_t n0 = i % chunks * cols, n1 = std::min(I, n0 + cols);
     const Prepared in = c->x_in->view();
     multiply(kernels, w[3 * c->expert], c->x, in, rows, m0, m1, n0, n1, c->gate.data());
     multiply(kernels, w[3 * c->expert + 1], c->x, in, rows, m0, m1, n0, n1, c->up.data());
@@ -660,9 +663,7 @@ static ffi::Error moe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   });
 
   for (Chosen* c : chosen) prepare(pool, w[3 * c->expert + 2], c->gate.data(), c->tokens.size(), kernels, bf16_dot, c->h_in);
-  const int64_t out_cols = moe_chunk(pool, most, D);
-  parallel_for(pool, (D + out_cols - 1) / out_cols, [&](int64_t i) {
-    const int64_t n0 = i * out_cols, n1 = std::min(D, n0 + out_cols);
+  parallel_outputs(pool, most, 1, D, GEMM_COLS / 2, [&](int64_t, int64_t n0, int64_t n1) {
     for (Chosen* c : chosen) {
       const int64_t rows = c->tokens.size();
       for (int64_t m0 = 0; m0 < rows; m0 += GEMM_ROWS)

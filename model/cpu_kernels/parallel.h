@@ -24,30 +24,11 @@
 
 namespace mixtral_cpu {
 
-// Runs fn(0) .. fn(n - 1) on the pool's threads and the calling one. Tasks claim chunks from a shared
-// counter, so a busy pool (other devices' calls under shard_map) leaves the work to the caller; the caller
-// returns once every chunk has completed; a task that starts late finds no chunk left and touches nothing.
-// The pool is asked for one helper fewer than its threads: the caller is one of them when XLA runs the
-// program on its pool (a program with a cond), or PjRt's own thread otherwise, and a helper for every
-// pool thread then made one worker more than there are cores.
-template <class F>
-static void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, const F& fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  const int64_t total = n;
-  auto work = [total](State& s, const F& fn) {
-    int64_t finished = 0;
-    for (int64_t i; (i = s.next.fetch_add(1)) < total; finished++) fn(i);
-    if (finished) s.done.fetch_add(finished, std::memory_order_release);
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, n - 1);
-  for (int64_t h = 0; h < helpers; h++) pool.Schedule([state, &fn, work] { work(*state, fn); });
-  work(*state, fn);
-  // the last chunks are in other threads' hands, a few microseconds from done: wait awake (sleeping on a
-  // condition variable and waking again cost more than a small matrix takes)
-  for (int spins = 0; state->done.load(std::memory_order_acquire) < total;) {
+// Waits awake until `counter` reaches `target`: the work left is in other threads' hands, a few
+// microseconds from done (sleeping on a condition variable and waking again cost more than a small matrix
+// takes).
+static inline void wait_for(const std::atomic<int64_t>& counter, int64_t target) {
+  for (int spins = 0; counter.load(std::memory_order_acquire) < target;) {
     if (spins < 4096) {
       spins++;
 #if defined(__x86_64__)
@@ -57,6 +38,61 @@ static void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, const F& fn) {
       std::this_thread::yield();
     }
   }
+}
+
+// Which parts of a call's work are claimed and completed (counts of tasks, or of outputs).
+struct Claims {
+  std::atomic<int64_t> next{0}, done{0};
+};
+
+// Runs `work(claims)` on up to `helpers` of the pool's threads and on the calling one; returns once
+// claims.done reaches `total`. The work claims its parts from `claims`, so a busy pool (other devices'
+// calls under shard_map) leaves it to the caller, and a helper that starts late finds nothing left and
+// touches nothing (its copy of `work` holds only references it then does not use). The pool is asked for
+// one helper fewer than its threads: the caller is one of them when XLA runs the program on its pool (a
+// program with a cond), or PjRt's own thread otherwise, and a helper for every pool thread then made one
+// worker more than there are cores.
+template <class Work>
+static void run_on_pool(xla::ffi::ThreadPool& pool, int64_t helpers, int64_t total, const Work& work) {
+  auto claims = std::make_shared<Claims>();
+  helpers = std::min<int64_t>(pool.num_threads() - 1, helpers);
+  for (int64_t h = 0; h < helpers; h++) pool.Schedule([claims, work] { work(*claims); });
+  work(*claims);
+  wait_for(claims->done, total);
+}
+
+// fn(0) .. fn(n - 1), each task claimed in turn by the pool's threads and the calling one.
+template <class F>
+static void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, const F& fn) {
+  run_on_pool(pool, n - 1, n, [n, &fn](Claims& s) {
+    int64_t finished = 0;
+    for (int64_t i; (i = s.next.fetch_add(1)) < n; finished++) fn(i);
+    if (finished) s.done.fetch_add(finished, std::memory_order_release);
+  });
+}
+
+// fn(begin, end) over ranges that cover [0, n), claimed in turn by the pool's threads and the calling one:
+// each a share of what is left (1 / the threads), rounded up to a multiple of `grain`. Long ranges first,
+// short ones last. For the gemvs, whose ranges are rows of weights: a thread reads each range as one
+// stream, and each new one costs a DRAM latency and the prefetchers' ramp; the short last ones keep the
+// threads finishing together. Against fixed chunks of ~n / 12 (int4, chains of calls, one build against
+// the other in one process): the attention's q, k, v and o projections (1-3 MB) 6-8% less time, a MoE
+// layer's experts 3-4% (fixed chunks of n / 3: the projections 5-6% less time, the experts 6% more).
+template <class F>
+static void parallel_ranges(xla::ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& fn) {
+  const int64_t threads = pool.num_threads();
+  run_on_pool(pool, (n + grain - 1) / grain - 1, n, [n, grain, threads, &fn](Claims& s) {
+    int64_t finished = 0;
+    for (int64_t begin = s.next.load(std::memory_order_relaxed); begin < n;) {
+      const int64_t share = std::max<int64_t>(1, ((n - begin) / threads + grain - 1) / grain) * grain;
+      const int64_t end = std::min(n, begin + share);
+      if (!s.next.compare_exchange_weak(begin, end, std::memory_order_relaxed)) continue;  // (begin: reread)
+      fn(begin, end);
+      finished += end - begin;
+      begin = s.next.load(std::memory_order_relaxed);
+    }
+    if (finished) s.done.fetch_add(finished, std::memory_order_release);
+  });
 }
 
 }  // namespace mixtral_cpu
