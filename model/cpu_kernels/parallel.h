@@ -76,7 +76,7 @@ static void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, const F& fn) {
 // short ones last. For the gemvs, whose ranges are rows of weights: a thread reads each range as one
 // stream, and each new one costs a DRAM latency and the prefetchers' ramp; the short last ones keep the
 // threads finishing together. Against fixed chunks of ~n / 12 (int4, `python -m bench.kernels_ab`): the
-// attention's q, k, v and o projections (calls of 1-3 MB) 5-8% less time, a MoE layer's experts 4-13%
+// attention's q, k, v and o projections (calls of 1-3 MB) 4-7% less time, a MoE layer's experts 5-13%
 // (fixed chunks of n / 3: the projections 5-6% less time, the experts 6% more).
 template <class F>
 static void parallel_ranges(xla::ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& fn) {
