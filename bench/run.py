@@ -120,12 +120,14 @@ class Greedy:
     def step(self, token, cache, seen):
         return self.gen.decode(cache, token, seen, self.seed, 1, self.sampling)
 
-    def decode_seconds(self) -> float:
-        """Seconds of DECODE tokens after a PROMPT-token prompt, the prompt not timed."""
+    def decode_seconds(self, step: Callable | None = None) -> float:
+        """Seconds of DECODE tokens after a PROMPT-token prompt, the prompt not timed; each token by
+        step(token, cache, seen) -> (token, cache, seen) (default: `self.step`)."""
+        step = step or self.step
         token, cache, seen = self.prefill(PROMPT)
         start = time.perf_counter()
         for _ in range(DECODE):
-            token, cache, seen = self.step(token, cache, seen)
+            token, cache, seen = step(token, cache, seen)
         token.block_until_ready()
         return time.perf_counter() - start
 
