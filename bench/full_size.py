@@ -136,7 +136,7 @@ def measure(config: MixtralConfig, mesh_shape: tuple[int, int] | None, profile_d
         token, cache, seen = state
         start = time.perf_counter()
         for _ in range(steps):
-            token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)
+            _, token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)  # (one token a call)
         dispatch.append(time.perf_counter() - start)
         return token, cache, seen
 
@@ -178,7 +178,7 @@ def profile_decode(gen: Generator, state, steps: int, trace_dir: str, top: int =
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         start = time.perf_counter()
         for _ in range(steps):
-            token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)
+            _, token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)  # (one token a call)
         token.block_until_ready()
         wall = time.perf_counter() - start
     trace = json.load(gzip.open(sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]))

@@ -62,9 +62,9 @@ def model_runs(weights: str, program: str):
         programs = {b: compiled_with(b, lambda: gen.decode_program.lower(gen.model_def, gen.params, cache, *args))
                     for b in "AB"}
 
-        def run(build: str) -> float:  # (as Greedy.step: the compiled decode step, step 1 of the seed's stream)
+        def run(build: str) -> float:  # (as Greedy.step: the compiled decode call, step 1 of the seed's stream)
             return DECODE / ours.decode_seconds(lambda token, cache, seen: programs[build](
-                gen.params, cache, token, seen, ours.seed, np.int32(1), ours.sampling))
+                gen.params, cache, token, seen, ours.seed, np.int32(1), ours.sampling)[1:])
     else:
         tokens = jax.device_put(np.asarray([ours.ids[:PREFILL]], np.int32))
         args = (tokens, np.int32(PREFILL), gen.seen_mask([]), ours.seed, ours.sampling)

@@ -118,15 +118,18 @@ class Greedy:
         return token, cache, seen
 
     def step(self, token, cache, seen):
-        return self.gen.decode(cache, token, seen, self.seed, 1, self.sampling)
+        """One decode call (as the engine makes them: `tokens_per_call` tokens) -> (its last token, cache,
+        seen)."""
+        _, token, cache, seen = self.gen.decode(cache, token, seen, self.seed, 1, self.sampling)
+        return token, cache, seen
 
     def decode_seconds(self, step: Callable | None = None) -> float:
-        """Seconds of DECODE tokens after a PROMPT-token prompt, the prompt not timed; each token by
-        step(token, cache, seen) -> (token, cache, seen) (default: `self.step`)."""
+        """Seconds of DECODE tokens after a PROMPT-token prompt, the prompt not timed; made by decode calls
+        step(token, cache, seen) -> (token, cache, seen) of `tokens_per_call` tokens each (default: `self.step`)."""
         step = step or self.step
         token, cache, seen = self.prefill(PROMPT)
         start = time.perf_counter()
-        for _ in range(DECODE):
+        for _ in range(DECODE // self.gen.tokens_per_call):
             token, cache, seen = step(token, cache, seen)
         token.block_until_ready()
         return time.perf_counter() - start

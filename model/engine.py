@@ -30,7 +30,7 @@ from .detokenize import StreamDecoder
 from .engine_api import Compiling, ContextTrimmed, Event, SamplingParams, TextDelta, TurnDone
 from .errors import UserError
 from .executables import ExecutableCache, model_key
-from .generate import PREFILL_CHUNK, Generator, program_name
+from .generate import PREFILL_CHUNK, Generator, decode_program_name, tokens_per_call
 from .kv_cache import KVCache
 from .sampling import SamplingArrays, validate
 from .tokenizer import TokenizerError, load_tokenizer
@@ -74,7 +74,8 @@ def _executables(directory: str | Path, config, mesh, context_length: int | None
     if mesh.devices.flat[0].platform == "cpu":
         cpu_matmul.available()  # the programs that call the native kernels load only once they are registered
     executables = ExecutableCache(directory, model_key(config.to_json(), mesh), list(mesh.devices.flat))
-    decode = program_name("decode", capacity=_context(config, context_length)[1])
+    decode = decode_program_name(tokens_per_call(config, mesh.devices.flat[0].platform),
+                                 capacity=_context(config, context_length)[1])
     executables.start_loading([p for p in executables.first_turn() if p != decode] or [decode])
     return executables
 
@@ -282,23 +283,45 @@ class Engine:
         generated: list[int] = []
         first_at = last_at = None
         finish = "stop"
-        following = None  # the token after `token` (device), once the step feeding `token` is dispatched
+        # Each decode call feeds a token and samples the next `per_call`, feeding all but the last (the
+        # next call feeds that one). The tokens are handled one at a time.
+        per_call, step = self.generator.tokens_per_call, 1  # step: the sampling step of the next call's first token
+        made: list[int] = []  # the tokens after `token` that the last call read made, not handled yet
+        last = pending  # the last token made (device), which the next call feeds
+        following = None  # the dispatched call that feeds `last` (its tokens, device), not read yet
+
+        def dispatch() -> None:
+            """Dispatch the call that feeds `last` and samples `per_call` more (async)."""
+            nonlocal following, last, cache, seen, step
+            following, last, cache, seen = self.generator.decode(cache, last, seen, seed, step, arrays)
+            step += per_call
 
         def feed() -> None:
-            """Dispatch the step that feeds `token` (device `pending`) and samples the next one (async)."""
-            nonlocal following, cache, seen
-            following, cache, seen = self.generator.decode(cache, pending, seen, seed, len(fed) - len(prompt) + 1,
-                                                           arrays)
+            """`token` into the cache: the call that made it fed it unless it was that call's last (or the
+            prefill's): then dispatch the call that does, unless it is dispatched already."""
+            if not made and following is None:
+                dispatch()
             fed.append(token)
 
+        def read() -> list[int]:
+            """The tokens of the dispatched call (waits for it); the next one is dispatched at once unless the
+            turn surely ends before their last: the device makes them while the host handles these."""
+            nonlocal following
+            tokens, following = [int(t) for t in np.asarray(following)[0]], None
+            stops = any(t in self.tokenizer.eos_ids for t in tokens[:-1]) or len(tokens) > min(
+                sampling.max_new_tokens - len(generated), self.context_limit - len(fed))
+            if per_call > 1 and not stops:
+                dispatch()
+            return tokens
+
         token = int(np.asarray(pending)[0])  # (indexing the device array would compile a program)
-        self.generator.load_soon(program_name("decode", cache))  # (a start's first turn: not loaded yet)
+        self.generator.load_soon(decode_program_name(per_call, cache))  # (a start's first turn: not loaded yet)
         try:
             while True:
-                # Feed token n and sample n+1 (async) before handling token n: the device works on step n+1
-                # while the host handles token n. Except the prefill's token, shown before its step is
-                # dispatched: the decode program may still be loading (a start deserializes it in the
-                # background) or compiling, and the first token needs only the prefill's.
+                # Feed token n before handling it: the device makes the next ones while the host handles
+                # token n. Except the prefill's token, shown before its call is dispatched: the decode program
+                # may still be loading (a start deserializes it in the background) or compiling, and the
+                # first token needs only the prefill's.
                 if generated or token in self.tokenizer.eos_ids:
                     feed()
                 if token in self.tokenizer.eos_ids:
@@ -308,7 +331,7 @@ class Engine:
                 first_at = first_at or last_at
                 if text := decoder.push(token):
                     yield TextDelta(text)
-                if following is None:  # the prefill's token, shown: now feed it
+                if len(generated) == 1:  # the prefill's token, shown: now feed it
                     feed()
                 if len(generated) >= sampling.max_new_tokens:
                     finish = "length"
@@ -319,12 +342,13 @@ class Engine:
                 if should_stop():
                     finish = "cancelled"
                     break
-                pending, following = following, None
-                token = int(np.asarray(pending)[0])
+                made = made or read()
+                token = made.pop(0)
         except GeneratorExit:  # the caller stopped listening: keep what was fed
-            conv.cache, conv.tokens = cache, fed
+            conv.cache, conv.tokens = cache.rewind(len(fed)), fed
             raise
-        conv.cache, conv.tokens = cache, fed  # the last step fed `token`: the cache holds all of `fed`
+        # the calls fed all of `fed`, and some may have fed tokens after it, which the next turn overwrites
+        conv.cache, conv.tokens = cache.rewind(len(fed)), fed
         if text := decoder.flush():
             yield TextDelta(text)
         first_at = first_at or time.perf_counter()

@@ -2,7 +2,8 @@
 
 The model is split once (`nnx.split`) and plain `jax.jit` functions take its parameters, the KV cache
 (donated: updated in place) and the sampling settings as device values. Programs: one prefill per bucket
-in `PREFILL_BUCKETS`, one decode step; a conversation that grows never compiles anything new.
+in `PREFILL_BUCKETS`, one decode program (`tokens_per_call` steps a call); a conversation that grows never
+compiles anything new.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ if TYPE_CHECKING:  # (imports flax: a start whose programs are all cached never 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
 PREFILL_CHUNK = PREFILL_BUCKETS[-1]  # longer inputs are fed in chunks of this many tokens
 READY_CHUNK_MIN = 64  # chunks of a program already compiled, rather than compile a bigger one (chunk_buckets)
+DECODE_RUN = 4  # tokens a decode call samples, for a model whose steps are short (tokens_per_call)
+DECODE_RUN_BYTES = 1 << 30  # ... that reads fewer bytes than this a token
 
 
 def bucket_for(n: int) -> int:
@@ -91,6 +94,50 @@ def _decode_step(model_def: ModelDef, params, cache: KVCache, token, seen, seed,
     return next_token, cache, seen
 
 
+def _decode_steps(model_def: ModelDef, params, cache: KVCache, token, seen, seed, step, sampling: SamplingArrays,
+                tokens: int):
+    """`tokens` decode steps: feed token [B], sample the next one (step `step` of the seed's stream), feed
+    it, ... -> (the sampled tokens int32 [B, tokens], the last of them [B], cache, seen)."""
+    if tokens == 1:
+        last, cache, seen = _decode_step(model_def, params, cache, token, seen, seed, step, sampling)
+        return last[:, None], last, cache, seen
+
+    # The weights go round the loop through an optimization barrier, so that XLA moves no work on them out
+    # of it: it gathers a 16-bit embedding in float32 on XLA:CPU, and the conversion of the whole table,
+    # moved out of the loop, ran once a call (mini-mixtral's bfloat16 decode 0.62x; in the loop it is one
+    # row's, as in a single step). They are read in place all the same (no copies).
+    def one(i, carry):
+        made, token, cache, seen, params = carry
+        params = jax.lax.optimization_barrier(params)
+        token, cache, seen = _decode_step(model_def, params, cache, token, seen, seed, step + i, sampling)
+        return made.at[:, i].set(token), token, cache, seen, params
+
+    made = jnp.zeros((token.shape[0], tokens), jnp.int32)
+    made, token, cache, seen, _ = jax.lax.fori_loop(0, tokens, one, (made, token, cache, seen, params))
+    return made, token, cache, seen
+
+
+@functools.cache
+def _decode_steps_of(tokens: int):
+    """_decode_steps of `tokens` steps, one function per count (a jit's cache is its function's)."""
+    return functools.partial(_decode_steps, tokens=tokens)
+
+
+def tokens_per_call(config: MixtralConfig, platform: str) -> int:
+    """Tokens a decode call samples: DECODE_RUN on a CPU for a model that reads less than DECODE_RUN_BYTES a
+    token (a step of a few milliseconds, of which handing the program its ~250-900 arrays and the host's
+    part of each token were a tenth: against one token a call, in one process, mini-mixtral's int4 decode
+    8-13% faster, its int8 7-11%, the int4 demo 10-11%, float32 and bfloat16, whose steps are longer, level
+    to 4%), else 1: a large model's steps are long, and each token is shown as soon as it is made."""
+    return DECODE_RUN if platform == "cpu" and config.decode_bytes(0) < DECODE_RUN_BYTES else 1
+
+
+def decode_program_name(tokens: int, cache: KVCache | None = None, *, capacity: int | None = None) -> str:
+    """The decode program of `tokens` tokens a call, as `program_name` names it: 'decode 4, cache 4608 x 1'
+    ('decode' alone for one token)."""
+    return program_name("decode" if tokens == 1 else f"decode {tokens}", cache, capacity=capacity)
+
+
 # XLA:CPU's YNNPACK dot fusions run XLA's float32 matmuls fast, but a program sets each of them up on its
 # first run (~0.2 s of the int4 demo's first turn, for the attention's dots alone). Where our kernels
 # multiply by every weight (any model on a CPU with them) they bring no speed (bench: prefill and decode as
@@ -134,8 +181,9 @@ class Generator:
                executables: ExecutableCache | None) -> None:
         self.config, self.mesh, self.params = config, mesh, params
         xla_options = NO_YNN_FUSIONS if cpu_kernels else ()
+        self.tokens_per_call = tokens_per_call(config, mesh.devices.flat[0].platform)
         self.prefill_program = _program(_prefill_step, ("cache",), xla_options)
-        self.decode_program = _program(_decode_step, ("cache", "seen"), xla_options)
+        self.decode_program = _program(_decode_steps_of(self.tokens_per_call), ("cache", "seen"), xla_options)
         self._replicated = NamedSharding(mesh, P())
         # jax refuses sub-byte arrays (int4 weights left to XLA's matmuls) as arguments of a program
         # compiled through `lower().compile()` ("layouts that disagree"): such a model compiles as usual
@@ -211,9 +259,11 @@ class Generator:
                          np.int32(len(chunk)), seen, seed, sampling)
 
     def decode(self, cache: KVCache, token: jax.Array, seen: jax.Array, seed: jax.Array, step: int,
-               sampling: SamplingArrays) -> tuple[jax.Array, KVCache, jax.Array]:
-        """Feed token [1] and sample the next one with step `step` (> 0) of `seed`'s stream."""
-        program = program_name("decode", cache)
+               sampling: SamplingArrays) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
+        """Feed token [1] and sample the next `tokens_per_call` tokens, feeding each but the last, with steps
+        `step` (> 0), `step + 1`, ... of `seed`'s stream. -> (those tokens [1, tokens_per_call], the last
+        of them [1] (what the next call feeds), cache, seen)."""
+        program = decode_program_name(self.tokens_per_call, cache)
         return self._run(self.decode_program, program, cache, token, seen, seed, np.int32(step), sampling)
 
     def greedy(self, token_ids: Sequence[int], n: int, capacity: int = 1024) -> list[int]:
@@ -225,9 +275,9 @@ class Generator:
         token, cache = self.prefill(cache, token_ids, seen, seed, greedy)
         out = [int(np.asarray(token)[0])]
         while len(out) < n:
-            token, cache, seen = self.decode(cache, token, seen, seed, len(out), greedy)
-            out.append(int(np.asarray(token)[0]))
-        return out
+            made, token, cache, seen = self.decode(cache, token, seen, seed, len(out), greedy)
+            out.extend(int(t) for t in np.asarray(made)[0])
+        return out[:n]
 
     def _ready(self, program: str) -> bool:
         """Whether the program runs without being compiled first."""
@@ -243,7 +293,7 @@ class Generator:
         """The programs a turn prefilling n_tokens (then decoding) in one row runs, in that order."""
         prefills = [program_name(f"prefill {b}", capacity=capacity)
                     for b in chunk_buckets(n_tokens, self.ready_buckets(capacity))]
-        return [*dict.fromkeys(prefills), program_name("decode", capacity=capacity)]
+        return [*dict.fromkeys(prefills), decode_program_name(self.tokens_per_call, capacity=capacity)]
 
     def will_compile(self, n_tokens: int, capacity: int) -> bool:
         """Whether a turn prefilling n_tokens (then decoding) in one row compiles a program first."""

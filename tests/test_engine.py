@@ -191,6 +191,38 @@ def test_sampling_is_seeded_and_bounded(engine):
         run(engine, "s6", chat, SamplingParams(top_p=0))
 
 
+def test_calls_of_several_tokens_reply_as_calls_of_one(tiny_ckpt, engine, monkeypatch):
+    """A small model on a CPU samples 4 tokens a decode call (generate.tokens_per_call): its replies,
+    greedy and sampled, and their counts are those of one token a call, also when a turn ends inside a
+    call (6 tokens; cancelled after 3); the cache it keeps then holds just the conversation (the tokens
+    fed after its end are dropped), and the next turns go on from it alike."""
+    from model import generate
+
+    assert engine.generator.tokens_per_call == generate.DECODE_RUN == 4
+    monkeypatch.setattr(generate, "tokens_per_call", lambda config, platform: 1)
+    one = Engine(tiny_ckpt, mesh_shape=(1, 1), context_length=CONTEXT)
+    assert one.generator.tokens_per_call == 1
+    chat = [{"role": "user", "content": "Count with me"}]
+    turns = [(SamplingParams(temperature=0, max_new_tokens=6), None),
+             (SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=9, seed=5), None),
+             (SamplingParams(temperature=0, max_new_tokens=30), 3)]
+    for n, (sampling, cancel_after) in enumerate(turns):
+        replies = []
+        for e in (engine, one):
+            deltas = []
+            stop = (lambda: len(deltas) >= cancel_after) if cancel_after else (lambda: False)
+            events = [ev for ev in e.generate(f"calls-{id(e)}", chat, sampling, should_stop=stop)
+                      if not isinstance(ev, TextDelta) or deltas.append(ev) or True]
+            replies.append(events[-1])
+        many, single = replies
+        assert (many.text, many.generated_tokens, many.finish_reason, many.prefilled_tokens) == (
+            single.text, single.generated_tokens, single.finish_reason, single.prefilled_tokens)
+        assert many.finish_reason == ("cancelled" if cancel_after else "length")
+        assert engine.cached_tokens(f"calls-{id(engine)}") == many.context_used
+        assert_cache_is_a_fresh_prefill(engine, f"calls-{id(engine)}")
+        chat = chat + [{"role": "assistant", "content": many.text}, {"role": "user", "content": f"And {n}?"}]
+
+
 def test_stream_concatenates_to_the_reply_and_cancel_keeps_the_partial_reply(engine):
     chat = [{"role": "user", "content": "Write a long answer"}]
     done, events = run(engine, "stream", chat, SamplingParams(temperature=0, max_new_tokens=30))
@@ -227,7 +259,8 @@ def test_first_token_shows_before_any_decode_step(engine, monkeypatch):
 
     done, _ = run(engine, "first", chat)
     fresh, _ = run(engine, "fresh", chat)
-    assert done.text == fresh.text and decode_steps[:3] == [1, 2, 3]  # each step numbered from the prefill's
+    per_call = engine.generator.tokens_per_call  # (each call samples this many, numbered from the prefill's)
+    assert done.text == fresh.text and decode_steps[:3] == [1, 1 + per_call, 1 + 2 * per_call]
     assert done.prefilled_tokens == 1  # the kept prompt was reused
 
 
