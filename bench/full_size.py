@@ -8,7 +8,8 @@ The weights are drawn at random on the devices, each array made directly in its 
 crosses the host and no checkpoint is needed; the programs are our engine's own (`model.generate`).
 Measured, batch 1, greedy:
 - the device's read bandwidth (a reduction over 4 GiB),
-- decode tokens/s (128 tokens after a 32-token prompt) and the roofline: bandwidth / bytes one decoded
+- decode tokens/s (128 tokens after a 32-token prompt; `--tokens-per-call 1,4` compares calls of 1 and 4
+  tokens, the engine's choice by default) and the roofline: bandwidth / bytes one decoded
   token reads (`MixtralConfig.decode_bytes`),
 - prefill tokens/s of a 512-token prompt,
 - compile time of the decode step and of the 512-token prefill,
@@ -23,6 +24,7 @@ import functools
 import json
 import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +116,10 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def measure(config: MixtralConfig, mesh_shape: tuple[int, int] | None, profile_dir: str | None = None) -> dict:
+def measure(config: MixtralConfig, mesh_shape: tuple[int, int] | None, tokens_per_call: Sequence[int] = (),
+            profile_dir: str | None = None) -> dict:
+    """The figures of the module's docstring; decode once for each count of `tokens_per_call` (default: the
+    engine's, `Generator.tokens_per_call`), the first being the one reported as `decode_tok_s`."""
     bandwidth = read_bandwidth()
     mesh = make_mesh(mesh_shape)
     with jax.set_mesh(mesh):
@@ -126,39 +131,47 @@ def measure(config: MixtralConfig, mesh_shape: tuple[int, int] | None, profile_d
     ids = jax.random.randint(jax.random.key(1), (PREFILL,), 3, config.vocab_size).tolist()
 
     def prefill(n):
-        cache, seen = gen.new_cache(CAPACITY), gen.seen_mask([])
-        token, cache = gen.prefill(cache, ids[:n], seen, seed, greedy)
-        return token, cache, seen
+        """-> ((token, cache, seen), seconds of the prefill alone: the cache is allocated before)."""
+        cache, seen = jax.block_until_ready((gen.new_cache(CAPACITY), gen.seen_mask([])))
+        (token, cache), seconds = _timed(lambda: gen.prefill(cache, ids[:n], seen, seed, greedy))
+        return (token, cache, seen), seconds
 
-    dispatch = []  # seconds the host took to enqueue each timed run of steps
+    dispatch = []  # seconds the host took to enqueue each timed run of calls
 
-    def decode(state, steps):
+    def decode(state, calls):
         token, cache, seen = state
         start = time.perf_counter()
-        for _ in range(steps):
-            _, token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)  # (one token a call)
+        for _ in range(calls):
+            _, token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)
         dispatch.append(time.perf_counter() - start)
         return token, cache, seen
 
-    state, compile_prefill_prompt_s = _timed(lambda: prefill(PROMPT))
-    state, compile_decode_s = _timed(lambda: decode(state, 1))
-    state, _ = _timed(lambda: decode(state, 3))
-    state, decode_s = _timed(lambda: decode(state, DECODE))
+    state, compile_prefill_prompt_s = prefill(PROMPT)
+    decodes = {}  # tokens a call -> (tokens/s, host ms to dispatch a token, compile seconds)
+    for tokens in tokens_per_call or (gen.tokens_per_call,):
+        gen.set_tokens_per_call(tokens)
+        state, compile_s = _timed(lambda: decode(state, 1))
+        state, _ = _timed(lambda: decode(state, 3))
+        state, decode_s = _timed(lambda: decode(state, DECODE // tokens))
+        decodes[tokens] = (DECODE // tokens * tokens / decode_s, dispatch[-1] / DECODE * 1e3, compile_s)
     if profile_dir:
+        gen.set_tokens_per_call(next(iter(decodes)))
         print(profile_decode(gen, state, 16, profile_dir), flush=True)
-    _, compile_prefill_s = _timed(lambda: prefill(PREFILL))
-    prefill_s = min(_timed(lambda: prefill(PREFILL))[1] for _ in range(3))
+    _, compile_prefill_s = prefill(PREFILL)
+    prefill_s = min(prefill(PREFILL)[1] for _ in range(3))
     bytes_per_token = config.decode_bytes(PROMPT + DECODE)
     memory = jax.devices()[0].memory_stats() or {}
-    decode_tps = DECODE / decode_s
+    decode_tps, decode_dispatch_ms, compile_decode_s = next(iter(decodes.values()))
     return {
         "device": f"{mesh.size} x {jax.devices()[0].device_kind}", "mesh": dict(mesh.shape),
         "dtype": config.dtype, "quantization": config.quantization,
         "weight_bytes": config.weight_bytes(), "bytes_per_token": bytes_per_token,
         "read_bandwidth_bytes_per_s": bandwidth, "roofline_tok_s": bandwidth / bytes_per_token,
         "decode_tok_s": decode_tps, "decode_ms_per_token": 1e3 / decode_tps,
-        "decode_dispatch_ms_per_token": dispatch[2] / DECODE * 1e3,
+        "decode_dispatch_ms_per_token": decode_dispatch_ms,
         "of_roofline": decode_tps / (bandwidth / bytes_per_token),
+        "decode_by_tokens_per_call": {k: {"tok_s": tps, "dispatch_ms_per_token": ms, "compile_s": c}
+                                      for k, (tps, ms, c) in decodes.items()},
         "prefill_tok_s": PREFILL / prefill_s, "build_s": build_s,
         "compile_decode_s": compile_decode_s, "compile_prefill_32_s": compile_prefill_prompt_s,
         "compile_prefill_512_s": compile_prefill_s - prefill_s,
@@ -209,7 +222,10 @@ def table(r: dict) -> str:
         ("roofline", f"{r['roofline_tok_s']:.1f} tok/s"),
         ("decode (batch 1)", f"{r['decode_tok_s']:.1f} tok/s, {r['decode_ms_per_token']:.2f} ms/token, "
                              f"{r['of_roofline']:.2f} of the roofline"),
-        ("host time to dispatch a decode step", f"{r['decode_dispatch_ms_per_token']:.2f} ms"),
+        ("host time to dispatch a decoded token", f"{r['decode_dispatch_ms_per_token']:.2f} ms"),
+        *((f"decode, {k} token{'s' if k > 1 else ''} a call", f"{d['tok_s']:.1f} tok/s ({d['tok_s'] / r['roofline_tok_s']:.2f} of the "
+           f"roofline), host {d['dispatch_ms_per_token']:.2f} ms a token, compiled in {d['compile_s']:.1f} s")
+          for k, d in r["decode_by_tokens_per_call"].items() if len(r["decode_by_tokens_per_call"]) > 1),
         ("prefill 512", f"{r['prefill_tok_s']:.0f} tok/s"),
         ("compile: decode / prefill 32 / prefill 512", f"{r['compile_decode_s']:.1f} / {r['compile_prefill_32_s']:.1f} "
                                                        f"/ {r['compile_prefill_512_s']:.1f} s"),
@@ -224,11 +240,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--quantization", choices=["int8", "int4"])
     parser.add_argument("--mesh", help="AxB (expert x model); default: every device on the model axis")
+    parser.add_argument("--tokens-per-call", type=lambda s: [int(k) for k in s.split(",")], default=[],
+                        help="decode with each of these tokens a call, e.g. 1,4 (default: the engine's)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--profile", metavar="DIR", help="also print where decode spends GPU time (trace in DIR)")
     args = parser.parse_args(argv)
     config = MixtralConfig.from_hf(CONFIGS[args.config], dtype=args.dtype, quantization=args.quantization)
-    result = {"config": args.config, **measure(config, parse_mesh_shape(args.mesh) if args.mesh else None, args.profile)}
+    result = {"config": args.config, **measure(config, parse_mesh_shape(args.mesh) if args.mesh else None, args.tokens_per_call,
+                                                  args.profile)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -180,10 +180,9 @@ class Generator:
     def _start(self, config: MixtralConfig, mesh: Mesh, cpu_kernels: bool, params: list[jax.Array],
                executables: ExecutableCache | None) -> None:
         self.config, self.mesh, self.params = config, mesh, params
-        xla_options = NO_YNN_FUSIONS if cpu_kernels else ()
-        self.tokens_per_call = tokens_per_call(config, mesh.devices.flat[0].platform)
-        self.prefill_program = _program(_prefill_step, ("cache",), xla_options)
-        self.decode_program = _program(_decode_steps_of(self.tokens_per_call), ("cache", "seen"), xla_options)
+        self._xla_options = NO_YNN_FUSIONS if cpu_kernels else ()
+        self.prefill_program = _program(_prefill_step, ("cache",), self._xla_options)
+        self.set_tokens_per_call(tokens_per_call(config, mesh.devices.flat[0].platform))
         self._replicated = NamedSharding(mesh, P())
         # jax refuses sub-byte arrays (int4 weights left to XLA's matmuls) as arguments of a program
         # compiled through `lower().compile()` ("layouts that disagree"): such a model compiles as usual
@@ -192,6 +191,11 @@ class Generator:
         self.executables = executables
         self._layout = layout_digest(params) if executables else ""
         self._loaded: dict[str, jax.stages.Compiled] = {}  # programs from the executable cache, by name
+
+    def set_tokens_per_call(self, tokens: int) -> None:
+        """Sample `tokens` tokens a decode call from now on (`tokens_per_call` chooses; benchmarks compare)."""
+        self.tokens_per_call = tokens
+        self.decode_program = _program(_decode_steps_of(tokens), ("cache", "seen"), self._xla_options)
 
     @property
     def model_def(self) -> ModelDef:
