@@ -8,9 +8,10 @@
 llama.cpp runs through llama-cpp-python when it is installed (bench/gguf_peer.py), on the matching type
 (F32, BF16, Q8_0, Q4_1); transformers only unquantized. For each config and
 engine a fresh worker process measures (batch 1, greedy):
-- decode tokens/s (128 tokens after a 32-token prompt) in ROUNDS rounds, the engines taking turns (this
-  machine's memory speed swings by up to 1.5x within seconds, so engines measured apart are not
-  comparable): the median round, and ours / each peer as the median of the rounds' ratios,
+- decode tokens/s (128 tokens after a 32-token prompt) in ROUNDS rounds, the engines taking turns, ours
+  between the peers (this machine's memory speed swings by up to 1.5x within seconds, so engines
+  measured apart are not comparable): the median round, and ours / each peer as the median of the
+  rounds' ratios, each of two runs made one after the other,
 - prefill tokens/s of a 512-token prompt,
 - time to first token of a 64-token prompt,
 - compile time of a new conversation (ours: the 64-token prefill bucket and the decode step, cold),
@@ -288,15 +289,18 @@ class Worker:
 def measure(config: str, dtype: str, quantize: str | None, turns: bool, engines: list[str],
             bytes_per_token: int) -> dict:
     """Each engine's figures on a config: its one-off figures, one engine at a time, then ROUNDS rounds of
-    decode in which the engines take turns (the order reversed every other round). Decode tok/s, read
+    decode in which the engines take turns, ours between the peers (the order reversed every other round),
+    so that each of a round's ratios compares two runs made one right after the other. Decode tok/s, read
     bandwidth and of-ceiling are each the median of the rounds; ours / this engine is the median of the
     rounds' ratios."""
     workers = []
     try:
         for kind in engines:
             workers.append(Worker(kind, config, dtype, quantize, turns))
+        peers = [worker for worker in workers if worker.kind != "ours"]
+        order = [*peers[:1], *(worker for worker in workers if worker.kind == "ours"), *peers[1:]]
         for round_ in range(ROUNDS):
-            for worker in workers if round_ % 2 == 0 else workers[::-1]:
+            for worker in order if round_ % 2 == 0 else order[::-1]:
                 worker.decode_round()
     except BaseException:
         for worker in workers:
