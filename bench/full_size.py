@@ -223,8 +223,9 @@ def table(r: dict) -> str:
         ("decode (batch 1)", f"{r['decode_tok_s']:.1f} tok/s, {r['decode_ms_per_token']:.2f} ms/token, "
                              f"{r['of_roofline']:.2f} of the roofline"),
         ("host time to dispatch a decoded token", f"{r['decode_dispatch_ms_per_token']:.2f} ms"),
-        *((f"decode, {k} token{'s' if k > 1 else ''} a call", f"{d['tok_s']:.1f} tok/s ({d['tok_s'] / r['roofline_tok_s']:.2f} of the "
-           f"roofline), host {d['dispatch_ms_per_token']:.2f} ms a token, compiled in {d['compile_s']:.1f} s")
+        *((f"decode, {k} token{'s' if k > 1 else ''} a call",
+           f"{d['tok_s']:.1f} tok/s ({d['tok_s'] / r['roofline_tok_s']:.2f} of the roofline), "
+           f"host {d['dispatch_ms_per_token']:.2f} ms a token, compiled in {d['compile_s']:.1f} s")
           for k, d in r["decode_by_tokens_per_call"].items() if len(r["decode_by_tokens_per_call"]) > 1),
         ("prefill 512", f"{r['prefill_tok_s']:.0f} tok/s"),
         ("compile: decode / prefill 32 / prefill 512", f"{r['compile_decode_s']:.1f} / {r['compile_prefill_32_s']:.1f} "
@@ -246,8 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", metavar="DIR", help="also print where decode spends GPU time (trace in DIR)")
     args = parser.parse_args(argv)
     config = MixtralConfig.from_hf(CONFIGS[args.config], dtype=args.dtype, quantization=args.quantization)
-    result = {"config": args.config, **measure(config, parse_mesh_shape(args.mesh) if args.mesh else None, args.tokens_per_call,
-                                                  args.profile)}
+    mesh_shape = parse_mesh_shape(args.mesh) if args.mesh else None
+    result = {"config": args.config, **measure(config, mesh_shape, args.tokens_per_call, args.profile)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
