@@ -180,8 +180,8 @@ def measure(config: MixtralConfig, mesh_shape: tuple[int, int] | None, tokens_pe
     }
 
 
-def profile_decode(gen: Generator, state, steps: int, trace_dir: str, top: int = 25) -> str:
-    """A device-time breakdown of `steps` decode steps (from a profiler trace): the ops that took the most
+def profile_decode(gen: Generator, state, calls: int, trace_dir: str, top: int = 25) -> str:
+    """A device-time breakdown of `calls` decode calls (from a profiler trace): the ops that took the most
     GPU time per token, and the GPU's busy time against the wall clock."""
     import glob
     import gzip
@@ -190,8 +190,8 @@ def profile_decode(gen: Generator, state, steps: int, trace_dir: str, top: int =
     token, cache, seen = state
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         start = time.perf_counter()
-        for _ in range(steps):
-            _, token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)  # (one token a call)
+        for _ in range(calls):
+            _, token, cache, seen = gen.decode(cache, token, seen, seed, 1, greedy)
         token.block_until_ready()
         wall = time.perf_counter() - start
     trace = json.load(gzip.open(sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]))
@@ -205,11 +205,11 @@ def profile_decode(gen: Generator, state, steps: int, trace_dir: str, top: int =
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in gpu_pids:
             by_name[e["name"]] = by_name.get(e["name"], 0.0) + e.get("dur", 0.0)
-    busy = sum(by_name.values())
-    lines = [f"decode profile: {steps} steps, wall {wall / steps * 1e3:.2f} ms/token, GPU ops "
-             f"{busy / steps / 1e3:.2f} ms/token (summed over streams)"]
+    busy, tokens = sum(by_name.values()), calls * gen.tokens_per_call
+    lines = [f"decode profile: {tokens} tokens in calls of {gen.tokens_per_call}, wall {wall / tokens * 1e3:.2f} "
+             f"ms/token, GPU ops {busy / tokens / 1e3:.2f} ms/token (summed over streams)"]
     for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"  {us / steps:9.1f} us/token  {name[:110]}")
+        lines.append(f"  {us / tokens:9.1f} us/token  {name[:110]}")
     return "\n".join(lines)
 
 
