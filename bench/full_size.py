@@ -153,7 +153,8 @@ def measure(config: MixtralConfig, mesh_shape: tuple[int, int] | None, tokens_pe
         state, compile_s = _timed(lambda: decode(state, 1))
         state, _ = _timed(lambda: decode(state, 3))
         state, decode_s = _timed(lambda: decode(state, DECODE // tokens))
-        decodes[tokens] = (DECODE // tokens * tokens / decode_s, dispatch[-1] / DECODE * 1e3, compile_s)
+        made = DECODE // tokens * tokens
+        decodes[tokens] = (made / decode_s, dispatch[-1] / made * 1e3, compile_s)
     if profile_dir:
         gen.set_tokens_per_call(next(iter(decodes)))
         print(profile_decode(gen, state, 16, profile_dir), flush=True)
